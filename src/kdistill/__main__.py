@@ -1,0 +1,3 @@
+from kdistill.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""The only place where a config becomes objects: data, models, loaders, optimisers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
+from kdistill.data import DataSplits, load_dataset
+from kdistill.data.loader import BatchLoader, jitter
+from kdistill.errors import ConfigError
+from kdistill.models import build_model
+
+
+def build_data(cfg: DataConfig) -> DataSplits:
+    val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
+    return load_dataset(
+        cfg.name, val_size=val_size, split_seed=cfg.split_seed, train_limit=cfg.train_limit,
+        where="data.name",
+    )
+
+
+def build_network(spec: ModelSpec, splits: DataSplits, *, where: str) -> nn.Module:
+    """Build a model for this data and check it maps one input to `num_classes` logits."""
+    model = build_model(
+        spec.arch, input_shape=splits.input_shape, num_classes=splits.num_classes,
+        args=dict(spec.args), weights=spec.weights, target=spec.target, where=where,
+    )
+    check_outputs(model, splits, where=where)
+    return model
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(splits.train_x[:2])
+    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            where, f"cannot run on '{splits.name}' inputs of shape {splits.input_shape}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConfigError(where, "the model must return logits of shape (batch, classes)")
+    if out.shape[1] != splits.num_classes:
+        raise ConfigError(
+            where,
+            f"outputs {out.shape[1]} classes but data '{splits.name}' has {splits.num_classes}",
+        )
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_train_loader(splits: DataSplits, cfg: TrainConfig, *, seed: int, where: str) -> BatchLoader:
+    augment = None
+    if cfg.augment == "jitter":
+        if len(splits.input_shape) != 3:
+            raise ConfigError(f"{where}.augment", f"jitter needs images; '{splits.name}' "
+                                                  f"inputs have shape {splits.input_shape}")
+        augment = jitter(cfg.jitter_pixels)
+    return BatchLoader(splits.train_x, splits.train_y, batch_size=cfg.batch_size, shuffle=True,
+                       seed=seed, augment=augment)
+
+
+def validate(cfg: RunConfig) -> DataSplits:
+    """Build data and both networks without training (what `kdistill validate` runs)."""
+    splits = build_data(cfg.data)
+    build_network(cfg.teacher.model, splits, where="teacher.model")
+    build_network(cfg.student.model, splits, where="student.model")
+    for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
+        if train_cfg is not None:
+            build_train_loader(splits, train_cfg, seed=0, where=where)
+    return splits

@@ -1,0 +1,113 @@
+"""The command line: a thin shell over the Python API (`kdistill.load_config`, `kdistill.run`)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdistill.errors import KDistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Knowledge distillation for PyTorch: teacher -> student, measured.")
+console = Console()
+err_console = Console(stderr=True)
+DEBUG = {"on": False}
+
+RecipeArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="[RECIPE.yaml] [key.path=value ...]; no recipe: the built-in default"),
+]
+
+
+def _split(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """The first argument is the recipe unless it is already a key=value override."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _print_table(rows: dict) -> None:
+    from kdistill.report.markdown import summary_table
+
+    head, *body = summary_table(rows)
+    table = Table(*head)
+    for line in body:
+        table.add_row(*line)
+    console.print(table)
+
+
+@app.command()
+def run(args: RecipeArg = None) -> None:
+    """Run a recipe: teach -> cache -> baseline -> distill -> evaluate -> report."""
+    from kdistill.config import load_config
+    from kdistill.pipeline import run as run_pipeline
+
+    recipe, overrides = _split(args)
+    cfg = load_config(recipe, overrides)
+    result = run_pipeline(cfg, echo=lambda line: console.print(line, highlight=False))
+    _print_table(result.rows)
+    console.print(f"report: {result.run_dir / 'report.md'}")
+
+
+@app.command()
+def validate(args: RecipeArg = None) -> None:
+    """Check a recipe: parse it and build data and models, without training."""
+    from kdistill.build import validate as validate_recipe
+    from kdistill.config import load_config
+
+    recipe, overrides = _split(args)
+    cfg = load_config(recipe, overrides)
+    splits = validate_recipe(cfg)
+    console.print(f"ok: {recipe or 'default recipe'} ({splits.name}, method {cfg.method.name})")
+
+
+@app.command()
+def methods() -> None:
+    """List the distillation methods with their parameters and papers."""
+    from kdistill.methods import METHODS
+
+    table = Table("method", "parameters (default)", "paper")
+    for name, cls in METHODS.items():
+        fields = cls.config_type.model_fields
+        params = ", ".join(f"{k}={v.default!r}" for k, v in fields.items() if k != "name")
+        table.add_row(name, params, cls.paper)
+    console.print(table)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr with exit code 2 (input) or 1."""
+    try:
+        app(standalone_mode=False)
+    except KDistillError as exc:
+        if DEBUG["on"]:
+            traceback.print_exc()
+        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

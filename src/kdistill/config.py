@@ -1,0 +1,215 @@
+"""Typed recipes: pydantic models with extra="forbid", loaded from plain YAML plus `key=value`.
+
+`RunConfig()` with no arguments *is* the built-in default recipe (`kdistill run` with no
+arguments); `recipes/default.yaml` spells the same values out and a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdistill.errors import ConfigError
+from kdistill.methods import METHODS
+from kdistill.methods.kd import KDConfig
+from kdistill.schedules import Schedule
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """A model by registry name (`kdistill.models.MODELS`), or `custom` with an import target."""
+
+    arch: str
+    args: dict[str, Any] = {}
+    weights: str | None = Field(None, description="state dict to load (.safetensors or .pt)")
+    target: str | None = Field(None, description="'package.module:Class' for arch: custom")
+
+
+class DataConfig(_Strict):
+    name: str = "mnist"
+    val_size: Annotated[float, Field(gt=0)] = 5000
+    split_seed: int = 0
+    train_limit: Annotated[int, Field(gt=0)] | None = None
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class TrainConfig(_Strict):
+    epochs: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: Schedule = Field(
+        1.0, description="multiplier on optimizer.lr, e.g. {kind: cosine, start: 1, end: 0}"
+    )
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    augment: Literal["none", "jitter"] = Field(
+        "none", description="jitter: random shifts of up to jitter_pixels (images only)"
+    )
+    jitter_pixels: Annotated[int, Field(ge=1)] = 2
+    seeds: list[int] = Field([0], min_length=1)
+    max_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="stop after this many optimizer steps (smoke tests)"
+    )
+    log_every: Annotated[int, Field(ge=1)] = 50
+    eval_every_epochs: Annotated[int, Field(ge=1)] = 1
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="also checkpoint mid-epoch; always at each epoch end"
+    )
+
+
+class TeacherConfig(_Strict):
+    model: ModelSpec = ModelSpec(arch="ccexam_mnist_cnn", args={"pretrained": True})
+    train: TrainConfig | None = Field(
+        None, description="train the teacher from the data first; null: use it as loaded"
+    )
+
+
+class StudentConfig(_Strict):
+    model: ModelSpec = ModelSpec(arch="mlp", args={"hidden": [64]})
+
+
+class CacheConfig(_Strict):
+    enabled: bool = Field(True, description="cache teacher outputs when inputs are deterministic")
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: Annotated[int, Field(ge=1)] = 1000
+
+
+class EvalConfig(_Strict):
+    batch_size: Annotated[int, Field(ge=1)] = 1000
+    ece_bins: Annotated[int, Field(ge=2)] = 15
+    throughput_batch: Annotated[int, Field(ge=1)] = 256
+    latency_repeats: Annotated[int, Field(ge=3)] = 30
+
+
+# One discriminated union over every registered method's own config: adding a method to
+# METHODS is enough for recipes to accept it.
+MethodConfigUnion = Annotated[
+    Union[tuple(m.config_type for m in METHODS.values())],  # noqa: UP007 - built at run time
+    Field(discriminator="name"),
+]
+
+
+class RunConfig(_Strict):
+    """A whole run: teach -> cache -> baseline -> distill -> evaluate -> report."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = "runs"
+    threads: Annotated[int, Field(ge=0)] = Field(
+        1, description="torch intra-op threads; 0 keeps torch's default (see docs on 2-vCPU VMs)"
+    )
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    method: MethodConfigUnion = KDConfig()
+    train: TrainConfig = TrainConfig()
+    baseline: bool = Field(True, description="also train the student alone (method ce)")
+    cache: CacheConfig = CacheConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _method_is_distillation(self) -> RunConfig:
+        if not METHODS[self.method.name].uses_teacher:
+            raise ValueError(f"method '{self.method.name}' uses no teacher; use baseline instead")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", yaml value): `train.seeds=[0,1,2]`, `method.alpha=0.5`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError("override", f"'{text}' is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse override value '{raw}': {exc}") from None
+    return key.strip(), value
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # Pydantic puts union tags in the location ("method.kd.temperature", "....float"):
+    # drop them so the path matches what the user wrote in the recipe.
+    tags = set(METHODS) | {"constant", "linear", "cosine", "step", "warmup", "float", "int"}
+    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and str(p) in tags)]
+    return ".".join(parts) or "recipe"
+
+
+def validation_error(exc: ValidationError, source: str) -> ConfigError:
+    """The first pydantic error as one line naming the field, plus a count of the rest."""
+    errors = exc.errors()
+    first = errors[0]
+    where = _format_loc(first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "union_tag_invalid":
+        msg = f"unknown method; expected one of: {', '.join(sorted(METHODS))}"
+    else:
+        msg = first["msg"]
+        if "input" in first and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {where}", msg + more)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the built-in default when `path` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    source = "default recipe"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, "recipe file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(source, f"invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, f"a recipe is a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise validation_error(exc, source) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved recipe as YAML (saved in the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,209 @@
+"""The one training loop. Every method, the baseline and the teacher go through `train()`.
+
+Read it top to bottom: resume if a checkpoint is there, then for each optimiser step take
+`grad_accum` micro-batches, run student (and teacher, or read its cache), ask the method for
+its named loss terms, weight each micro-batch by its share of the step's samples (so the
+accumulated gradient equals the gradient of one big batch), clip, step, log, and at epoch
+ends evaluate and checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.capture import capture
+from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdistill.config import TrainConfig
+from kdistill.data.loader import BatchLoader
+from kdistill.errors import ConfigError, TrainingError
+from kdistill.methods.base import Batch, Method, Outputs
+from kdistill.metrics import MetricsLogger
+from kdistill.schedules import Progress, value_at
+from kdistill.teachers import Teacher
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # current epoch
+    batch: int = 0  # micro-batches already consumed in the current epoch
+    samples: int = 0  # training samples seen
+
+
+def _forward(
+    student: nn.Module,
+    teacher: Teacher | None,
+    method: Method,
+    batch: Batch,
+    student_feats: dict[str, Tensor],
+) -> Outputs:
+    logits = student(batch["input"])
+    t_logits, t_feats = None, {}
+    if teacher is not None:
+        t_logits, t_feats = teacher(batch, method.teacher_layers)
+    return Outputs(logits, t_logits, dict(student_feats), t_feats)
+
+
+def _restore(
+    checkpoint_dir: Path | None,
+    student: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    logger: MetricsLogger | None,
+) -> TrainState | None:
+    path = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if path is None:
+        return None
+    trainer_state, state = load_checkpoint(path, student=student, method=method)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+    torch.set_rng_state(trainer_state["rng"])
+    resumed = TrainState(**state["train_state"])
+    if logger is not None and logger.path is not None and logger.path.is_file():
+        # Records written after the checkpoint will be written again: drop them.
+        kept = [line for line in logger.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed.step]
+        logger.path.write_text("".join(line + "\n" for line in kept))
+    return resumed
+
+
+def train(
+    student: nn.Module,
+    teacher: Teacher | None,
+    method: Method,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    logger: MetricsLogger | None = None,
+    checkpoint_dir: Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> TrainState:
+    """Train `student` (and `method`'s adapters) with `method`'s loss terms.
+
+    Args:
+        teacher: an `OnlineTeacher`, a `CachedTeacher`, or None for methods without a teacher.
+        optimizer: over `student.parameters()` and `method.parameters()`.
+        scheduler: a torch LR scheduler stepped once per optimiser step; when None,
+            `cfg.lr_schedule` multiplies each group's initial learning rate.
+        evaluate: called at epoch ends (every `cfg.eval_every_epochs`); its scalars are logged
+            with `split: "val"`.
+        checkpoint_dir: where to checkpoint; a checkpoint already there is resumed from.
+        echo: receives one human-readable line per epoch.
+    """
+    if method.uses_teacher and teacher is None:
+        raise ConfigError("method", f"method '{method.cfg.name}' needs a teacher")
+    logger = logger or MetricsLogger()
+    accum = cfg.grad_accum
+    steps_per_epoch = math.ceil(len(loader) / accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+    state = _restore(checkpoint_dir, student, method, optimizer, scheduler, logger)
+    if state is None:
+        state = TrainState()
+        torch.manual_seed(seed)  # dropout and any other in-training randomness
+    elif echo:
+        echo(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch})")
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None:
+            return
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "rng": torch.get_rng_state(),
+        }
+        save_checkpoint(checkpoint_dir, student=student, method=method,
+                        trainer_state=trainer_state, state={"step": state.step,
+                                                            "train_state": asdict(state)})
+
+    sums: dict[str, float] = {}
+    window_samples, window_start = 0, time.perf_counter()
+    with capture(student, method.student_layers, where="method.student_layers") as s_feats:
+        while state.epoch < cfg.epochs and state.step < total_steps:
+            student.train()
+            method.train()
+            batches = loader.epoch(state.epoch, start=state.batch)
+            while state.step < total_steps:
+                group = [b for _, b in zip(range(accum), batches, strict=False)]
+                if not group:
+                    break
+                progress = Progress(state.step, state.epoch, total_steps, steps_per_epoch)
+                n_group = sum(len(b["label"]) for b in group)
+                optimizer.zero_grad(set_to_none=True)
+                step_terms: dict[str, float] = {}
+                for batch in group:
+                    with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
+                        out = _forward(student, teacher, method, batch, s_feats)
+                    terms = method.loss_terms(out, batch, progress)
+                    share = len(batch["label"]) / n_group  # micro-batch mean -> step mean
+                    loss = sum(terms.values()) * share
+                    loss.backward()  # type: ignore[union-attr]
+                    for name, value in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + float(value) * share
+                bad = [k for k, v in step_terms.items() if not math.isfinite(v)]
+                if bad:
+                    raise TrainingError(
+                        f"non-finite loss at step {state.step}, epoch {state.epoch}: term "
+                        f"'{bad[0]}' = {step_terms[bad[0]]}; the last good checkpoint is kept"
+                    )
+                if cfg.clip_grad_norm is not None:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                if scheduler is None:
+                    factor = value_at(cfg.lr_schedule, progress)
+                    for g in optimizer.param_groups:
+                        g["lr"] = g["initial_lr"] * factor
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                state.step += 1
+                state.batch += len(group)
+                state.samples += n_group
+                window_samples += n_group
+                for name, value in step_terms.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                sums["_n"] = sums.get("_n", 0.0) + 1
+                if state.step % cfg.log_every == 0 or state.batch >= len(loader):
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    n = sums.pop("_n")
+                    record = {f"loss/{k}": v / n for k, v in sums.items()}
+                    record["loss"] = sum(record.values())
+                    logger.log({"step": state.step, "epoch": state.epoch, "split": "train",
+                                **record, "lr": optimizer.param_groups[0]["lr"],
+                                **method.scalars(progress),
+                                "samples_per_s": window_samples / elapsed})
+                    sums, window_samples, window_start = {}, 0, time.perf_counter()
+                if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                    checkpoint()
+            if state.batch >= len(loader):  # the epoch is complete
+                last = state.epoch + 1 == cfg.epochs or state.step >= total_steps
+                if evaluate is not None and ((state.epoch + 1) % cfg.eval_every_epochs == 0
+                                             or last):
+                    scores = evaluate()
+                    logger.log({"step": state.step, "epoch": state.epoch, "split": "val",
+                                **scores})
+                    if echo:
+                        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                        echo(f"epoch {state.epoch + 1}/{cfg.epochs}: {shown}")
+                state.epoch += 1
+                state.batch = 0
+            checkpoint()
+    return state

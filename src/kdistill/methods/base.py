@@ -1,0 +1,67 @@
+"""The method contract. A method reads named layers, owns its adapters and returns named terms.
+
+A method is an `nn.Module` so that `method.parameters()` is exactly its extra trainable set
+(adapters, projectors); the engine optimises those together with the student. The engine calls
+`loss_terms` once per micro-batch and sums the returned, already-weighted terms. No method
+inherits from another: they compose the pure functions in `kdistill.losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from kdistill.schedules import Progress
+
+Batch = dict[str, Tensor]
+"""A batch: `index` (B,) sample ids into the training set, `input` (B, ...), `label` (B,)."""
+
+
+@dataclass
+class Outputs:
+    """What one forward produced: logits and captured features of student and teacher."""
+
+    student_logits: Tensor
+    teacher_logits: Tensor | None = None  # None when the method uses no teacher
+    student_feats: dict[str, Tensor] = field(default_factory=dict)
+    teacher_feats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's typed config; each method narrows `name` to a Literal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+class Method(nn.Module):
+    """Subclass, set `config_type`, and implement `loss_terms`."""
+
+    config_type: ClassVar[type[MethodConfig]]
+    uses_teacher: ClassVar[bool] = True
+    paper: ClassVar[str] = ""
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        """Student modules whose outputs `loss_terms` reads (via `Outputs.student_feats`)."""
+        return ()
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        """Teacher modules whose outputs `loss_terms` reads (via `Outputs.teacher_feats`)."""
+        return ()
+
+    def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        """Named, already-weighted scalar loss terms; the engine sums them."""
+        raise NotImplementedError
+
+    def scalars(self, progress: Progress) -> dict[str, float]:
+        """Scheduled hyper-parameter values at this point, for logging (e.g. temperature)."""
+        return {}

@@ -1,0 +1,195 @@
+"""`kdistill run`: teach -> cache -> baseline -> distill -> evaluate -> report.
+
+Each stage writes its artifact into the run directory with a fingerprint of the recipe parts
+it depends on. A stage whose fingerprint matches is skipped (a re-run only re-evaluates); one
+whose recipe changed is redone; one that was interrupted resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.build import build_data, build_network, build_optimizer, build_train_loader
+from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.checkpoint import atomic_write_text, load_weights, save_model_atomic
+from kdistill.config import RunConfig, TrainConfig, dump_config
+from kdistill.data import DataSplits
+from kdistill.engine import train
+from kdistill.evaluate import classification_scores, model_report, predict
+from kdistill.methods import build_method
+from kdistill.methods.base import Method
+from kdistill.methods.ce import CEConfig
+from kdistill.metrics import MetricsLogger
+from kdistill.report.markdown import write_report
+from kdistill.teachers import CachedTeacher, OnlineTeacher, Teacher, freeze_teacher
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # role -> per seed
+    teacher_forwards: int = 0  # teacher network calls during distillation (0 with the cache)
+
+
+def _fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stage_done(stage_dir: Path, fingerprint: str, echo: Echo) -> bool:
+    """True if the stage finished with this fingerprint; wipe it if the recipe changed."""
+    marker = stage_dir / "stage.json"
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info.get("fingerprint") == fingerprint:
+            return bool(info.get("complete")) and (stage_dir / "model.safetensors").is_file()
+        echo(f"{stage_dir.name}: recipe changed since the last run; redoing this stage")
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "complete": False}))
+    return False
+
+
+def _finish_stage(stage_dir: Path, fingerprint: str, model: nn.Module) -> None:
+    save_model_atomic(model, stage_dir / "model.safetensors")
+    atomic_write_text(stage_dir / "stage.json",
+                      json.dumps({"fingerprint": fingerprint, "complete": True}))
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the model file supersedes
+
+
+def _fit(
+    model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
+    cfg: TrainConfig, seed: int, stage_dir: Path, echo: Echo, where: str,
+) -> None:
+    """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
+    loader = build_train_loader(splits, cfg, seed=seed, where=where)
+    optimizer = build_optimizer([*model.parameters(), *method.parameters()], cfg.optimizer)
+
+    def evaluate() -> dict[str, float]:
+        scores = classification_scores(predict(model, splits.val_x), splits.val_y)
+        return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
+
+    train(model, teacher, method, loader, optimizer, cfg, seed=seed, evaluate=evaluate,
+          logger=MetricsLogger(stage_dir / "metrics.jsonl"),
+          checkpoint_dir=stage_dir / "checkpoints",
+          echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
+
+
+def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo) -> nn.Module:
+    stage_dir = run_dir / "teacher"
+    fingerprint = _fingerprint(cfg.data.model_dump(), cfg.teacher.model_dump())
+    if cfg.teacher.train is not None:
+        torch.manual_seed(cfg.teacher.train.seeds[0])  # the teacher's initial weights
+    model = build_network(cfg.teacher.model, splits, where="teacher.model")
+    if _stage_done(stage_dir, fingerprint, echo):
+        load_weights(model, stage_dir / "model.safetensors")
+        echo("teacher: done earlier, loaded")
+    elif cfg.teacher.train is None:
+        echo("teacher: using the model as loaded (teacher.train is null)")
+        _finish_stage(stage_dir, fingerprint, model)
+    else:
+        tcfg = cfg.teacher.train
+        echo(f"teacher: training {cfg.teacher.model.arch} for {tcfg.epochs} epoch(s)")
+        _fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
+             echo, "teacher.train")
+        _finish_stage(stage_dir, fingerprint, model)
+    return freeze_teacher(model)
+
+
+def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_dir: Path,
+                    echo: Echo) -> Teacher:
+    """The cache when inputs are deterministic and caching is on; else the live network."""
+    if not cfg.cache.enabled or cfg.train.augment != "none":
+        why = "cache disabled" if not cfg.cache.enabled else "augmented inputs"
+        echo(f"cache: teacher runs online ({why})")
+        return OnlineTeacher(model)
+    key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint)
+    directory = run_dir / "cache" / "teacher"
+    if TeacherCache.is_valid(directory, key):
+        echo("cache: valid teacher cache found")
+        return CachedTeacher(TeacherCache(directory))
+    if (directory / "manifest.json").is_file():
+        echo("cache: stale teacher cache (teacher or data changed); rebuilding")
+    echo(f"cache: running the teacher once over {len(splits.train_x)} training samples")
+    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
+                        dtype=cfg.cache.dtype)
+    return CachedTeacher(cache)
+
+
+def _student_stage(
+    role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
+    teacher: Teacher | None, echo: Echo,
+) -> nn.Module:
+    method = build_method(cfg.method if role == "student" else CEConfig())
+    parts: list[Any] = [cfg.data.model_dump(), cfg.student.model_dump(), cfg.train.model_dump(),
+                        seed, method.cfg.model_dump(mode="json")]
+    if role == "student":
+        parts += [cfg.teacher.model_dump(), cfg.cache.dtype]
+    stage_dir = run_dir / f"seed-{seed}" / role
+    fingerprint = _fingerprint(*parts)
+    torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
+    model = build_network(cfg.student.model, splits, where="student.model")
+    if _stage_done(stage_dir, fingerprint, echo):
+        load_weights(model, stage_dir / "model.safetensors")
+        echo(f"{role} (seed {seed}): done earlier, loaded")
+        return model
+    echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
+    _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train")
+    _finish_stage(stage_dir, fingerprint, model)
+    return model
+
+
+def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
+    """Run every stage of a recipe and write `report.md`; returns the evaluated rows."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    splits = build_data(cfg.data)
+    echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
+         f"{len(splits.test_x)} test, {splits.num_classes} classes")
+    teacher_model = _teacher_stage(cfg, splits, run_dir, echo)
+    # Fail fast on a mismatched student before any expensive work.
+    build_network(cfg.student.model, splits, where="student.model")
+    teacher = _teacher_source(cfg, splits, teacher_model, run_dir, echo)
+
+    models: dict[str, list[nn.Module]] = {"teacher": [teacher_model], "baseline": [],
+                                          "student": []}
+    for seed in cfg.train.seeds:
+        if cfg.baseline:
+            models["baseline"].append(
+                _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
+        models["student"].append(
+            _student_stage("student", cfg, splits, seed, run_dir, teacher, echo))
+
+    echo("evaluate: test set, size and speed")
+    teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
+    result = RunResult(run_dir=run_dir, teacher_forwards=teacher.forwards)
+    for role, trained in models.items():
+        result.rows[role] = []
+        for i, model in enumerate(trained):
+            seed_dir = run_dir / "teacher" if role == "teacher" else (
+                run_dir / f"seed-{cfg.train.seeds[i]}" / role)
+            row = model_report(
+                model, seed_dir / "model.safetensors", splits.test_x, splits.test_y,
+                teacher_logits=None if role == "teacher" else teacher_logits,
+                batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins,
+                throughput_batch=cfg.eval.throughput_batch, repeats=cfg.eval.latency_repeats,
+            )
+            row["seed"] = None if role == "teacher" else cfg.train.seeds[i]
+            result.rows[role].append(row)
+    atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))
+    write_report(run_dir, cfg, result.rows)
+    return result

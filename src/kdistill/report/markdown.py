@@ -1,0 +1,87 @@
+"""The Markdown report: teacher vs baseline vs distilled student, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from kdistill.checkpoint import atomic_write_text
+from kdistill.config import RunConfig, dump_config
+
+# (key, header, format of one value, scale)
+COLUMNS: list[tuple[str, str, str, float]] = [
+    ("accuracy", "test acc %", "{:.2f}", 100.0),
+    ("errors", "test errors", "{:.1f}", 1.0),
+    ("agreement", "agree w/ teacher %", "{:.2f}", 100.0),
+    ("ece", "ECE", "{:.4f}", 1.0),
+    ("params", "params", "{:,.0f}", 1.0),
+    ("bytes", "size KiB", "{:,.1f}", 1 / 1024),
+    ("latency_ms", "latency b1 ms", "{:.3f}", 1.0),
+    ("throughput", "throughput /s", "{:,.0f}", 1.0),
+]
+ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
+         "student": "distilled student"}
+
+
+def _cell(values: list[float], fmt: str, scale: float) -> str:
+    scaled = [v * scale for v in values]
+    if len(scaled) == 1:
+        return fmt.format(scaled[0])
+    return f"{fmt.format(statistics.mean(scaled))} ± {fmt.format(statistics.stdev(scaled))}"
+
+
+def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+    """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
+    table = [["model", "seeds", *(header for _, header, _, _ in COLUMNS)]]
+    for role, label in ROLES.items():
+        runs = rows.get(role) or []
+        if not runs:
+            continue
+        line = [label, str(len(runs))]
+        for key, _, fmt, scale in COLUMNS:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            line.append(_cell(values, fmt, scale) if values else "–")
+        table.append(line)
+    return table
+
+
+def to_markdown(table: list[list[str]]) -> str:
+    head, *body = table
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
+    base, student = rows.get("baseline") or [], rows.get("student") or []
+    if not base or not student:
+        return ""
+    b = statistics.mean(r["errors"] for r in base)
+    s = statistics.mean(r["errors"] for r in student)
+    word = "fewer" if s < b else "more" if s > b else "as many"
+    return (f"The distilled student makes {abs(b - s):.1f} {word} test errors than the same "
+            f"student trained alone ({s:.1f} vs {b:.1f}, mean over {len(student)} seed(s)).")
+
+
+def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]]) -> Path:
+    per_seed = ["| model | seed | test acc % | test errors |", "|---|---|---|---|"]
+    for role in ("baseline", "student"):
+        for r in rows.get(role) or []:
+            per_seed.append(f"| {ROLES[role]} | {r['seed']} | {100 * r['accuracy']:.2f} | "
+                            f"{r['errors']:.0f} |")
+    text = "\n\n".join([
+        f"# kdistill report: {cfg.name}",
+        f"Data `{cfg.data.name}`; teacher `{cfg.teacher.model.arch}`, student "
+        f"`{cfg.student.model.arch}`; method `{cfg.method.name}`. Test-set figures; latency "
+        f"and throughput are medians with {cfg.threads or 'default'} intra-op thread(s).",
+        to_markdown(summary_table(rows)),
+        _verdict(rows),
+        "## Per seed",
+        "\n".join(per_seed),
+        "## Recipe (resolved)",
+        "```yaml\n" + dump_config(cfg).rstrip() + "\n```",
+    ])
+    path = run_dir / "report.md"
+    atomic_write_text(path, text + "\n")
+    return path
