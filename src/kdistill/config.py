@@ -120,6 +120,14 @@ class RunConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method_name(cls, data: Any) -> Any:
+        # `method.temperature=8` alone (no recipe, or a recipe without method.name) means kd.
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            data["method"].setdefault("name", "kd")
+        return data
+
     @model_validator(mode="after")
     def _method_is_distillation(self) -> RunConfig:
         if not METHODS[self.method.name].uses_teacher:

@@ -157,7 +157,7 @@ def train(
                     loss = sum(terms.values()) * share
                     loss.backward()  # type: ignore[union-attr]
                     for name, value in terms.items():
-                        step_terms[name] = step_terms.get(name, 0.0) + float(value) * share
+                        step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) * share
                 bad = [k for k, v in step_terms.items() if not math.isfinite(v)]
                 if bad:
                     raise TrainingError(

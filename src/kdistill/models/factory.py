@@ -1,0 +1,265 @@
+"""From a recipe's model section to an `nn.Module`: the registry, argument checks, weights.
+
+`build_model(arch, input_shape=..., num_classes=..., args=..., weights=..., target=...)` looks
+`arch` up in `MODELS`, checks `args` against the builder's signature (an unknown or missing
+argument is a `ConfigError` naming `<where>.args`, never a bare TypeError), builds the model
+and optionally loads a state dict from `.safetensors` / `.pt` / `.pth`. The arch "custom"
+imports `target="package.module:Name"` (a class or a function) and is the only place where a
+recipe makes kdistill import code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.errors import ConfigError
+from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
+
+CUSTOM = "custom"
+
+
+def _custom(
+    input_shape: tuple[int, ...], num_classes: int, *, target: str, **args: Any
+) -> nn.Module:
+    """The registry's face of `custom_model`; `build_model` calls `custom_model` directly."""
+    return custom_model(target, input_shape=input_shape, num_classes=num_classes, args=args)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "lenet5": LeNet5,
+    "cnn1d": CNN1d,
+    "ccexam_mnist_cnn": CCExamMnistCNN,
+    CUSTOM: _custom,
+}
+
+_FROM_DATA = ("input_shape", "num_classes")  # passed by build_model, never through args
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of (distinct) parameters of `model`; only those with requires_grad if asked."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _relocated(err: ConfigError, where: str) -> ConfigError:
+    """The same error, its field prefixed by `where` (`args.hidden` -> `model.args.hidden`)."""
+    new = Exception.__new__(type(err))
+    new.__dict__.update(vars(err))
+    new.where = f"{where}.{err.where}" if err.where else where
+    new.args = (f"{new.where}: {err.message}",)
+    return new
+
+
+def _bind_args(
+    fn: Callable[..., Any], args: Mapping[str, Any], data: dict[str, Any], what: str, where: str
+) -> dict[str, Any]:
+    """Keyword arguments for `fn`: `args` plus whichever of `data` its signature accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: pass args as given
+        return dict(args)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    own = [n for n in named if n not in _FROM_DATA]
+    for key in args:
+        if key in _FROM_DATA:
+            raise ConfigError(
+                f"{where}.args", f"{key!r} comes from the data set; remove it from args"
+            )
+        if key not in named and not takes_any:
+            close = difflib.get_close_matches(key, own, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            expected = f"expected one of: {', '.join(own)}" if own else "it takes no arguments"
+            raise ConfigError(
+                f"{where}.args", f"unknown argument {key!r} for {what}{hint}; {expected}"
+            )
+    kwargs = {k: v for k, v in data.items() if k in named or takes_any}
+    kwargs.update(args)
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError:
+        missing = [
+            n
+            for n, p in params.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and n not in kwargs
+        ]
+        message = (
+            f"missing argument {', '.join(map(repr, missing))} for {what}"
+            if missing
+            else f"arguments {sorted(kwargs)} do not fit {what}{inspect.signature(fn)}"
+        )
+        raise ConfigError(f"{where}.args", message) from None
+    return kwargs
+
+
+def import_target(target: str, *, where: str = "model.target") -> Callable[..., Any]:
+    """Import `"package.module:Name"` (Name may be dotted, e.g. `Outer.Inner`)."""
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise ConfigError(where, f"expected 'package.module:Name', got {target!r}")
+    module_name, attr_path = target.split(":")
+    if not module_name or not attr_path:
+        raise ConfigError(where, f"expected 'package.module:Name', got {target!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # the user's module failed to import: show why, in one line
+        raise ConfigError(
+            where, f"cannot import module {module_name!r}: {type(e).__name__}: {e}"
+        ) from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(where, f"module {module_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(where, f"{target!r} is not a class or function")
+    return obj
+
+
+def custom_model(
+    target: str | None,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    args: Mapping[str, Any] | None = None,
+    where: str = "model",
+) -> nn.Module:
+    """Import `target`; call it with `args` (+ `input_shape` / `num_classes` if it takes them)."""
+    if not target:
+        raise ConfigError(f"{where}.target", "arch 'custom' needs target: 'package.module:Name'")
+    builder = import_target(target, where=f"{where}.target")
+    data = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+    kwargs = _bind_args(builder, dict(args or {}), data, f"target {target!r}", where)
+    try:
+        model = builder(**kwargs)
+    except ConfigError as e:
+        raise _relocated(e, where) from e
+    except Exception as e:
+        raise ConfigError(
+            f"{where}.target", f"building {target!r} failed: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"{where}.target", f"{target!r} returned {type(model).__name__}, not an nn.Module"
+        )
+    return model
+
+
+def _read_state_dict(path: Path, where: str) -> dict[str, Tensor]:
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ConfigError(
+            where, f"unsupported weights file {str(path)!r}; expected .safetensors, .pt or .pth"
+        )
+    if not path.is_file():
+        raise ConfigError(where, f"file not found: {path}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ConfigError(where, f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint that wraps the state dict
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(where, f"{path} does not hold a state dict (name -> tensor)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    return state
+
+
+def _summary(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], *, where: str = "model.weights"
+) -> nn.Module:
+    """Load a state dict file into `model` (strict), with a short summary on any mismatch."""
+    state = _read_state_dict(Path(path), where)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_summary(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_summary(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} with another shape: {_summary(wrong_shape)}")
+    if problems:
+        raise ConfigError(
+            where, f"{path} does not fit the model ({type(model).__name__}): " + "; ".join(problems)
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def build_model(
+    arch: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    args: dict[str, Any] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    target: str | None = None,
+    where: str = "model",
+) -> nn.Module:
+    """Build `arch` for inputs (B, *input_shape) -> logits (B, num_classes).
+
+    Args:
+        arch: a key of `MODELS`; "custom" builds `target` instead.
+        input_shape, num_classes: from the data set; passed to the builder (to a custom target
+            only if its signature takes them).
+        args: the builder's own keyword arguments, checked against its signature.
+        weights: optional state dict file (.safetensors, .pt, .pth) loaded strictly.
+        target: "package.module:Name", only with arch "custom".
+        where: the recipe section (`model`, `teacher`, `student`), used to name fields in errors.
+    """
+    args = dict(args or {})
+    if arch not in MODELS:
+        close = difflib.get_close_matches(str(arch), MODELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{where}.arch", f"unknown arch {arch!r}{hint}; expected one of: {', '.join(MODELS)}"
+        )
+    if arch == CUSTOM:
+        model = custom_model(
+            target, input_shape=input_shape, num_classes=num_classes, args=args, where=where
+        )
+    else:
+        if target is not None:
+            raise ConfigError(f"{where}.target", f"only used with arch 'custom', not {arch!r}")
+        builder = MODELS[arch]
+        data = {"input_shape": tuple(input_shape), "num_classes": num_classes}
+        kwargs = _bind_args(builder, args, data, f"arch {arch!r}", where)
+        try:
+            model = builder(**kwargs)
+        except ConfigError as e:
+            raise _relocated(e, where) from e
+    if weights is not None:
+        load_weights(model, weights, where=f"{where}.weights")
+    return model
