@@ -38,7 +38,7 @@ def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
     model.eval()
     try:
         out = model(splits.train_x[:2])
-    except Exception as exc:  # noqa: BLE001 - any failure here is a model/data mismatch
+    except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
             where, f"cannot run on '{splits.name}' inputs of shape {splits.input_shape}: {first}"
@@ -64,7 +64,9 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_train_loader(splits: DataSplits, cfg: TrainConfig, *, seed: int, where: str) -> BatchLoader:
+def build_train_loader(
+    splits: DataSplits, cfg: TrainConfig, *, seed: int, where: str
+) -> BatchLoader:
     augment = None
     if cfg.augment == "jitter":
         if len(splits.input_shape) != 3:

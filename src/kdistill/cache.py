@@ -55,7 +55,7 @@ class TeacherCache:
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise KDistillError(f"{manifest_path}: unreadable teacher cache manifest ({exc})") from None
+            raise KDistillError(f"{manifest_path}: unreadable cache manifest ({exc})") from None
         self._arrays: dict[str, Tensor] = {}
         for name, spec in self.manifest["fields"].items():
             # Copy-on-write mapping: writable as torch requires, yet the file is never modified.

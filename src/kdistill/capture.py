@@ -55,7 +55,7 @@ def capture(
     feats: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook_for(name: str):  # noqa: ANN202 - closure over the name
+    def hook_for(name: str):
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             feats[name] = _first_tensor(output)
 

@@ -40,7 +40,7 @@ def save_model_atomic(model: nn.Module, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     try:
-        missing, unexpected = load_model(model, str(path), strict=True)
+        _missing, _unexpected = load_model(model, str(path), strict=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise KDistillError(f"{path}: cannot load weights ({str(exc).splitlines()[0]})") from None
 
@@ -96,6 +96,6 @@ def load_checkpoint(
     try:
         trainer_state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
         state = json.loads((path / "state.json").read_text())
-    except Exception as exc:  # noqa: BLE001 - any corruption is reported the same way
+    except Exception as exc:
         raise KDistillError(f"{path}: unreadable checkpoint ({exc})") from None
     return trainer_state, state

@@ -209,10 +209,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(source, f"a recipe is a mapping of keys, got {type(loaded).__name__}")
         tree = loaded
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
     try:
+        cfg = RunConfig.model_validate(tree)
+        if not overrides:
+            return cfg
+        # Overrides change the *effective* recipe, defaults included, so that
+        # `teacher.model.weights=x` keeps the default teacher arch.
+        tree = cfg.model_dump(mode="json")
+        for text in overrides:
+            key, value = parse_override(text)
+            if key == "method.name" and value != tree["method"]["name"]:
+                tree["method"] = {}  # another method: start from its own defaults
+            _set_dotted(tree, key, value)
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise validation_error(exc, source) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ def predict(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+        chunks = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        return torch.cat(chunks)
     finally:
         model.train(was_training)
 
@@ -29,7 +31,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = 15)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
             gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs()

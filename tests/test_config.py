@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdistill.build import validate
+from kdistill.config import RunConfig, dump_config, load_config, parse_override
+from kdistill.errors import ConfigError
+
+from .conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_default_recipe_file_equals_builtin_default() -> None:
+    assert load_config(REPO / "recipes" / "default.yaml") == RunConfig() == load_config(None)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_and_builds(recipe: Path) -> None:
+    assert len(recipe.read_text().splitlines()) < 40
+    cfg = load_config(recipe)
+    splits = validate(cfg)
+    assert splits.num_classes == 10
+
+
+def test_overrides_are_yaml_values() -> None:
+    cfg = load_config(None, ["train.seeds=[0,1,2]", "method.temperature=8",
+                             "method.alpha={kind: linear, start: 0.7, end: 0.3}", "name=x"])
+    assert cfg.train.seeds == [0, 1, 2]
+    assert cfg.method.temperature == 8.0
+    assert cfg.method.alpha.kind == "linear"
+    assert cfg.name == "x"
+    assert parse_override("a.b=") == ("a.b", None)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "recipes" / "mnist-cnn-to-mlp.yaml")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def _error(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message  # one line
+    return message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("method: {name: kd, temprature: 4}", "method.temprature: unknown key"),
+        ("train: {epochs: many}", "train.epochs"),
+        ("method: {name: kd, temperature: -1}", "temperature must be > 0"),
+        ("method: {name: kd, alpha: 1.5}", "alpha must be <= 1"),
+        ("method: {name: kd, alpha: {kind: linear, start: 0.5, end: 2}}", "method.alpha"),
+        ("method: {name: fitnetz}", "unknown method; expected one of: ce, kd"),
+        ("method: {name: ce}", "uses no teacher"),
+        ("bogus: 1", "bogus: unknown key"),
+        ("train: [1, 2", "invalid YAML at line"),
+        ("- just\n- a list", "a recipe is a mapping"),
+        ("train: {optimizer: {name: lion}}", "train.optimizer.name"),
+        ("train: {batch_size: 0}", "train.batch_size"),
+    ],
+)
+def test_bad_recipes_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in _error(tmp_path, text)
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_form() -> None:
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["=3"])
+
+
+class FiveWay(torch.nn.Module):
+    """A user model with the wrong number of classes for digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_teacher_student_class_mismatch_is_a_config_error() -> None:
+    base = ["data.name=digits", "data.val_size=200", "teacher.model.arch=mlp",
+            "teacher.model.args={hidden: [8]}"]
+    validate(load_config(None, base))  # fine: both built for digits' 10 classes
+    bad = load_config(None, [*base, "teacher.model.arch=custom",
+                             "teacher.model.target=tests.test_config:FiveWay",
+                             "teacher.model.args={}"])
+    with pytest.raises(ConfigError, match="teacher.model: outputs 5 classes but data 'digits'"):
+        validate(bad)
+
+
+def test_missing_teacher_weights_file(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"teacher.model.weights={tmp_path / 'gone.safetensors'}"])
+    with pytest.raises(ConfigError, match=r"teacher\.model\.weights: file not found"):
+        validate(cfg)
+
+
+def test_recipes_parse_with_safe_load_only() -> None:
+    for recipe in RECIPES:
+        assert isinstance(yaml.safe_load(recipe.read_text()), dict)

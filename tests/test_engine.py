@@ -1,0 +1,148 @@
+"""The engine: resume bit-for-bit, accumulation = one big batch, cache use, NaN stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdistill.build import build_optimizer
+from kdistill.cache import CacheKey, build_cache
+from kdistill.checkpoint import latest_checkpoint
+from kdistill.config import TrainConfig
+from kdistill.data.loader import BatchLoader
+from kdistill.engine import train
+from kdistill.errors import TrainingError
+from kdistill.methods import build_method
+from kdistill.methods.ce import CEConfig
+from kdistill.methods.kd import KDConfig
+from kdistill.metrics import MetricsLogger, read_metrics
+from kdistill.teachers import CachedTeacher, OnlineTeacher
+
+
+def data(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 12, generator=g)
+    return x, (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()
+
+
+def mlp(seed: int, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def fit(cfg: TrainConfig, *, student: nn.Module, teacher=None, method=None, ckpt=None,
+        logger=None, batch_size: int = 16) -> nn.Module:
+    x, y = data()
+    method = method or build_method(KDConfig(temperature=3.0, alpha=0.7))
+    loader = BatchLoader(x, y, batch_size=batch_size, seed=1)
+    opt = build_optimizer([*student.parameters(), *method.parameters()], cfg.optimizer)
+    train(student, teacher or OnlineTeacher(mlp(9)), method, loader, opt, cfg, seed=5,
+          checkpoint_dir=ckpt, logger=logger)
+    return student
+
+
+class CrashAt(MetricsLogger):
+    """Simulates a crash: raises when a record for `step` is logged."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def log(self, record: dict) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt("simulated crash")
+        super().log(record)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, log_every=1, checkpoint_every_steps=5,
+                      optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},
+                      lr_schedule={"kind": "cosine", "start": 1.0, "end": 0.1})
+    straight = fit(cfg, student=mlp(0, dropout=0.3))
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, student=mlp(0, dropout=0.3), ckpt=tmp_path, logger=CrashAt(6))
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+    resumed = fit(cfg, student=mlp(123, dropout=0.3), ckpt=tmp_path)  # other init: overwritten
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    # 4 micro-batches of 3, 3, 3, 1 samples must give the gradient of one batch of 10.
+    x, y = data(10)
+    results = []
+    for batch_size, accum in ((10, 1), (3, 4)):
+        student = mlp(0)
+        method = build_method(CEConfig())
+        cfg = TrainConfig(epochs=1, grad_accum=accum, optimizer={"name": "sgd", "lr": 0.5,
+                                                                  "momentum": 0.0})
+        opt = build_optimizer(student.parameters(), cfg.optimizer)
+        logger = MetricsLogger()
+        train(student, None, method, BatchLoader(x, y, batch_size=batch_size, seed=3), opt, cfg,
+              logger=logger)
+        results.append((student, logger.records[0]["loss"]))
+    (big, big_loss), (acc, acc_loss) = results
+    assert acc_loss == pytest.approx(big_loss, rel=1e-6)
+    for a, b in zip(big.parameters(), acc.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_teacher_gives_the_same_training_without_teacher_forwards(tmp_path: Path) -> None:
+    x, _ = data()
+    teacher_net = mlp(9)
+    online = OnlineTeacher(teacher_net)
+    cache = build_cache(tmp_path / "cache", teacher_net, x, CacheKey("t", "d"), batch_size=64)
+    cached = CachedTeacher(cache)
+    cfg = TrainConfig(epochs=1)
+    a = fit(cfg, student=mlp(0), teacher=online)
+    b = fit(cfg, student=mlp(0), teacher=cached)
+    assert online.forwards == 13 and cached.forwards == 0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_stays_in_eval() -> None:
+    teacher_net = mlp(9, dropout=0.5)
+    fit(TrainConfig(epochs=1), student=mlp(0), teacher=OnlineTeacher(teacher_net))
+    assert not teacher_net.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher_net.parameters())
+
+
+class NaNAfter(nn.Module):
+    """A method whose loss turns NaN at a given step (what a diverging run looks like)."""
+
+    uses_teacher = False
+    student_layers = teacher_layers = ()
+    cfg = CEConfig()
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def loss_terms(self, out, batch, progress):
+        ce = nn.functional.cross_entropy(out.student_logits, batch["label"])
+        return {"ce": ce * (float("nan") if progress.step >= self.step else 1.0)}
+
+    def scalars(self, progress):
+        return {}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, checkpoint_every_steps=2)
+    with pytest.raises(TrainingError, match="non-finite loss at step 5.*term 'ce'"):
+        fit(cfg, student=mlp(0), method=NaNAfter(5), ckpt=tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+
+
+def test_every_term_and_schedule_value_is_logged(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, log_every=2)
+    logger = MetricsLogger(tmp_path / "metrics.jsonl")
+    fit(cfg, student=mlp(0), logger=logger)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 13]
+    for key in ("loss", "loss/kd", "loss/ce", "temperature", "alpha", "lr", "samples_per_s"):
+        assert key in records[0]
+    assert records[0]["loss"] == pytest.approx(records[0]["loss/kd"] + records[0]["loss/ce"])
