@@ -23,7 +23,8 @@ teacher:
 student:
   model: {arch: mlp, args: {hidden: [16]}}
 method: {name: kd, temperature: 4.0, alpha: 0.9}
-train: {epochs: 2, batch_size: 64, optimizer: {name: adam, lr: 0.01}, seeds: [0]}
+train: {epochs: 2, batch_size: 64, optimizer: {name: adam, lr: 0.01}, seeds: [0],
+       eval_every_epochs: 1}
 eval: {latency_repeats: 3, throughput_batch: 16}
 """
 

@@ -132,7 +132,7 @@ class NaNAfter(nn.Module):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, checkpoint_every_steps=2)
-    with pytest.raises(TrainingError, match="non-finite loss at step 5.*term 'ce'"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 5.*term 'ce'"):
         fit(cfg, student=mlp(0), method=NaNAfter(5), ckpt=tmp_path)
     assert latest_checkpoint(tmp_path).name == "step-00000004"
 

@@ -15,6 +15,8 @@ from kdistill.errors import KDistillError
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Knowledge distillation for PyTorch: teacher -> student, measured.")
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that the table is never cut
+    console.width = 200
 err_console = Console(stderr=True)
 DEBUG = {"on": False}
 

@@ -1,0 +1,64 @@
+"""The CLI end to end in a subprocess: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def kdistill(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kdistill", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_tiny_recipe_end_to_end(tiny_recipe: Path, tmp_path: Path) -> None:
+    proc = kdistill("run", str(tiny_recipe), "train.epochs=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "distilled student" in proc.stdout
+    assert (tmp_path / "runs" / "tiny" / "report.md").is_file()
+
+
+def test_validate_and_methods(tiny_recipe: Path, tmp_path: Path) -> None:
+    proc = kdistill("validate", str(tiny_recipe), cwd=tmp_path)
+    assert proc.returncode == 0 and "ok:" in proc.stdout, proc.stderr
+    proc = kdistill("methods", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "kd" in proc.stdout and "1503.02531" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["method.temprature=3"], "method.temprature: unknown key"),
+        (["train.epochs=lots"], "train.epochs"),
+        (["method.temperature=-2"], "temperature must be > 0"),
+        (["teacher.model.weights=missing.safetensors"], "teacher.model.weights: file not found"),
+        (["teacher.model.arch=custom", "teacher.model.target=usermodels:ThreeWay",
+          "teacher.model.args={}"], "teacher.model: outputs 3 classes but data 'digits' has 10"),
+        (["teacher.model.arch=resnet9000"], "teacher.model"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tiny_recipe: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    # A user's own model module, importable from the working directory.
+    (tmp_path / "usermodels.py").write_text(
+        "import torch\n\nclass ThreeWay(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 3)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    proc = kdistill("validate", str(tiny_recipe), *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_missing_recipe_and_debug_traceback(tmp_path: Path) -> None:
+    proc = kdistill("run", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "nope.yaml: recipe file not found" in proc.stderr
+    proc = kdistill("--debug", "run", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr

@@ -1,0 +1,85 @@
+"""The whole run on a tiny real recipe (sklearn digits): stages, cache use, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdistill import load_config, run
+from kdistill.metrics import read_metrics
+
+
+def test_run_stages_cache_and_report(tiny_recipe: Path) -> None:
+    lines: list[str] = []
+    cfg = load_config(tiny_recipe)
+    result = run(cfg, echo=lines.append)
+    run_dir = result.run_dir
+    for path in ("config.yaml", "report.md", "eval.json", "teacher/model.safetensors",
+                 "cache/teacher/manifest.json", "seed-0/baseline/model.safetensors",
+                 "seed-0/student/model.safetensors", "seed-0/student/metrics.jsonl"):
+        assert (run_dir / path).is_file(), path
+    assert result.teacher_forwards == 0  # distillation read the cache only
+    assert not (run_dir / "seed-0/student/checkpoints").exists()  # superseded by the model
+    rows = result.rows
+    assert set(rows) == {"teacher", "baseline", "student"}
+    assert rows["teacher"][0]["accuracy"] > 0.85  # a real teacher on real digits
+    for key in ("accuracy", "errors", "agreement", "ece", "params", "bytes", "latency_ms",
+                "throughput"):
+        assert key in rows["student"][0]
+    report = (run_dir / "report.md").read_text()
+    assert "distilled student" in report and "student alone (baseline)" in report
+    assert "temperature: 4.0" in report  # the resolved recipe is in the report
+    val = [r for r in read_metrics(run_dir / "seed-0/student/metrics.jsonl")
+           if r["split"] == "val"]
+    assert len(val) == cfg.train.epochs
+
+    # A second run finds every stage done: nothing is retrained, the cache is reused.
+    again: list[str] = []
+    second = run(cfg, echo=again.append)
+    assert any("valid teacher cache found" in line for line in again)
+    assert sum("done earlier" in line for line in again) == 3
+    assert second.rows["student"][0]["accuracy"] == rows["student"][0]["accuracy"]
+
+    # Changing the method redoes the distilled student only.
+    changed = load_config(tiny_recipe, ["method.temperature=2"])
+    third: list[str] = []
+    run(changed, echo=third.append)
+    assert any("student: recipe changed" in line for line in third)
+    assert any("baseline (seed 0): done earlier" in line for line in third)
+
+
+def test_stale_cache_is_rebuilt_when_the_teacher_changes(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false"])
+    run(cfg, echo=lambda _: None)
+    manifest = json.loads((cfg.run_dir / "cache/teacher/manifest.json").read_text())
+    retrained = load_config(tiny_recipe, ["train.epochs=1", "baseline=false",
+                                          "teacher.train.epochs=1"])
+    lines: list[str] = []
+    run(retrained, echo=lines.append)
+    assert any("stale teacher cache" in line for line in lines)
+    rebuilt = json.loads((cfg.run_dir / "cache/teacher/manifest.json").read_text())
+    assert rebuilt["key"]["teacher"] != manifest["key"]["teacher"]
+
+
+def test_augmented_inputs_run_the_teacher_online(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "train.augment=jitter",
+                                    "train.jitter_pixels=1"])
+    result = run(cfg, echo=lambda _: None)
+    assert result.teacher_forwards == 20  # ceil((1438 - 200 val) / 64) batches, one epoch
+    assert not (cfg.run_dir / "cache").exists()
+
+
+def test_seeds_give_mean_and_std(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "train.seeds=[0,1]"])
+    result = run(cfg, echo=lambda _: None)
+    assert [r["seed"] for r in result.rows["student"]] == [0, 1]
+    assert " ± " in (cfg.run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override", ["teacher.model.arch=lenet5"])
+def test_other_teacher_archs_run(tiny_recipe: Path, override: str) -> None:
+    cfg = load_config(tiny_recipe, [override, "teacher.model.args={}", "teacher.train.epochs=1",
+                                    "train.epochs=1", "baseline=false"])
+    assert run(cfg, echo=lambda _: None).rows["teacher"][0]["accuracy"] > 0.1
