@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import rich.progress as rp
 import torch
 from torch import Tensor, nn
 
@@ -91,6 +93,7 @@ def train(
     logger: MetricsLogger | None = None,
     checkpoint_dir: Path | None = None,
     echo: Callable[[str], None] | None = None,
+    progress_bar: bool = False,
 ) -> TrainState:
     """Train `student` (and `method`'s adapters) with `method`'s loss terms.
 
@@ -103,6 +106,8 @@ def train(
             with `split: "val"`.
         checkpoint_dir: where to checkpoint; a checkpoint already there is resumed from.
         echo: receives one human-readable line per epoch.
+        progress_bar: show a rich progress bar with loss and throughput (terminals only, so
+            CI logs stay quiet).
     """
     if method.uses_teacher and teacher is None:
         raise ConfigError("method", f"method '{method.cfg.name}' needs a teacher")
@@ -136,7 +141,12 @@ def train(
 
     sums: dict[str, float] = {}
     window_samples, window_start = 0, time.perf_counter()
-    with capture(student, method.student_layers, where="method.student_layers") as s_feats:
+    bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
+                      rp.MofNCompleteColumn(), rp.TimeRemainingColumn(), transient=True,
+                      disable=not (progress_bar and sys.stdout.isatty()))
+    task = bar.add_task("training", total=total_steps, completed=state.step)
+    with bar, capture(student, method.student_layers,
+                      where="method.student_layers") as s_feats:
         while state.epoch < cfg.epochs and state.step < total_steps:
             student.train()
             method.train()
@@ -178,6 +188,7 @@ def train(
                 state.batch += len(group)
                 state.samples += n_group
                 window_samples += n_group
+                bar.advance(task)
                 for name, value in step_terms.items():
                     sums[name] = sums.get(name, 0.0) + value
                 sums["_n"] = sums.get("_n", 0.0) + 1
@@ -190,6 +201,8 @@ def train(
                                 **record, "lr": optimizer.param_groups[0]["lr"],
                                 **method.scalars(progress),
                                 "samples_per_s": window_samples / elapsed})
+                    bar.update(task, description=f"epoch {state.epoch + 1} loss "
+                               f"{record['loss']:.4f} {window_samples / elapsed:,.0f} samples/s")
                     sums, window_samples, window_start = {}, 0, time.perf_counter()
                 if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                     checkpoint()

@@ -82,7 +82,7 @@ def _fit(
 
     train(model, teacher, method, loader, optimizer, cfg, seed=seed, evaluate=evaluate,
           logger=MetricsLogger(stage_dir / "metrics.jsonl"),
-          checkpoint_dir=stage_dir / "checkpoints",
+          checkpoint_dir=stage_dir / "checkpoints", progress_bar=True,
           echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
 
 
