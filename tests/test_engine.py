@@ -146,3 +146,25 @@ def test_every_term_and_schedule_value_is_logged(tmp_path: Path) -> None:
     for key in ("loss", "loss/kd", "loss/ce", "temperature", "alpha", "lr", "samples_per_s"):
         assert key in records[0]
     assert records[0]["loss"] == pytest.approx(records[0]["loss/kd"] + records[0]["loss/ce"])
+
+
+def test_clip_grad_norm_bounds_the_update() -> None:
+    # One SGD step without momentum moves the weights by lr * grad; clipped, |grad| <= 1e-3.
+    x, y = data(16)
+    student = mlp(0)
+    before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
+    cfg = TrainConfig(epochs=1, clip_grad_norm=1e-3, lr_schedule=1.0,
+                      optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.0})
+    opt = build_optimizer(student.parameters(), cfg.optimizer)
+    train(student, None, build_method(CEConfig()), BatchLoader(x, y, batch_size=16), opt, cfg)
+    after = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_bf16_autocast_trains_with_fp32_loss_math() -> None:
+    cfg = TrainConfig(epochs=1, precision="bf16", log_every=1)
+    logger = MetricsLogger()
+    student = fit(cfg, student=mlp(0), logger=logger)
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights fp32
+    losses = [r["loss"] for r in logger.records]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
