@@ -326,3 +326,17 @@ def test_bad_arguments_raise_value_error(case: str) -> None:
     call, message = _BAD_CALLS[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_hard_ce_inf_in_ignored_rows_gives_zero_gradient_there() -> None:
+    # Guards the fast path: it must not be taken when some positions are ignored.
+    logits = torch.randn(3, 4)
+    logits[1] = float("inf")
+    logits.requires_grad_(True)
+    labels = torch.tensor([0, -100, 2])
+    loss = hard_cross_entropy(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss)
+    assert torch.equal(grad[1], torch.zeros(4))
+    clean = torch.nn.functional.cross_entropy(logits[[0, 2]].detach(), labels[[0, 2]])
+    torch.testing.assert_close(loss.detach(), clean)
