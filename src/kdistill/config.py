@@ -82,11 +82,16 @@ DEFAULT_TEACHER_TRAIN = {
 
 
 class TeacherConfig(_Strict):
-    model: ModelSpec = ModelSpec(arch="cnn1d", args={"channels": [32, 32, 32]})
+    model: ModelSpec
     train: TrainConfig | None = Field(
-        TrainConfig(**DEFAULT_TEACHER_TRAIN),
-        description="train the teacher from the data first; null: use it as loaded",
+        None, description="train the teacher from the data first; null: use it as loaded"
     )
+
+
+DEFAULT_TEACHER = TeacherConfig(
+    model=ModelSpec(arch="cnn1d", args={"channels": [32, 32, 32]}),
+    train=TrainConfig(**DEFAULT_TEACHER_TRAIN),
+)
 
 
 class StudentConfig(_Strict):
@@ -123,7 +128,7 @@ class RunConfig(_Strict):
         1, description="torch intra-op threads; 0 keeps torch's default (see docs on 2-vCPU VMs)"
     )
     data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    teacher: TeacherConfig = DEFAULT_TEACHER
     student: StudentConfig = StudentConfig()
     method: MethodConfigUnion = KDConfig()
     train: TrainConfig = TrainConfig()

@@ -26,7 +26,7 @@ ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
 
 def _cell(values: list[float], fmt: str, scale: float) -> str:
     scaled = [v * scale for v in values]
-    if len(scaled) == 1:
+    if len(set(scaled)) == 1:  # one seed, or a value seeds cannot change (parameters, size)
         return fmt.format(scaled[0])
     return f"{fmt.format(statistics.mean(scaled))} ± {fmt.format(statistics.stdev(scaled))}"
 
