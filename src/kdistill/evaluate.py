@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.models import count_parameters
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
@@ -54,10 +56,6 @@ def classification_scores(
     if teacher_logits is not None:
         scores["agreement"] = float((pred == teacher_logits.argmax(dim=1)).float().mean())
     return scores
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
