@@ -57,6 +57,13 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args in (["bogus"], ["run", "--no-such-option"]):
+        proc = kdistill(*args, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "No such" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_missing_recipe_and_debug_traceback(tmp_path: Path) -> None:
     proc = kdistill("run", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "nope.yaml: recipe file not found" in proc.stderr

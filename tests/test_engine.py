@@ -168,3 +168,48 @@ def test_bf16_autocast_trains_with_fp32_loss_math() -> None:
     assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights fp32
     losses = [r["loss"] for r in logger.records]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_a_second_save_at_the_same_step_keeps_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from kdistill.checkpoint import save_checkpoint
+
+    net = mlp(0)
+    method = build_method(CEConfig())
+    for _ in range(2):
+        save_checkpoint(tmp_path, student=net, method=method, trainer_state={},
+                        state={"step": 13})
+    assert latest_checkpoint(tmp_path).name == "step-00000013.1"
+    assert (tmp_path / "step-00000013").is_dir()  # the previous one is kept until the next
+    (tmp_path / "latest").unlink()  # a lost pointer falls back to the newest complete one
+    assert latest_checkpoint(tmp_path).name == "step-00000013.1"
+
+
+def test_a_fresh_start_replaces_the_metrics_of_a_crashed_attempt(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, log_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, student=mlp(0), ckpt=tmp_path / "ck", logger=CrashAtFile(tmp_path, 6))
+    fit(cfg, student=mlp(0), ckpt=tmp_path / "ck", logger=MetricsLogger(tmp_path / "m.jsonl"))
+    steps = [r["step"] for r in read_metrics(tmp_path / "m.jsonl")]
+    assert steps == [2, 4, 6, 8, 10, 12, 13]
+
+
+class CrashAtFile(MetricsLogger):
+    def __init__(self, directory: Path, step: int) -> None:
+        super().__init__(directory / "m.jsonl")
+        self.step = step
+
+    def log(self, record: dict) -> None:
+        if record["step"] == self.step:
+            raise KeyboardInterrupt("simulated crash")
+        super().log(record)
+
+
+def test_max_steps_mid_epoch_still_evaluates_the_final_model() -> None:
+    calls = []
+    x, y = data()
+    student, method = mlp(0), build_method(CEConfig())
+    cfg = TrainConfig(epochs=3, max_steps=5)
+    opt = build_optimizer(student.parameters(), cfg.optimizer)
+    state = train(student, None, method, BatchLoader(x, y, batch_size=16), opt, cfg,
+                  evaluate=lambda: calls.append(1) or {"accuracy": 0.5})
+    assert state.step == 5 and calls == [1]

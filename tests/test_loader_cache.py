@@ -59,11 +59,16 @@ def test_cache_round_trip_fp16_and_staleness(tmp_path: Path) -> None:
     with torch.no_grad():
         teacher.weight.add_(0.01)
     assert fingerprint_model(teacher) != key.teacher  # a changed teacher makes it stale
-    half = build_cache(tmp_path / "h", teacher, x, key, dtype="float16")
+    half_key = CacheKey(key.teacher, key.data, dtype="float16")
+    assert not TeacherCache.is_valid(tmp_path / "c", half_key)  # another dtype is another cache
+    half = build_cache(tmp_path / "h", teacher, x, half_key)
     assert half.read("logits", idx).dtype == torch.float32
     torch.testing.assert_close(half.read("logits", idx), teacher(x[idx]).detach(),
                                rtol=1e-3, atol=1e-3)
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary directory left behind
+    logits = tmp_path / "c" / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:-40])  # truncated on disk: not valid, rebuilt
+    assert not TeacherCache.is_valid(tmp_path / "c", key)
 
 
 def test_interrupted_cache_build_leaves_no_valid_cache(tmp_path: Path) -> None:

@@ -20,22 +20,44 @@ from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher
 
 
-def _net(seed: int) -> nn.Module:
+def _net(seed: int, widths: tuple[int, int] = (4, 8)) -> nn.Module:
+    """A tiny CNN for (1, 8, 8) inputs; module names "0".."5" (convs at "0" and "2")."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    a, b = widths
+    return nn.Sequential(nn.Conv2d(1, a, 3, padding=1), nn.ReLU(), nn.Conv2d(a, b, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(b * 64, 10))
 
 
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+# A config for each method on the tiny nets above (student widths (3, 6), teacher (4, 8)).
+EXAMPLES: dict[str, dict] = {
+    "ce": {},
+    "kd": {},
+    "dkd": {"weight": 1.0},
+    "dist": {},
+    "fitnet": {"student_layer": "2", "teacher_layer": "2"},  # (6, 8, 8) -> (8, 8, 8): 1x1 conv
+    "at": {"pairs": [["0", "0"], ["2", "2"]]},
+    "sp": {"pairs": [["2", "2"]]},
+    "rkd": {"student_layer": "3", "teacher_layer": "3"},
+    "pkt": {"student_layer": "3", "teacher_layer": "3"},
+}
+
+
+def test_every_method_has_a_contract_example() -> None:
+    assert set(EXAMPLES) == set(METHODS)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_contract(name: str) -> None:
-    method = build_method(METHODS[name].config_type())
-    student, teacher_net = _net(0), _net(1)
+    method = build_method(METHODS[name].config_type(**EXAMPLES[name]))
+    student, teacher_net = _net(0, (3, 6)), _net(1)
     before = [p.detach().clone() for p in student.parameters()]
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))
+    method.setup(student, teacher_net if method.uses_teacher else None, x[:2])
     loader = BatchLoader(x, y, batch_size=16, seed=0)
     opt = build_optimizer([*student.parameters(), *method.parameters()],
                           TrainConfig().optimizer)
@@ -44,6 +66,7 @@ def test_method_contract(name: str) -> None:
     train(student, teacher, method, loader, opt, TrainConfig(epochs=1, log_every=1),
           logger=logger)
     assert all(math.isfinite(r["loss"]) for r in logger.records)
+    assert all(r["loss"] > 0 for r in logger.records)
     assert all(p.grad is None for p in teacher_net.parameters())
     assert all(p.grad is not None for p in method.parameters())  # every adapter trained
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
@@ -92,7 +115,7 @@ def test_capture_by_name_removes_hooks_and_suggests_names() -> None:
     net = _net(0)
     with capture(net, ["2"]) as feats:
         net(torch.randn(3, 1, 8, 8))
-        assert feats["2"].shape == (3, 32)
+        assert feats["2"].shape == (3, 8, 8, 8)
     assert _hooks(net) == 0
     lstm = nn.LSTM(4, 5, batch_first=True)
     with capture(lstm, [""]) as feats:  # "" is the root; tuple outputs give the first tensor
@@ -101,3 +124,70 @@ def test_capture_by_name_removes_hooks_and_suggests_names() -> None:
     with pytest.raises(ConfigError, match="no module named 'fc1'"), capture(net, ["fc1"]):
         pass
     assert _hooks(net) == 0
+
+
+def test_fitnet_across_architectures_cnn_teacher_mlp_student() -> None:
+    # A (8, 8, 8) teacher map is pooled to its 8 channels; the MLP's 16 units map onto them.
+    from kdistill.methods.fitnet import FitNetConfig
+
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    teacher = _net(1)
+    method = build_method(FitNetConfig(student_layer="2", teacher_layer="2"))
+    x = torch.randn(5, 1, 8, 8)
+    method.setup(student, teacher, x)
+    assert isinstance(method.adapter, nn.Linear) and method.adapter.weight.shape == (8, 16)
+    with capture(student, ["2"]) as sf, capture(teacher, ["2"]) as tf:
+        out = Outputs(student(x), teacher(x).detach(), dict(sf), {"2": tf["2"].detach()})
+    terms = method.loss_terms(out, {"label": torch.zeros(5, dtype=torch.long)},
+                              Progress(0, 0, 10, 10))
+    expected = nn.functional.mse_loss(method.adapter(sf["2"]), tf["2"].mean(dim=(2, 3)))
+    torch.testing.assert_close(terms["hint"], expected)
+    assert set(terms) == {"hint", "kd", "ce"}
+
+
+def test_fitnet_two_stages() -> None:
+    from kdistill.methods.fitnet import FitNetConfig
+
+    method = build_method(FitNetConfig(student_layer="2", teacher_layer="2", hint_epochs=2))
+    x = torch.randn(4, 1, 8, 8)
+    student, teacher = _net(0, (3, 6)), _net(1)
+    method.setup(student, teacher, x)
+    with capture(student, ["2"]) as sf, capture(teacher, ["2"]) as tf:
+        out = Outputs(student(x), teacher(x), dict(sf), dict(tf))
+    batch = {"label": torch.zeros(4, dtype=torch.long)}
+    assert set(method.loss_terms(out, batch, Progress(0, 1, 40, 10))) == {"hint"}
+    assert set(method.loss_terms(out, batch, Progress(20, 2, 40, 10))) == {"kd", "ce"}
+
+
+@pytest.mark.parametrize("name", ["at", "sp", "rkd", "pkt", "dkd", "dist"])
+def test_method_terms_are_the_weighted_losses(name: str) -> None:
+    from kdistill import losses
+    from kdistill.losses import features as fl
+
+    torch.manual_seed(0)
+    s_feat, t_feat = torch.randn(6, 3, 4, 4), torch.randn(6, 5, 4, 4)
+    s_log, t_log = torch.randn(6, 10), torch.randn(6, 10)
+    labels = torch.randint(0, 10, (6,))
+    ce = losses.hard_cross_entropy(s_log, labels)
+    examples = {
+        "at": ({"pairs": [["a", "b"]], "beta": 10.0},
+               {"at": 5.0 * fl.attention_transfer(s_feat, t_feat) / 16, "ce": ce}),
+        "sp": ({"pairs": [["a", "b"]], "gamma": 7.0},
+               {"sp": 7.0 * fl.similarity_preserving(s_feat, t_feat), "ce": ce}),
+        "rkd": ({"student_layer": "a", "teacher_layer": "b"},
+                {"rkd_distance": 25 * fl.rkd_distance(s_feat.flatten(1), t_feat.flatten(1)),
+                 "rkd_angle": 50 * fl.rkd_angle(s_feat.flatten(1), t_feat.flatten(1)),
+                 "ce": ce}),
+        "pkt": ({"student_layer": "a", "teacher_layer": "b", "weight": 3.0},
+                {"pkt": 3.0 * fl.pkt(s_feat.flatten(1), t_feat.flatten(1)), "ce": ce}),
+        "dkd": ({"weight": 0.5}, {"dkd": 0.5 * losses.dkd(s_log, t_log, labels), "ce": ce}),
+        "dist": ({"temperature": 2.0},
+                 {"dist": losses.dist_loss(s_log, t_log, temperature=2.0), "ce": ce}),
+    }
+    cfg, expected = examples[name]
+    method = build_method(METHODS[name].config_type(**cfg))
+    out = Outputs(s_log, t_log, {"a": s_feat}, {"b": t_feat})
+    terms = method.loss_terms(out, {"label": labels}, Progress(0, 0, 10, 10))
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key], value)

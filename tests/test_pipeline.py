@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdistill import load_config, run
 from kdistill.metrics import read_metrics
@@ -83,3 +84,47 @@ def test_other_teacher_archs_run(tiny_recipe: Path, override: str) -> None:
     cfg = load_config(tiny_recipe, [override, "teacher.model.args={}", "teacher.train.epochs=1",
                                     "train.epochs=1", "baseline=false"])
     assert run(cfg, echo=lambda _: None).rows["teacher"][0]["accuracy"] > 0.1
+
+
+def test_adding_a_seed_does_not_redo_the_first_one(tiny_recipe: Path) -> None:
+    run(load_config(tiny_recipe, ["train.epochs=1", "train.log_every=5"]), echo=lambda _: None)
+    lines: list[str] = []
+    run(load_config(tiny_recipe, ["train.epochs=1", "train.seeds=[0,1]"]), echo=lines.append)
+    assert any("student (seed 0): done earlier" in line for line in lines)
+    assert any("student (seed 1): training" in line for line in lines)
+
+
+def test_a_changed_teacher_weights_file_redoes_teacher_cache_and_student(
+    tiny_recipe: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_model
+
+    from kdistill.build import build_data, build_network
+
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false"])
+    splits = build_data(cfg.data)
+    weights = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_model(build_network(cfg.teacher.model, splits, where="t"), str(weights))
+    given = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "teacher.train=null",
+                                      f"teacher.model.weights={weights}"])
+    run(given, echo=lambda _: None)
+    torch.manual_seed(1)  # same recipe text, other weights in the file
+    save_model(build_network(cfg.teacher.model, splits, where="t"), str(weights))
+    lines: list[str] = []
+    run(given, echo=lines.append)
+    assert any("teacher: recipe changed" in line for line in lines)
+    assert any("stale teacher cache" in line for line in lines)
+    assert any("student: recipe changed" in line for line in lines)
+
+
+def test_feature_method_runs_the_teacher_online_with_adapters(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, [
+        "train.epochs=1", "baseline=false",
+        "method={name: fitnet, student_layer: layers.0, teacher_layer: layers.0}"])
+    lines: list[str] = []
+    result = run(cfg, echo=lines.append)
+    assert any("the method reads teacher features" in line for line in lines)
+    assert result.teacher_forwards == 20  # one epoch of batches through the live teacher
+    metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
+    assert "loss/hint" in metrics[0]

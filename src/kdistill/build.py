@@ -7,19 +7,26 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kdistill.capture import resolve_modules
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
 from kdistill.data import DataSplits, load_dataset
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.errors import ConfigError
+from kdistill.methods import build_method
 from kdistill.models import build_model
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
+    if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
+        raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
     val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
-    return load_dataset(
+    splits = load_dataset(
         cfg.name, val_size=val_size, split_seed=cfg.split_seed, train_limit=cfg.train_limit,
         where="data.name",
     )
+    if len(splits.val_x) == 0:
+        raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
+    return splits
 
 
 def build_network(spec: ModelSpec, splits: DataSplits, *, where: str) -> nn.Module:
@@ -80,8 +87,12 @@ def build_train_loader(
 def validate(cfg: RunConfig) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs)."""
     splits = build_data(cfg.data)
-    build_network(cfg.teacher.model, splits, where="teacher.model")
-    build_network(cfg.student.model, splits, where="student.model")
+    teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
+    student = build_network(cfg.student.model, splits, where="student.model")
+    method = build_method(cfg.method)
+    resolve_modules(student, method.student_layers, where="method (student layers)")
+    resolve_modules(teacher, method.teacher_layers, where="method (teacher layers)")
+    method.setup(student, teacher, splits.train_x[:2])  # adapters: shapes must be compatible
     for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
         if train_cfg is not None:
             build_train_loader(splits, train_cfg, seed=0, where=where)

@@ -44,6 +44,10 @@ def fingerprint_model(model: nn.Module) -> str:
 class CacheKey:
     teacher: str  # fingerprint_model(teacher)
     data: str  # DataSplits.fingerprint of the inputs the cache covers
+    dtype: str = "float32"  # storage dtype of the values
+
+    def as_dict(self) -> dict[str, str]:
+        return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype}
 
 
 class TeacherCache:
@@ -83,15 +87,15 @@ class TeacherCache:
 
     @staticmethod
     def is_valid(directory: Path, key: CacheKey) -> bool:
-        """True when a complete cache with this exact key is there."""
+        """True when a complete, readable cache with this exact key is there."""
         try:
             manifest = json.loads((Path(directory) / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            if manifest.get("version") != FORMAT_VERSION or manifest.get("key") != key.as_dict():
+                return False
+            TeacherCache(Path(directory))  # every field file present, with its manifest shape
+        except (OSError, ValueError, KeyError, KDistillError):  # truncated or missing files
             return False
-        return manifest.get("version") == FORMAT_VERSION and manifest.get("key") == {
-            "teacher": key.teacher,
-            "data": key.data,
-        }
+        return True
 
 
 @torch.no_grad()
@@ -102,9 +106,10 @@ def build_cache(
     key: CacheKey,
     *,
     batch_size: int = 1000,
-    dtype: str = "float32",
 ) -> TeacherCache:
-    """Run `teacher` once over `inputs` (N, ...) in order and store its logits at row = index."""
+    """Run `teacher` once over `inputs` (N, ...) in order and store its logits at row = index,
+    in `key.dtype`."""
+    dtype = key.dtype
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +130,7 @@ def build_cache(
         manifest = {
             "version": FORMAT_VERSION,
             "format": "dense",
-            "key": {"teacher": key.teacher, "data": key.data},
+            "key": key.as_dict(),
             "num_samples": n,
             "fields": {"logits": {"file": "logits.npy", "dtype": dtype, "shape": [n, num_classes]}},
         }

@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
 `student.safetensors`, `method.safetensors` (adapters; may be empty), `trainer.pt`
 (optimizer, LR scheduler, RNG state; read back with `weights_only=True`) and `state.json`.
 It is written under a temporary name and renamed when complete; the file `latest` is then
-replaced atomically, and only after that are older checkpoints removed.
+replaced atomically, and only after that are older checkpoints removed (the newest and the
+one before it are kept).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from kdistill.errors import KDistillError
-
-KEEP = 2  # checkpoints kept; the newest complete one is never deleted
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -53,9 +52,14 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     state: dict[str, Any],
 ) -> Path:
-    """Write one checkpoint; returns its directory."""
+    """Write one checkpoint under a fresh name, point `latest` at it, then prune old ones."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    previous = latest_checkpoint(ckpt_dir)
     final = ckpt_dir / f"step-{state['step']:08d}"
+    n = 0
+    while final.exists():  # a second save at the same step never replaces the first in place
+        n += 1
+        final = ckpt_dir / f"step-{state['step']:08d}.{n}"
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -64,27 +68,37 @@ def save_checkpoint(
         save_model(method, str(tmp / "method.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise KDistillError(
-            f"{final}: checkpoint write failed ({exc.strerror or exc}); "
-            "the previous checkpoint is intact"
-        ) from None
+        if isinstance(exc, OSError):
+            raise KDistillError(
+                f"{final}: checkpoint write failed ({exc.strerror or exc}); "
+                "the previous checkpoint is intact"
+            ) from None
+        raise
     atomic_write_text(ckpt_dir / "latest", final.name)
-    olds = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir() and p != final)
-    for old in olds[: max(0, len(olds) - (KEEP - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in ckpt_dir.glob("step-*"):
+        if old not in (final, previous) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _complete(ckpt_dir: Path) -> list[Path]:
+    # Only fully written checkpoints carry the plain name (they are renamed into place).
+    done = [p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: p.stat().st_mtime_ns)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one if that pointer is lost."""
     pointer = ckpt_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = ckpt_dir / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if pointer.is_file():
+        path = ckpt_dir / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    complete = _complete(ckpt_dir) if ckpt_dir.is_dir() else []
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kdistill.errors import KDistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=False,
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Knowledge distillation for PyTorch: teacher -> student, measured.")
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough that the table is never cut
@@ -90,25 +90,17 @@ def _options(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr with exit code 2 (input) or 1."""
+    """Entry point: user errors become one line on stderr with exit code 2 (input) or 1.
+
+    Usage errors (an unknown command or option) are typer's own: a message and exit code 2.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except KDistillError as exc:
         if DEBUG["on"]:
             traceback.print_exc()
         err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":

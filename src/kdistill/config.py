@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
 from kdistill.methods.kd import KDConfig
-from kdistill.schedules import Schedule
+from kdistill.schedules import Schedule, check_range
 
 
 class _Strict(BaseModel):
@@ -55,6 +62,11 @@ class TrainConfig(_Strict):
         {"kind": "cosine", "start": 1.0, "end": 0.05},
         description="multiplier on optimizer.lr, e.g. {kind: cosine, start: 1, end: 0}",
     )
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _lr_non_negative(cls, v: Schedule) -> Schedule:
+        return check_range(v, "lr_schedule", low=0.0)
     clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     augment: Literal["none", "jitter"] = Field(
@@ -145,6 +157,17 @@ class RunConfig(_Strict):
         return data
 
     @model_validator(mode="after")
+    def _teacher_has_knowledge(self) -> RunConfig:
+        spec = self.teacher.model
+        if (self.teacher.train is None and spec.weights is None and spec.arch != "custom"
+                and not spec.args.get("pretrained")):
+            raise ValueError(
+                "teacher.train: the teacher would be an untrained network; give "
+                "teacher.train, teacher.model.weights, or a pretrained arch"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _method_is_distillation(self) -> RunConfig:
         if not METHODS[self.method.name].uses_teacher:
             raise ValueError(f"method '{self.method.name}' uses no teacher; use baseline instead")
@@ -183,14 +206,19 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts union tags in the location ("method.kd.temperature", "....float"):
     # drop them so the path matches what the user wrote in the recipe.
     tags = set(METHODS) | {"constant", "linear", "cosine", "step", "warmup", "float", "int"}
-    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and str(p) in tags)]
+    last = len(loc) - 1
+    parts = [str(p) for i, p in enumerate(loc)
+             if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
+             and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))]
     return ".".join(parts) or "recipe"
 
 
 def validation_error(exc: ValidationError, source: str) -> ConfigError:
     """The first pydantic error as one line naming the field, plus a count of the rest."""
     errors = exc.errors()
-    first = errors[0]
+    # A schedule written as a mapping fails the plain-number branch too; report its own error.
+    kinds = {"constant", "linear", "cosine", "step", "warmup"}
+    first = next((e for e in errors if kinds & {str(p) for p in e["loc"]}), errors[0])
     where = _format_loc(first["loc"])
     kind = first["type"]
     if kind == "extra_forbidden":
@@ -198,9 +226,11 @@ def validation_error(exc: ValidationError, source: str) -> ConfigError:
     elif kind == "union_tag_invalid":
         msg = f"unknown method; expected one of: {', '.join(sorted(METHODS))}"
     else:
-        msg = first["msg"]
-        if "input" in first and not isinstance(first["input"], dict):
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], dict) and "(got" not in msg:
             msg += f" (got {first['input']!r})"
+    if not first["loc"] and ": " in msg:  # whole-recipe checks name their field first
+        where, msg = msg.split(": ", 1)
     more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {where}", msg + more)
 

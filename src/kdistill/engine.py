@@ -71,12 +71,22 @@ def _restore(
         scheduler.load_state_dict(trainer_state["scheduler"])
     torch.set_rng_state(trainer_state["rng"])
     resumed = TrainState(**state["train_state"])
-    if logger is not None and logger.path is not None and logger.path.is_file():
-        # Records written after the checkpoint will be written again: drop them.
-        kept = [line for line in logger.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resumed.step]
-        logger.path.write_text("".join(line + "\n" for line in kept))
+    _truncate_metrics(logger, resumed.step)
     return resumed
+
+
+def _truncate_metrics(logger: MetricsLogger | None, step: int) -> None:
+    """Drop records after `step` (they will be written again) and any torn last line."""
+    if logger is None or logger.path is None or not logger.path.is_file():
+        return
+    kept = []
+    for line in logger.path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    logger.path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(
@@ -122,6 +132,7 @@ def train(
 
     state = _restore(checkpoint_dir, student, method, optimizer, scheduler, logger)
     if state is None:
+        _truncate_metrics(logger, 0)  # a crashed attempt with no checkpoint starts over
         state = TrainState()
         torch.manual_seed(seed)  # dropout and any other in-training randomness
     elif echo:
@@ -206,8 +217,9 @@ def train(
                     sums, window_samples, window_start = {}, 0, time.perf_counter()
                 if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                     checkpoint()
-            if state.batch >= len(loader):  # the epoch is complete
-                last = state.epoch + 1 == cfg.epochs or state.step >= total_steps
+            epoch_done = state.batch >= len(loader)
+            last = state.step >= total_steps  # the run ends here, maybe mid-epoch (max_steps)
+            if epoch_done or last:
                 if evaluate is not None and ((state.epoch + 1) % cfg.eval_every_epochs == 0
                                              or last):
                     scores = evaluate()
@@ -216,7 +228,8 @@ def train(
                     if echo:
                         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                         echo(f"epoch {state.epoch + 1}/{cfg.epochs}: {shown}")
-                state.epoch += 1
-                state.batch = 0
+                if epoch_done:
+                    state.epoch += 1
+                    state.batch = 0
             checkpoint()
     return state

@@ -47,6 +47,21 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _file_hash(path: str | None) -> str | None:
+    """Content hash of a weights file named by the recipe (a changed file redoes the stage)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# Settings that change how a run is logged, not the weights it produces.
+_NOT_WEIGHTS = {"seeds", "log_every", "eval_every_epochs", "checkpoint_every_steps"}
+
+
+def _training(cfg: TrainConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude=_NOT_WEIGHTS)
+
+
 def _stage_done(stage_dir: Path, fingerprint: str, echo: Echo) -> bool:
     """True if the stage finished with this fingerprint; wipe it if the recipe changed."""
     marker = stage_dir / "stage.json"
@@ -71,9 +86,11 @@ def _finish_stage(stage_dir: Path, fingerprint: str, model: nn.Module) -> None:
 def _fit(
     model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
     cfg: TrainConfig, seed: int, stage_dir: Path, echo: Echo, where: str,
+    teacher_model: nn.Module | None = None,
 ) -> None:
     """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
     loader = build_train_loader(splits, cfg, seed=seed, where=where)
+    method.setup(model, teacher_model, splits.train_x[:2])  # adapters exist before the optimizer
     optimizer = build_optimizer([*model.parameters(), *method.parameters()], cfg.optimizer)
 
     def evaluate() -> dict[str, float]:
@@ -88,9 +105,14 @@ def _fit(
 
 def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo) -> nn.Module:
     stage_dir = run_dir / "teacher"
-    fingerprint = _fingerprint(cfg.data.model_dump(), cfg.teacher.model_dump())
-    if cfg.teacher.train is not None:
-        torch.manual_seed(cfg.teacher.train.seeds[0])  # the teacher's initial weights
+    tcfg = cfg.teacher.train
+    fingerprint = _fingerprint(
+        cfg.data.model_dump(), cfg.teacher.model.model_dump(),
+        _file_hash(cfg.teacher.model.weights),
+        None if tcfg is None else [_training(tcfg), tcfg.seeds[0]],
+    )
+    if tcfg is not None:
+        torch.manual_seed(tcfg.seeds[0])  # the teacher's initial weights
     model = build_network(cfg.teacher.model, splits, where="teacher.model")
     if _stage_done(stage_dir, fingerprint, echo):
         load_weights(model, stage_dir / "model.safetensors")
@@ -99,7 +121,6 @@ def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo
         echo("teacher: using the model as loaded (teacher.train is null)")
         _finish_stage(stage_dir, fingerprint, model)
     else:
-        tcfg = cfg.teacher.train
         echo(f"teacher: training {cfg.teacher.model.arch} for {tcfg.epochs} epoch(s)")
         _fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
              echo, "teacher.train")
@@ -110,11 +131,14 @@ def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo
 def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_dir: Path,
                     echo: Echo) -> Teacher:
     """The cache when inputs are deterministic and caching is on; else the live network."""
-    if not cfg.cache.enabled or cfg.train.augment != "none":
-        why = "cache disabled" if not cfg.cache.enabled else "augmented inputs"
+    reads_features = bool(build_method(cfg.method).teacher_layers)
+    if not cfg.cache.enabled or cfg.train.augment != "none" or reads_features:
+        why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
+               if cfg.train.augment != "none" else "the method reads teacher features")
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
-    key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint)
+    key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint,
+                   dtype=cfg.cache.dtype)
     directory = run_dir / "cache" / "teacher"
     if TeacherCache.is_valid(directory, key):
         echo("cache: valid teacher cache found")
@@ -122,20 +146,22 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_di
     if (directory / "manifest.json").is_file():
         echo("cache: stale teacher cache (teacher or data changed); rebuilding")
     echo(f"cache: running the teacher once over {len(splits.train_x)} training samples")
-    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
-                        dtype=cfg.cache.dtype)
+    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
     return CachedTeacher(cache)
 
 
 def _student_stage(
     role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
-    teacher: Teacher | None, echo: Echo,
+    teacher: Teacher | None, echo: Echo, teacher_model: nn.Module | None = None,
 ) -> nn.Module:
     method = build_method(cfg.method if role == "student" else CEConfig())
-    parts: list[Any] = [cfg.data.model_dump(), cfg.student.model_dump(), cfg.train.model_dump(),
-                        seed, method.cfg.model_dump(mode="json")]
-    if role == "student":
-        parts += [cfg.teacher.model_dump(), cfg.cache.dtype]
+    parts: list[Any] = [cfg.data.model_dump(), cfg.student.model.model_dump(),
+                        _file_hash(cfg.student.model.weights), _training(cfg.train), seed,
+                        method.cfg.model_dump(mode="json")]
+    if role == "student" and teacher_model is not None:
+        # The teacher's actual weights, not its recipe text, and how its outputs are stored.
+        stored = cfg.cache.dtype if isinstance(teacher, CachedTeacher) else "online"
+        parts += [fingerprint_model(teacher_model), stored]
     stage_dir = run_dir / f"seed-{seed}" / role
     fingerprint = _fingerprint(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
@@ -145,7 +171,8 @@ def _student_stage(
         echo(f"{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
-    _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train")
+    _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
+         teacher_model=teacher_model)
     _finish_stage(stage_dir, fingerprint, model)
     return model
 
@@ -172,7 +199,7 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
             models["baseline"].append(
                 _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
         models["student"].append(
-            _student_stage("student", cfg, splits, seed, run_dir, teacher, echo))
+            _student_stage("student", cfg, splits, seed, run_dir, teacher, echo, teacher_model))
 
     echo("evaluate: test set, size and speed")
     teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)

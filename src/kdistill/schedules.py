@@ -5,7 +5,7 @@ A recipe writes a plain number for a constant, or a mapping with a `kind`:
     temperature: {kind: linear, start: 8, end: 2}            # high T early, low T late
     alpha: {kind: cosine, start: 0.7, end: 0.3, unit: epoch}  # soft/hard weight that moves
     alpha: {kind: step, values: [0.9, 0.5], milestones: [0.5]}
-    temperature: {kind: warmup, value: 4, warmup: 0.1}       # ramp from `start` to 4 over 10 %
+    temperature: {kind: warmup, start: 1, value: 4, warmup: 0.1}  # ramp 1 -> 4 over 10 %
 
 Positions are fractions of training in [0, 1]: by optimiser step (`unit: step`, the default) or
 by finished epochs (`unit: epoch`, the value only changes at epoch boundaries). `milestones`

@@ -6,10 +6,13 @@ re-exported here the same way.
 """
 
 from kdistill.losses._reduce import Reduction, reduce_loss
+from kdistill.losses.logit_variants import dist_loss, dkd
 from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
 
 __all__ = [
     "Reduction",
+    "dist_loss",
+    "dkd",
     "hard_cross_entropy",
     "kd_kl",
     "reduce_loss",

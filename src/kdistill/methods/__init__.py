@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from kdistill.methods.at import AT
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.methods.ce import CE
+from kdistill.methods.dist import DIST
+from kdistill.methods.dkd import DKD
+from kdistill.methods.fitnet import FitNet
 from kdistill.methods.kd import KD
+from kdistill.methods.pkt import PKT
+from kdistill.methods.rkd import RKD
+from kdistill.methods.sp import SP
 
 METHODS: dict[str, type[Method]] = {
     "ce": CE,
     "kd": KD,
+    "dkd": DKD,
+    "dist": DIST,
+    "fitnet": FitNet,
+    "at": AT,
+    "sp": SP,
+    "rkd": RKD,
+    "pkt": PKT,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]

@@ -58,6 +58,11 @@ class Method(nn.Module):
         """Teacher modules whose outputs `loss_terms` reads (via `Outputs.teacher_feats`)."""
         return ()
 
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor) -> None:
+        """Create adapters once the models are known (shapes probed on `example`, a batch of
+        inputs). Called before the optimizer is built, so adapters get trained; a no-op for
+        methods without adapters."""
+
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         """Named, already-weighted scalar loss terms; the engine sums them."""
         raise NotImplementedError
