@@ -21,11 +21,11 @@ from kdistill import load_config, run
 from kdistill.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt"]
+METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "self_distill"]
 
 
 def recipe_for(method: str) -> Path:
-    name = "mnist1d.yaml" if method == "kd" else f"mnist1d-{method}.yaml"
+    name = "mnist1d.yaml" if method == "kd" else f"mnist1d-{method.replace('_', '-')}.yaml"
     return REPO / "recipes" / name
 
 

@@ -61,7 +61,7 @@ def _error(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str
         ("method: {name: kd, alpha: 1.5}", "alpha must be <= 1"),
         ("method: {name: kd, alpha: {kind: linear, start: 0.5, end: 2}}", "method.alpha"),
         ("method: {name: fitnetz}", "unknown method; expected one of:"),
-        ("method: {name: ce}", "uses no teacher"),
+        ("method: {name: ce}", "'ce' is the baseline"),
         ("bogus: 1", "bogus: unknown key"),
         ("train: [1, 2", "invalid YAML at line"),
         ("- just\n- a list", "a recipe is a mapping"),

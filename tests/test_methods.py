@@ -43,6 +43,7 @@ EXAMPLES: dict[str, dict] = {
     "sp": {"pairs": [["2", "2"]]},
     "rkd": {"student_layer": "3", "teacher_layer": "3"},
     "pkt": {"student_layer": "3", "teacher_layer": "3"},
+    "self_distill": {"layers": ["1", "3"]},
 }
 
 

@@ -128,3 +128,13 @@ def test_feature_method_runs_the_teacher_online_with_adapters(tiny_recipe: Path)
     assert result.teacher_forwards == 20  # one epoch of batches through the live teacher
     metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
     assert "loss/hint" in metrics[0]
+
+
+def test_self_distillation_needs_no_teacher_outputs(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false",
+                                    "method={name: self_distill, layers: [layers.0]}"])
+    result = run(cfg, echo=lambda _: None)
+    assert result.teacher_forwards == 0
+    assert not (cfg.run_dir / "cache").exists()
+    metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
+    assert {"loss/ce", "loss/exit_ce", "loss/exit_kd"} <= set(metrics[0])

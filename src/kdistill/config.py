@@ -169,8 +169,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_is_distillation(self) -> RunConfig:
-        if not METHODS[self.method.name].uses_teacher:
-            raise ValueError(f"method '{self.method.name}' uses no teacher; use baseline instead")
+        if self.method.name == "ce":
+            raise ValueError("method: 'ce' is the baseline, trained anyway (baseline: true)")
         return self
 
     @property

@@ -129,9 +129,12 @@ def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo
 
 
 def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_dir: Path,
-                    echo: Echo) -> Teacher:
+                    echo: Echo) -> Teacher | None:
     """The cache when inputs are deterministic and caching is on; else the live network."""
-    reads_features = bool(build_method(cfg.method).teacher_layers)
+    method = build_method(cfg.method)
+    if not method.uses_teacher:
+        return None  # self-distillation: the teacher network is only evaluated beside it
+    reads_features = bool(method.teacher_layers)
     if not cfg.cache.enabled or cfg.train.augment != "none" or reads_features:
         why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
                if cfg.train.augment != "none" else "the method reads teacher features")
@@ -203,7 +206,7 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
 
     echo("evaluate: test set, size and speed")
     teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
-    result = RunResult(run_dir=run_dir, teacher_forwards=teacher.forwards)
+    result = RunResult(run_dir=run_dir, teacher_forwards=teacher.forwards if teacher else 0)
     for role, trained in models.items():
         result.rows[role] = []
         for i, model in enumerate(trained):

@@ -11,6 +11,7 @@ from kdistill.methods.fitnet import FitNet
 from kdistill.methods.kd import KD
 from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
+from kdistill.methods.self_distill import SelfDistill
 from kdistill.methods.sp import SP
 
 METHODS: dict[str, type[Method]] = {
@@ -23,6 +24,7 @@ METHODS: dict[str, type[Method]] = {
     "sp": SP,
     "rkd": RKD,
     "pkt": PKT,
+    "self_distill": SelfDistill,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]
