@@ -138,3 +138,28 @@ def test_self_distillation_needs_no_teacher_outputs(tiny_recipe: Path) -> None:
     assert not (cfg.run_dir / "cache").exists()
     metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
     assert {"loss/ce", "loss/exit_ce", "loss/exit_kd"} <= set(metrics[0])
+
+
+def test_born_again_generations_teach_each_other(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "generations=3"])
+    lines: list[str] = []
+    result = run(cfg, echo=lines.append)
+    assert list(result.rows) == ["teacher", "baseline", "student", "student-gen2",
+                                 "student-gen3"]
+    assert result.teacher_forwards == 0  # every generation read a cache
+    for gen in ("student", "student-gen2"):  # each trained student is cached as the next teacher
+        assert (cfg.run_dir / "seed-0" / gen / "cache" / "manifest.json").is_file()
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "distilled student, generation 3" in report
+    assert "The distilled student, generation 3 makes" in report
+    # Generation 2 depends on generation 1's weights, not only on the recipe: change the
+    # saved generation-1 model and generation 2 (then 3) is redone.
+    from safetensors.torch import load_file, save_file
+
+    path = cfg.run_dir / "seed-0" / "student" / "model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(path).items()}, str(path))
+    lines = []
+    run(cfg, echo=lines.append)
+    assert any("student (seed 0): done earlier" in line for line in lines)
+    assert any("student-gen2: recipe changed" in line for line in lines)
+    assert any("student-gen3: recipe changed" in line for line in lines)

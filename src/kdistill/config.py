@@ -145,6 +145,10 @@ class RunConfig(_Strict):
     method: MethodConfigUnion = KDConfig()
     train: TrainConfig = TrainConfig()
     baseline: bool = Field(True, description="also train the student alone (method ce)")
+    generations: Annotated[int, Field(ge=1)] = Field(
+        1, description="born-again networks (arXiv:1805.04770): generation k+1 is distilled "
+        "from generation k's student with the same method; 1 = plain distillation",
+    )
     cache: CacheConfig = CacheConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -7,6 +7,7 @@ whose recipe changed is redone; one that was interrupted resumes from its last c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -128,7 +129,7 @@ def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo
     return freeze_teacher(model)
 
 
-def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_dir: Path,
+def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_dir: Path,
                     echo: Echo) -> Teacher | None:
     """The cache when inputs are deterministic and caching is on; else the live network."""
     method = build_method(cfg.method)
@@ -142,7 +143,7 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, run_di
         return OnlineTeacher(model)
     key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint,
                    dtype=cfg.cache.dtype)
-    directory = run_dir / "cache" / "teacher"
+    directory = cache_dir
     if TeacherCache.is_valid(directory, key):
         echo("cache: valid teacher cache found")
         return CachedTeacher(TeacherCache(directory))
@@ -157,11 +158,11 @@ def _student_stage(
     role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
     teacher: Teacher | None, echo: Echo, teacher_model: nn.Module | None = None,
 ) -> nn.Module:
-    method = build_method(cfg.method if role == "student" else CEConfig())
+    method = build_method(CEConfig() if role == "baseline" else cfg.method)
     parts: list[Any] = [cfg.data.model_dump(), cfg.student.model.model_dump(),
                         _file_hash(cfg.student.model.weights), _training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
-    if role == "student" and teacher_model is not None:
+    if role != "baseline" and teacher_model is not None:
         # The teacher's actual weights, not its recipe text, and how its outputs are stored.
         stored = cfg.cache.dtype if isinstance(teacher, CachedTeacher) else "online"
         parts += [fingerprint_model(teacher_model), stored]
@@ -193,20 +194,29 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     teacher_model = _teacher_stage(cfg, splits, run_dir, echo)
     # Fail fast on a mismatched student before any expensive work.
     build_network(cfg.student.model, splits, where="student.model")
-    teacher = _teacher_source(cfg, splits, teacher_model, run_dir, echo)
+    teacher = _teacher_source(cfg, splits, teacher_model, run_dir / "cache" / "teacher", echo)
+    forwards = 0
 
+    roles = ["student", *(f"student-gen{g}" for g in range(2, cfg.generations + 1))]
     models: dict[str, list[nn.Module]] = {"teacher": [teacher_model], "baseline": [],
-                                          "student": []}
+                                          **{role: [] for role in roles}}
     for seed in cfg.train.seeds:
         if cfg.baseline:
             models["baseline"].append(
                 _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
-        models["student"].append(
-            _student_stage("student", cfg, splits, seed, run_dir, teacher, echo, teacher_model))
+        source, source_model = teacher, teacher_model
+        for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
+            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_model)
+            models[role].append(model)
+            forwards += source.forwards if source is not None else 0
+            if role != roles[-1]:
+                source_model = freeze_teacher(copy.deepcopy(model))
+                source = _teacher_source(cfg, splits, source_model,
+                                         run_dir / f"seed-{seed}" / role / "cache", echo)
 
     echo("evaluate: test set, size and speed")
     teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
-    result = RunResult(run_dir=run_dir, teacher_forwards=teacher.forwards if teacher else 0)
+    result = RunResult(run_dir=run_dir, teacher_forwards=forwards)
     for role, trained in models.items():
         result.rows[role] = []
         for i, model in enumerate(trained):

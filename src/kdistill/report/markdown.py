@@ -24,6 +24,12 @@ ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
          "student": "distilled student"}
 
 
+def _label(role: str) -> str:
+    if role in ROLES:
+        return ROLES[role]
+    return f"distilled student, generation {role.removeprefix('student-gen')}"
+
+
 def _cell(values: list[float], fmt: str, scale: float) -> str:
     scaled = [v * scale for v in values]
     if len(set(scaled)) == 1:  # one seed, or a value seeds cannot change (parameters, size)
@@ -34,7 +40,8 @@ def _cell(values: list[float], fmt: str, scale: float) -> str:
 def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
     table = [["model", "seeds", *(header for _, header, _, _ in COLUMNS)]]
-    for role, label in ROLES.items():
+    for role in rows:
+        label = _label(role)
         runs = rows.get(role) or []
         if not runs:
             continue
@@ -54,21 +61,23 @@ def to_markdown(table: list[list[str]]) -> str:
 
 
 def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
-    base, student = rows.get("baseline") or [], rows.get("student") or []
+    last = [role for role in rows if role.startswith("student")][-1:] or ["student"]
+    base, student = rows.get("baseline") or [], rows.get(last[0]) or []
     if not base or not student:
         return ""
     b = statistics.mean(r["errors"] for r in base)
     s = statistics.mean(r["errors"] for r in student)
     word = "fewer" if s < b else "more" if s > b else "as many"
-    return (f"The distilled student makes {abs(b - s):.1f} {word} test errors than the same "
+    who = _label(last[0])
+    return (f"The {who} makes {abs(b - s):.1f} {word} test errors than the same "
             f"student trained alone ({s:.1f} vs {b:.1f}, mean over {len(student)} seed(s)).")
 
 
 def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]]) -> Path:
     per_seed = ["| model | seed | test acc % | test errors |", "|---|---|---|---|"]
-    for role in ("baseline", "student"):
-        for r in rows.get(role) or []:
-            per_seed.append(f"| {ROLES[role]} | {r['seed']} | {100 * r['accuracy']:.2f} | "
+    for role in rows:
+        for r in rows[role] if role != "teacher" else []:
+            per_seed.append(f"| {_label(role)} | {r['seed']} | {100 * r['accuracy']:.2f} | "
                             f"{r['errors']:.0f} |")
     text = "\n\n".join([
         f"# kdistill report: {cfg.name}",
