@@ -44,6 +44,7 @@ EXAMPLES: dict[str, dict] = {
     "rkd": {"student_layer": "3", "teacher_layer": "3"},
     "pkt": {"student_layer": "3", "teacher_layer": "3"},
     "self_distill": {"layers": ["1", "3"]},
+    "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
 }
 
 
@@ -192,3 +193,30 @@ def test_method_terms_are_the_weighted_losses(name: str) -> None:
     assert set(terms) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(terms[key], value)
+
+
+def test_multi_kd_mixture_by_hand_and_single_teacher_equals_kd() -> None:
+    from kdistill.methods.multi_kd import MultiKDConfig
+
+    t1 = torch.tensor([[math.log(3.0), 0.0]])  # softmax at T=1: [0.75, 0.25]
+    t2 = torch.tensor([[0.0, 2 * math.log(3.0)]])  # at T=2: softmax([0, ln 3]) = [0.25, 0.75]
+    stacked = torch.stack([t1, t2])
+    labels = torch.tensor([0])
+    method = build_method(MultiKDConfig(weights=[3.0, 1.0], temperatures=[1.0, 2.0]))
+    # p̄ = (3·[0.75, 0.25] + 1·[0.25, 0.75]) / 4 = [0.625, 0.375]
+    torch.testing.assert_close(method.mixture(stacked, labels, 4.0), torch.tensor([[0.625, 0.375]]))
+    confident = build_method(MultiKDConfig(weights=[3.0, 1.0], temperatures=[1.0, 2.0],
+                                           confidence=True))
+    # per-sample weights ∝ w_k · p_k(label 0): 3·0.75 = 2.25 and 1·0.25 = 0.25 -> 0.9, 0.1
+    expected = 0.9 * torch.tensor([0.75, 0.25]) + 0.1 * torch.tensor([0.25, 0.75])
+    torch.testing.assert_close(confident.mixture(stacked, labels, 4.0), expected[None])
+
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    y = torch.randint(0, 10, (5,))
+    progress = Progress(0, 0, 10, 10)
+    multi = build_method(MultiKDConfig(temperature=3.0, alpha=0.8)).loss_terms(
+        Outputs(s, t[None]), {"label": y}, progress)
+    single = build_method(KDConfig(temperature=3.0, alpha=0.8)).loss_terms(
+        Outputs(s, t), {"label": y}, progress)
+    torch.testing.assert_close(multi["kd"], single["kd"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(multi["ce"], single["ce"])

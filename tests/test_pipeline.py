@@ -163,3 +163,21 @@ def test_born_again_generations_teach_each_other(tiny_recipe: Path) -> None:
     assert any("student (seed 0): done earlier" in line for line in lines)
     assert any("student-gen2: recipe changed" in line for line in lines)
     assert any("student-gen3: recipe changed" in line for line in lines)
+
+
+def test_multi_teacher_run_caches_and_evaluates_every_teacher(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, [
+        "train.epochs=1", "baseline=false", "method={name: multi_kd, weights: [2, 1]}",
+        "more_teachers=[{model: {arch: lenet5, args: {}}, train: {epochs: 1}}]"])
+    result = run(cfg, echo=lambda _: None)
+    assert list(result.rows) == ["teacher", "teacher-2", "student"]
+    assert result.teacher_forwards == 0  # both teachers read from their caches
+    assert (cfg.run_dir / "cache" / "teacher-2" / "manifest.json").is_file()
+    assert "| teacher 2 |" in (cfg.run_dir / "report.md").read_text()
+
+
+def test_more_teachers_need_a_multi_teacher_method(tiny_recipe: Path) -> None:
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="more_teachers: method 'kd' learns from one teacher"):
+        load_config(tiny_recipe, ["more_teachers=[{model: {arch: lenet5}, train: {}}]"])

@@ -145,6 +145,10 @@ class RunConfig(_Strict):
     method: MethodConfigUnion = KDConfig()
     train: TrainConfig = TrainConfig()
     baseline: bool = Field(True, description="also train the student alone (method ce)")
+    more_teachers: list[TeacherConfig] = Field(
+        [], description="further teachers for a multi-teacher method (each trained or loaded, "
+        "cached and evaluated like `teacher`)",
+    )
     generations: Annotated[int, Field(ge=1)] = Field(
         1, description="born-again networks (arXiv:1805.04770): generation k+1 is distilled "
         "from generation k's student with the same method; 1 = plain distillation",
@@ -161,14 +165,20 @@ class RunConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _teacher_has_knowledge(self) -> RunConfig:
-        spec = self.teacher.model
-        if (self.teacher.train is None and spec.weights is None and spec.arch != "custom"
-                and not spec.args.get("pretrained")):
-            raise ValueError(
-                "teacher.train: the teacher would be an untrained network; give "
-                "teacher.train, teacher.model.weights, or a pretrained arch"
-            )
+    def _teachers_have_knowledge(self) -> RunConfig:
+        named = [("teacher", self.teacher)] + [
+            (f"more_teachers.{i}", t) for i, t in enumerate(self.more_teachers)]
+        for where, teacher in named:
+            spec = teacher.model
+            if (teacher.train is None and spec.weights is None and spec.arch != "custom"
+                    and not spec.args.get("pretrained")):
+                raise ValueError(
+                    f"{where}.train: the teacher would be an untrained network; give "
+                    f"{where}.train, {where}.model.weights, or a pretrained arch"
+                )
+        if self.more_teachers and not METHODS[self.method.name].multi_teacher:
+            raise ValueError(f"more_teachers: method '{self.method.name}' learns from one "
+                             "teacher; use a multi-teacher method such as multi_kd")
         return self
 
     @model_validator(mode="after")

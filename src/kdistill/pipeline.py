@@ -22,7 +22,7 @@ from torch import nn
 from kdistill.build import build_data, build_network, build_optimizer, build_train_loader
 from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
 from kdistill.checkpoint import atomic_write_text, load_weights, save_model_atomic
-from kdistill.config import RunConfig, TrainConfig, dump_config
+from kdistill.config import RunConfig, TeacherConfig, TrainConfig, dump_config
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, model_report, predict
@@ -31,7 +31,13 @@ from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
 from kdistill.metrics import MetricsLogger
 from kdistill.report.markdown import write_report
-from kdistill.teachers import CachedTeacher, OnlineTeacher, Teacher, freeze_teacher
+from kdistill.teachers import (
+    CachedTeacher,
+    EnsembleTeacher,
+    OnlineTeacher,
+    Teacher,
+    freeze_teacher,
+)
 
 Echo = Callable[[str], None]
 
@@ -104,27 +110,27 @@ def _fit(
           echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
 
 
-def _teacher_stage(cfg: RunConfig, splits: DataSplits, run_dir: Path, echo: Echo) -> nn.Module:
-    stage_dir = run_dir / "teacher"
-    tcfg = cfg.teacher.train
+def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, run_dir: Path,
+                   role: str, where: str, echo: Echo) -> nn.Module:
+    stage_dir = run_dir / role
+    tcfg = tcfg_all.train
     fingerprint = _fingerprint(
-        cfg.data.model_dump(), cfg.teacher.model.model_dump(),
-        _file_hash(cfg.teacher.model.weights),
+        cfg.data.model_dump(), tcfg_all.model.model_dump(), _file_hash(tcfg_all.model.weights),
         None if tcfg is None else [_training(tcfg), tcfg.seeds[0]],
     )
     if tcfg is not None:
         torch.manual_seed(tcfg.seeds[0])  # the teacher's initial weights
-    model = build_network(cfg.teacher.model, splits, where="teacher.model")
+    model = build_network(tcfg_all.model, splits, where=f"{where}.model")
     if _stage_done(stage_dir, fingerprint, echo):
         load_weights(model, stage_dir / "model.safetensors")
-        echo("teacher: done earlier, loaded")
-    elif cfg.teacher.train is None:
-        echo("teacher: using the model as loaded (teacher.train is null)")
+        echo(f"{role}: done earlier, loaded")
+    elif tcfg is None:
+        echo(f"{role}: using the model as loaded ({where}.train is null)")
         _finish_stage(stage_dir, fingerprint, model)
     else:
-        echo(f"teacher: training {cfg.teacher.model.arch} for {tcfg.epochs} epoch(s)")
+        echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
         _fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
-             echo, "teacher.train")
+             echo, f"{where}.train")
         _finish_stage(stage_dir, fingerprint, model)
     return freeze_teacher(model)
 
@@ -156,16 +162,17 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
 
 def _student_stage(
     role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
-    teacher: Teacher | None, echo: Echo, teacher_model: nn.Module | None = None,
+    teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
 ) -> nn.Module:
     method = build_method(CEConfig() if role == "baseline" else cfg.method)
     parts: list[Any] = [cfg.data.model_dump(), cfg.student.model.model_dump(),
                         _file_hash(cfg.student.model.weights), _training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
-    if role != "baseline" and teacher_model is not None:
-        # The teacher's actual weights, not its recipe text, and how its outputs are stored.
-        stored = cfg.cache.dtype if isinstance(teacher, CachedTeacher) else "online"
-        parts += [fingerprint_model(teacher_model), stored]
+    if role != "baseline" and teacher_models:
+        # The teachers' actual weights, not their recipe text, and how outputs are stored.
+        stored = cfg.cache.dtype if isinstance(teacher, CachedTeacher | EnsembleTeacher) else (
+            "online")
+        parts += [[fingerprint_model(m) for m in teacher_models], stored]
     stage_dir = run_dir / f"seed-{seed}" / role
     fingerprint = _fingerprint(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
@@ -176,7 +183,7 @@ def _student_stage(
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
     _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
-         teacher_model=teacher_model)
+         teacher_model=teacher_models[0] if teacher_models else None)
     _finish_stage(stage_dir, fingerprint, model)
     return model
 
@@ -191,44 +198,60 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     splits = build_data(cfg.data)
     echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
          f"{len(splits.test_x)} test, {splits.num_classes} classes")
-    teacher_model = _teacher_stage(cfg, splits, run_dir, echo)
+    teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
+    teacher_models = [
+        _teacher_stage(cfg, tcfg, splits, run_dir, role, where, echo)
+        for role, tcfg, where in zip(
+            teacher_roles, [cfg.teacher, *cfg.more_teachers],
+            ["teacher", *(f"more_teachers.{k}" for k in range(len(cfg.more_teachers)))],
+            strict=True)
+    ]
+    teacher_model = teacher_models[0]
     # Fail fast on a mismatched student before any expensive work.
     build_network(cfg.student.model, splits, where="student.model")
-    teacher = _teacher_source(cfg, splits, teacher_model, run_dir / "cache" / "teacher", echo)
+    sources = [_teacher_source(cfg, splits, m, run_dir / "cache" / role, echo)
+               for m, role in zip(teacher_models, teacher_roles, strict=True)]
+    teacher: Teacher | None = sources[0]
+    if len(sources) > 1:
+        teacher = EnsembleTeacher([s for s in sources if s is not None])
     forwards = 0
 
     roles = ["student", *(f"student-gen{g}" for g in range(2, cfg.generations + 1))]
-    models: dict[str, list[nn.Module]] = {"teacher": [teacher_model], "baseline": [],
-                                          **{role: [] for role in roles}}
+    models: dict[str, list[nn.Module]] = {
+        **{role: [m] for role, m in zip(teacher_roles, teacher_models, strict=True)},
+        "baseline": [], **{role: [] for role in roles}}
     for seed in cfg.train.seeds:
         if cfg.baseline:
             models["baseline"].append(
                 _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
-        source, source_model = teacher, teacher_model
+        source, source_models = teacher, teacher_models
         for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
-            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_model)
+            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_models)
             models[role].append(model)
             forwards += source.forwards if source is not None else 0
             if role != roles[-1]:
-                source_model = freeze_teacher(copy.deepcopy(model))
-                source = _teacher_source(cfg, splits, source_model,
+                source_models = [freeze_teacher(copy.deepcopy(model))]
+                source = _teacher_source(cfg, splits, source_models[0],
                                          run_dir / f"seed-{seed}" / role / "cache", echo)
 
     echo("evaluate: test set, size and speed")
     teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
     result = RunResult(run_dir=run_dir, teacher_forwards=forwards)
     for role, trained in models.items():
+        if not trained:  # e.g. baseline: false
+            continue
         result.rows[role] = []
         for i, model in enumerate(trained):
-            seed_dir = run_dir / "teacher" if role == "teacher" else (
+            is_teacher = role in teacher_roles
+            seed_dir = run_dir / role if is_teacher else (
                 run_dir / f"seed-{cfg.train.seeds[i]}" / role)
             row = model_report(
                 model, seed_dir / "model.safetensors", splits.test_x, splits.test_y,
-                teacher_logits=None if role == "teacher" else teacher_logits,
+                teacher_logits=None if is_teacher else teacher_logits,
                 batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins,
                 throughput_batch=cfg.eval.throughput_batch, repeats=cfg.eval.latency_repeats,
             )
-            row["seed"] = None if role == "teacher" else cfg.train.seeds[i]
+            row["seed"] = None if is_teacher else cfg.train.seeds[i]
             result.rows[role].append(row)
     atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))
     write_report(run_dir, cfg, result.rows)

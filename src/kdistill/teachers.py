@@ -61,3 +61,19 @@ class CachedTeacher:
             )
         feats = {name: self.cache.read(name, batch["index"]) for name in layers}
         return self.cache.read("logits", batch["index"]), feats
+
+
+class EnsembleTeacher:
+    """Several teachers (each online or cached); logits stacked as (K, B, C) in recipe order."""
+
+    def __init__(self, sources: Sequence[Teacher]) -> None:
+        self.sources = list(sources)
+
+    @property
+    def forwards(self) -> int:  # type: ignore[override]
+        return sum(source.forwards for source in self.sources)
+
+    def __call__(self, batch: Batch, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        if layers:
+            raise ConfigError("method", "multi-teacher methods read teacher logits only")
+        return torch.stack([source(batch, ())[0] for source in self.sources]), {}

@@ -9,6 +9,7 @@ from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
 from kdistill.methods.fitnet import FitNet
 from kdistill.methods.kd import KD
+from kdistill.methods.multi_kd import MultiKD
 from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
 from kdistill.methods.self_distill import SelfDistill
@@ -25,6 +26,7 @@ METHODS: dict[str, type[Method]] = {
     "rkd": RKD,
     "pkt": PKT,
     "self_distill": SelfDistill,
+    "multi_kd": MultiKD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]

@@ -42,6 +42,8 @@ class Method(nn.Module):
 
     config_type: ClassVar[type[MethodConfig]]
     uses_teacher: ClassVar[bool] = True
+    # Multi-teacher methods get `Outputs.teacher_logits` stacked as (K, B, C), one per teacher.
+    multi_teacher: ClassVar[bool] = False
     paper: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig) -> None:

@@ -27,6 +27,8 @@ ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
 def _label(role: str) -> str:
     if role in ROLES:
         return ROLES[role]
+    if role.startswith("teacher-"):
+        return f"teacher {role.removeprefix('teacher-')}"
     return f"distilled student, generation {role.removeprefix('student-gen')}"
 
 
@@ -76,7 +78,7 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
 def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]]) -> Path:
     per_seed = ["| model | seed | test acc % | test errors |", "|---|---|---|---|"]
     for role in rows:
-        for r in rows[role] if role != "teacher" else []:
+        for r in rows[role] if not role.startswith("teacher") else []:
             per_seed.append(f"| {_label(role)} | {r['seed']} | {100 * r['accuracy']:.2f} | "
                             f"{r['errors']:.0f} |")
     text = "\n\n".join([
