@@ -72,12 +72,23 @@ def validate(args: RecipeArg = None) -> None:
 @app.command()
 def methods() -> None:
     """List the distillation methods with their parameters and papers."""
+    from pydantic import BaseModel
+    from pydantic.fields import FieldInfo
+
     from kdistill.methods import METHODS
+
+    def show(field: FieldInfo) -> str:
+        if field.is_required():
+            return "(required)"
+        default = field.default
+        if isinstance(default, BaseModel):  # a schedule: show it as a recipe would
+            return "{" + ", ".join(f"{k}: {v}" for k, v in default.model_dump().items()) + "}"
+        return repr(default)
 
     table = Table("method", "parameters (default)", "paper")
     for name, cls in METHODS.items():
         fields = cls.config_type.model_fields
-        params = ", ".join(f"{k}={v.default!r}" for k, v in fields.items() if k != "name")
+        params = ", ".join(f"{k}={show(v)}" for k, v in fields.items() if k != "name")
         table.add_row(name, params, cls.paper)
     console.print(table)
 
