@@ -21,12 +21,15 @@ from kdistill import load_config, run
 from kdistill.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "rkd", "pkt", "self_distill"]
+RECIPES = {"kd": "mnist1d", "dkd": "mnist1d-dkd", "dist": "mnist1d-dist",
+           "fitnet": "mnist1d-fitnet", "at": "mnist1d-at", "sp": "mnist1d-sp",
+           "rkd": "mnist1d-rkd", "pkt": "mnist1d-pkt", "self_distill": "mnist1d-self-distill",
+           "multi_kd": "mnist1d-multi-teacher"}
+METHODS = list(RECIPES)
 
 
 def recipe_for(method: str) -> Path:
-    name = "mnist1d.yaml" if method == "kd" else f"mnist1d-{method.replace('_', '-')}.yaml"
-    return REPO / "recipes" / name
+    return REPO / "recipes" / f"{RECIPES[method]}.yaml"
 
 
 def throughput(run_dir: Path, seeds: list[int]) -> float:
