@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,13 @@ def check_range(
     if high is not None and hi > high:
         raise ValueError(f"{name} must be <= {high} (got {hi})")
     return schedule
+
+
+# Field types for method configs: schedules with their range checked once, here.
+Temperature = Annotated[
+    Schedule, AfterValidator(lambda v: check_range(v, "temperature", low=0.0, low_open=True))
+]
+"""A temperature schedule: every value > 0."""
+UnitWeight = Annotated[Schedule, AfterValidator(lambda v: check_range(v, "alpha", low=0.0,
+                                                                      high=1.0))]
+"""A mixing weight schedule such as KD's α: every value in [0, 1]."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.logit_variants import dist_loss
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, check_range, value_at
+from kdistill.schedules import Progress, Schedule, Temperature, value_at
 
 
 class DISTConfig(MethodConfig):
@@ -23,13 +23,8 @@ class DISTConfig(MethodConfig):
     name: Literal["dist"] = "dist"
     beta: float = Field(1.0, ge=0, description="inter-class (per sample) relation weight")
     gamma: float = Field(1.0, ge=0, description="intra-class (per class) relation weight")
-    temperature: Schedule = 1.0
+    temperature: Temperature = 1.0
     ce_weight: Schedule = 1.0
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
 
 
 class DIST(Method):

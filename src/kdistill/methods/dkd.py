@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.logit_variants import dkd
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, Warmup, check_range, value_at
+from kdistill.schedules import Progress, Schedule, Temperature, Warmup, value_at
 
 
 class DKDConfig(MethodConfig):
@@ -23,14 +23,9 @@ class DKDConfig(MethodConfig):
     name: Literal["dkd"] = "dkd"
     alpha: float = Field(1.0, ge=0, description="target-class (TCKD) weight")
     beta: float = Field(8.0, ge=0, description="non-target-class (NCKD) weight")
-    temperature: Schedule = 4.0
+    temperature: Temperature = 4.0
     weight: Schedule = Warmup(kind="warmup", value=1.0, warmup=0.1)
     ce_weight: Schedule = 1.0
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
 
 
 class DKD(Method):

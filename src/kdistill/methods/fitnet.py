@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill.adapters import adapt_target, make_adapter, probe_shapes, target_shape
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.features import hint_mse
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, check_range, value_at
+from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 
 
 class FitNetConfig(MethodConfig):
@@ -26,18 +26,8 @@ class FitNetConfig(MethodConfig):
     teacher_layer: str = Field(description="teacher module name (the hint layer)")
     hint_weight: Schedule = 1.0
     hint_epochs: int = Field(0, ge=0)
-    temperature: Schedule = 4.0
-    alpha: Schedule = 0.9
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_unit(cls, v: Schedule) -> Schedule:
-        return check_range(v, "alpha", low=0.0, high=1.0)
+    temperature: Temperature = 4.0
+    alpha: UnitWeight = 0.9
 
 
 class FitNet(Method):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, kd_kl, soft_cross_entropy
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, check_range, value_at
+from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
 class KDConfig(MethodConfig):
@@ -20,22 +20,12 @@ class KDConfig(MethodConfig):
     """
 
     name: Literal["kd"] = "kd"
-    temperature: Schedule = 4.0
-    alpha: Schedule = 0.9
+    temperature: Temperature = 4.0
+    alpha: UnitWeight = 0.9
     soft_loss: Literal["kl", "soft_ce"] = Field(
         "kl", description="kl: KL divergence; soft_ce: cross-entropy to soft targets (same grad)"
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_unit(cls, v: Schedule) -> Schedule:
-        return check_range(v, "alpha", low=0.0, high=1.0)
 
 
 class KD(Method):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, check_range, value_at
+from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
 class MultiKDConfig(MethodConfig):
@@ -25,21 +25,11 @@ class MultiKDConfig(MethodConfig):
     """
 
     name: Literal["multi_kd"] = "multi_kd"
-    temperature: Schedule = 4.0
-    alpha: Schedule = 0.9
+    temperature: Temperature = 4.0
+    alpha: UnitWeight = 0.9
     weights: list[float] | None = Field(None, description="one non-negative weight per teacher")
     temperatures: list[float] | None = Field(None, description="one temperature per teacher")
     confidence: bool = False
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_unit(cls, v: Schedule) -> Schedule:
-        return check_range(v, "alpha", low=0.0, high=1.0)
 
     @field_validator("weights")
     @classmethod

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill.adapters import make_adapter, probe_shapes
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.schedules import Progress, Schedule, check_range, value_at
+from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
 class SelfDistillConfig(MethodConfig):
@@ -25,18 +25,8 @@ class SelfDistillConfig(MethodConfig):
 
     name: Literal["self_distill"] = "self_distill"
     layers: list[str] = Field(min_length=1, description="student layers that get an exit")
-    temperature: Schedule = 3.0
-    alpha: Schedule = 0.3
-
-    @field_validator("temperature")
-    @classmethod
-    def _t_positive(cls, v: Schedule) -> Schedule:
-        return check_range(v, "temperature", low=0.0, low_open=True)
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_unit(cls, v: Schedule) -> Schedule:
-        return check_range(v, "alpha", low=0.0, high=1.0)
+    temperature: Temperature = 3.0
+    alpha: UnitWeight = 0.3
 
 
 class SelfDistill(Method):
