@@ -127,3 +127,13 @@ def test_missing_teacher_weights_file(tmp_path: Path) -> None:
 def test_recipes_parse_with_safe_load_only() -> None:
     for recipe in RECIPES:
         assert isinstance(yaml.safe_load(recipe.read_text()), dict)
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    from kdistill.errors import MissingDependencyError
+
+    for err in (ConfigError("data.name", "unknown"), MissingDependencyError("d", "MNIST", "pip x")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)

@@ -19,12 +19,20 @@ class ConfigError(KDistillError):
         self.message = message
         super().__init__(f"{where}: {message}" if where else message)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Picklable with its two arguments (errors cross process boundaries under DDP).
+        return (ConfigError, (self.where, self.message))
+
 
 class MissingDependencyError(ConfigError):
     """An optional package (a data set, a pretrained model) is not installed."""
 
     def __init__(self, where: str, what: str, install: str) -> None:
+        self.what, self.install = what, install
         super().__init__(where, f"{what} is not installed; install it with `{install}`")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (MissingDependencyError, (self.where, self.what, self.install))
 
 
 class TrainingError(KDistillError):
