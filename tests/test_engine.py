@@ -213,3 +213,20 @@ def test_max_steps_mid_epoch_still_evaluates_the_final_model() -> None:
     state = train(student, None, method, BatchLoader(x, y, batch_size=16), opt, cfg,
                   evaluate=lambda: calls.append(1) or {"accuracy": 0.5})
     assert state.step == 5 and calls == [1]
+
+
+def test_resumed_run_logs_the_same_losses(tmp_path: Path) -> None:
+    # grad_accum 3, logs every 4 steps, checkpoints every 3: the crash at the step-8 log comes
+    # after a checkpoint at step 6 whose logging window (steps 6..) is still open.
+    cfg = TrainConfig(epochs=2, grad_accum=3, log_every=4, checkpoint_every_steps=3)
+    straight = MetricsLogger(tmp_path / "straight.jsonl")
+    fit(cfg, student=mlp(0), logger=straight)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, student=mlp(0), ckpt=tmp_path / "ck", logger=CrashAtFile(tmp_path, 8))
+    fit(cfg, student=mlp(0), ckpt=tmp_path / "ck", logger=MetricsLogger(tmp_path / "m.jsonl"))
+
+    def losses(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in read_metrics(path)]
+
+    assert [r["step"] for r in losses(tmp_path / "m.jsonl")] == [4, 5, 8, 10]
+    assert losses(tmp_path / "m.jsonl") == losses(tmp_path / "straight.jsonl")

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import rich.progress as rp
@@ -38,6 +38,8 @@ class TrainState:
     epoch: int = 0  # current epoch
     batch: int = 0  # micro-batches already consumed in the current epoch
     samples: int = 0  # training samples seen
+    # Loss sums of the current logging window: checkpointed so a resumed run logs the same.
+    log_sums: dict[str, float] = field(default_factory=dict)
 
 
 def _forward(
@@ -150,7 +152,7 @@ def train(
                         trainer_state=trainer_state, state={"step": state.step,
                                                             "train_state": asdict(state)})
 
-    sums: dict[str, float] = {}
+    sums = state.log_sums
     window_samples, window_start = 0, time.perf_counter()
     bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
                       rp.MofNCompleteColumn(), rp.TimeRemainingColumn(), transient=True,
@@ -214,7 +216,8 @@ def train(
                                 "samples_per_s": window_samples / elapsed})
                     bar.update(task, description=f"epoch {state.epoch + 1} loss "
                                f"{record['loss']:.4f} {window_samples / elapsed:,.0f} samples/s")
-                    sums, window_samples, window_start = {}, 0, time.perf_counter()
+                    sums.clear()
+                    window_samples, window_start = 0, time.perf_counter()
                 if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
                     checkpoint()
             epoch_done = state.batch >= len(loader)
