@@ -230,3 +230,29 @@ def test_resumed_run_logs_the_same_losses(tmp_path: Path) -> None:
 
     assert [r["step"] for r in losses(tmp_path / "m.jsonl")] == [4, 5, 8, 10]
     assert losses(tmp_path / "m.jsonl") == losses(tmp_path / "straight.jsonl")
+
+
+def test_resume_after_an_epoch_end_evaluation_logs_it_once(tmp_path: Path) -> None:
+    # 13 steps per epoch and checkpoint_every_steps=13: the step-13 checkpoint is the
+    # epoch-end one, taken after epoch 1's evaluation; a crash right after that evaluation
+    # resumes without logging it twice or losing it.
+    x, y = data()
+    cfg = TrainConfig(epochs=2, checkpoint_every_steps=13, log_every=100, eval_every_epochs=1)
+
+    def go(logger: MetricsLogger) -> None:
+        student, method = mlp(0), build_method(CEConfig())
+        opt = build_optimizer(student.parameters(), cfg.optimizer)
+        train(student, None, method, BatchLoader(x, y, batch_size=16), opt, cfg, logger=logger,
+              evaluate=lambda: {"accuracy": 0.5}, checkpoint_dir=tmp_path / "ck")
+
+    class CrashAfterVal(MetricsLogger):
+        def log(self, record: dict) -> None:
+            super().log(record)
+            if record["split"] == "val":
+                raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        go(CrashAfterVal(tmp_path / "m.jsonl"))
+    go(MetricsLogger(tmp_path / "m.jsonl"))
+    val = [r["step"] for r in read_metrics(tmp_path / "m.jsonl") if r["split"] == "val"]
+    assert val == [13, 26]

@@ -84,10 +84,11 @@ def _truncate_metrics(logger: MetricsLogger | None, step: int) -> None:
     kept = []
     for line in logger.path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     logger.path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -218,7 +219,11 @@ def train(
                                f"{record['loss']:.4f} {window_samples / elapsed:,.0f} samples/s")
                     sums.clear()
                     window_samples, window_start = 0, time.perf_counter()
-                if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                # Mid-epoch checkpoints only: at an epoch's (or the run's) end the checkpoint
+                # comes after the evaluation, so every checkpoint at step S follows all of
+                # step S's records and a resume never repeats or loses one.
+                if (cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
+                        and state.batch < len(loader) and state.step < total_steps):
                     checkpoint()
             epoch_done = state.batch >= len(loader)
             last = state.step >= total_steps  # the run ends here, maybe mid-epoch (max_steps)
