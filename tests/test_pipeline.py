@@ -69,6 +69,9 @@ def test_augmented_inputs_run_the_teacher_online(tiny_recipe: Path) -> None:
                                     "train.jitter_pixels=1"])
     result = run(cfg, echo=lambda _: None)
     assert result.teacher_forwards == 20  # ceil((1438 - 200 val) / 64) batches, one epoch
+    two = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "train.augment=jitter",
+                                    "train.jitter_pixels=1", "train.seeds=[0,1]", "name=two"])
+    assert run(two, echo=lambda _: None).teacher_forwards == 40  # 20 per seed, not cumulative
     assert not (cfg.run_dir / "cache").exists()
 
 

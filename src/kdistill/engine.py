@@ -172,7 +172,7 @@ def train(
                 progress = Progress(state.step, state.epoch, total_steps, steps_per_epoch)
                 n_group = sum(len(b["label"]) for b in group)
                 optimizer.zero_grad(set_to_none=True)
-                step_terms: dict[str, float] = {}
+                term_sums: dict[str, Tensor] = {}
                 for batch in group:
                     with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
                         out = _forward(student, teacher, method, batch, s_feats)
@@ -181,7 +181,10 @@ def train(
                     loss = sum(terms.values()) * share
                     loss.backward()  # type: ignore[union-attr]
                     for name, value in terms.items():
-                        step_terms[name] = step_terms.get(name, 0.0) + float(value.detach()) * share
+                        term_sums[name] = term_sums.get(name, 0.0) + value.detach() * share
+                # One host sync per step for all terms (not one per term and micro-batch).
+                values = torch.stack([v.float() for v in term_sums.values()]).tolist()
+                step_terms = dict(zip(term_sums, values, strict=True))
                 bad = [k for k, v in step_terms.items() if not math.isfinite(v)]
                 if bad:
                     raise TrainingError(

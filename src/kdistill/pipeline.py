@@ -226,9 +226,11 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
                 _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
         source, source_models = teacher, teacher_models
         for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
+            before = source.forwards if source is not None else 0
             model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_models)
             models[role].append(model)
-            forwards += source.forwards if source is not None else 0
+            # Sources are shared across seeds and count cumulatively: add this stage's calls.
+            forwards += (source.forwards - before) if source is not None else 0
             if role != roles[-1]:
                 source_models = [freeze_teacher(copy.deepcopy(model))]
                 source = _teacher_source(cfg, splits, source_models[0],
