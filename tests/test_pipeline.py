@@ -184,3 +184,12 @@ def test_more_teachers_need_a_multi_teacher_method(tiny_recipe: Path) -> None:
 
     with pytest.raises(ConfigError, match="more_teachers: method 'kd' learns from one teacher"):
         load_config(tiny_recipe, ["more_teachers=[{model: {arch: lenet5}, train: {}}]"])
+
+
+def test_a_torn_stage_marker_redoes_the_stage(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false"])
+    run(cfg, echo=lambda _: None)
+    (cfg.run_dir / "seed-0" / "student" / "stage.json").write_text('{"fingerp')
+    lines: list[str] = []
+    run(cfg, echo=lines.append)
+    assert any("student: recipe changed" in line for line in lines)

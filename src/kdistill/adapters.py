@@ -38,13 +38,9 @@ def probe_shapes(
         model.train(was_training)
 
 
-def _pooled(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[:1]
-
-
 def target_shape(student: tuple[int, ...], teacher: tuple[int, ...]) -> tuple[int, ...]:
     """The shape the adapter outputs: the teacher's, or its channels when ranks differ."""
-    return teacher if len(student) == len(teacher) else _pooled(teacher)
+    return teacher if len(student) == len(teacher) else teacher[:1]
 
 
 def adapt_target(teacher_feat: Tensor, target: tuple[int, ...]) -> Tensor:

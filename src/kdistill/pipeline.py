@@ -73,7 +73,10 @@ def _stage_done(stage_dir: Path, fingerprint: str, echo: Echo) -> bool:
     """True if the stage finished with this fingerprint; wipe it if the recipe changed."""
     marker = stage_dir / "stage.json"
     if marker.is_file():
-        info = json.loads(marker.read_text())
+        try:
+            info = json.loads(marker.read_text())
+        except json.JSONDecodeError:  # a torn marker: treat the stage as not done
+            info = {}
         if info.get("fingerprint") == fingerprint:
             return bool(info.get("complete")) and (stage_dir / "model.safetensors").is_file()
         echo(f"{stage_dir.name}: recipe changed since the last run; redoing this stage")

@@ -52,11 +52,6 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.drop_last = augment, drop_last
 
-    @property
-    def deterministic(self) -> bool:
-        """True when a sample's input is the same every epoch (so teacher outputs can be cached)."""
-        return self.augment is None
-
     def __len__(self) -> int:
         n = len(self.x)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
