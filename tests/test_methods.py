@@ -59,7 +59,8 @@ def test_method_contract(name: str) -> None:
     before = [p.detach().clone() for p in student.parameters()]
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))
-    method.setup(student, teacher_net if method.uses_teacher else None, x[:2])
+    method.setup(student, teacher_net if method.uses_teacher else None, x[:2],
+                 num_samples=len(x))
     loader = BatchLoader(x, y, batch_size=16, seed=0)
     opt = build_optimizer([*student.parameters(), *method.parameters()],
                           TrainConfig().optimizer)

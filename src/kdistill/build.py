@@ -92,7 +92,8 @@ def validate(cfg: RunConfig) -> DataSplits:
     method = build_method(cfg.method)
     resolve_modules(student, method.student_layers, where="method (student layers)")
     resolve_modules(teacher, method.teacher_layers, where="method (teacher layers)")
-    method.setup(student, teacher, splits.train_x[:2])  # adapters: shapes must be compatible
+    # Adapters: shapes must be compatible.
+    method.setup(student, teacher, splits.train_x[:2], num_samples=len(splits.train_x))
     for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
         if train_cfg is not None:
             build_train_loader(splits, train_cfg, seed=0, where=where)

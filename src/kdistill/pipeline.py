@@ -100,7 +100,8 @@ def _fit(
 ) -> None:
     """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
     loader = build_train_loader(splits, cfg, seed=seed, where=where)
-    method.setup(model, teacher_model, splits.train_x[:2])  # adapters exist before the optimizer
+    # Adapters (and per-sample buffers) exist before the optimizer is built.
+    method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(splits.train_x))
     optimizer = build_optimizer([*model.parameters(), *method.parameters()], cfg.optimizer)
 
     def evaluate() -> dict[str, float]:

@@ -60,10 +60,12 @@ class Method(nn.Module):
         """Teacher modules whose outputs `loss_terms` reads (via `Outputs.teacher_feats`)."""
         return ()
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor) -> None:
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
+              num_samples: int | None = None) -> None:
         """Create adapters once the models are known (shapes probed on `example`, a batch of
-        inputs). Called before the optimizer is built, so adapters get trained; a no-op for
-        methods without adapters."""
+        inputs; `num_samples`: the training-set size, for per-sample buffers such as a memory
+        bank indexed by `batch["index"]`). Called before the optimizer is built, so adapters
+        get trained; a no-op for methods without adapters."""
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         """Named, already-weighted scalar loss terms; the engine sums them."""

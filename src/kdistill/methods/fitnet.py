@@ -50,7 +50,8 @@ class FitNet(Method):
     def teacher_layers(self) -> tuple[str, ...]:
         return (self.cfg.teacher_layer,)
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor) -> None:
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
+              num_samples: int | None = None) -> None:
         if teacher is None:
             raise ValueError("fitnet needs the teacher network to probe its hint layer")
         s = probe_shapes(student, self.student_layers, example, where="method.student_layer")

@@ -45,7 +45,8 @@ class SelfDistill(Method):
     def student_layers(self) -> tuple[str, ...]:
         return tuple(self.cfg.layers)
 
-    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor) -> None:
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
+              num_samples: int | None = None) -> None:
         shapes = probe_shapes(student, self.student_layers, example, where="method.layers")
         was_training = student.training
         student.eval()
