@@ -1,8 +1,14 @@
-"""Feature capture by forward hooks, keyed by `named_modules()` name. Models are never edited."""
+"""Feature capture by forward hooks, keyed by `named_modules()` name. Models are never edited.
+
+A name may end in an index, `"encoder.layer.0.attention.self[1]"`: element 1 of that module's
+tuple output (Hugging Face attention modules return `(hidden, attention_probs)`); without one
+the first tensor of a tuple output is captured.
+"""
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -25,18 +31,46 @@ def _first_tensor(output: object) -> torch.Tensor:
     raise TypeError(f"cannot capture a module output of type {type(output).__name__}")
 
 
+_INDEXED = re.compile(r"^(?P<module>.*)\[(?P<index>\d+)\]$")
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """`"a.b[1]"` -> `("a.b", 1)`; `"a.b"` -> `("a.b", None)`."""
+    match = _INDEXED.match(name)
+    return (match["module"], int(match["index"])) if match else (name, None)
+
+
+def _pick(output: object, index: int | None, name: str, where: str) -> torch.Tensor:
+    if index is None:
+        return _first_tensor(output)
+    if not isinstance(output, tuple | list) or index >= len(output):
+        got = f"a {type(output).__name__}" + (
+            f" of length {len(output)}" if isinstance(output, tuple | list) else "")
+        raise ConfigError(where, f"'{name}': the module returned {got}, which has no "
+                                 f"element {index}")
+    item = output[index]
+    if not isinstance(item, torch.Tensor):
+        raise ConfigError(where, f"'{name}': element {index} of the module's output is "
+                                 f"{type(item).__name__}, not a tensor (attention weights, for "
+                                 f"one, come only with output_attentions=True, eager attention)")
+    return item
+
+
 def resolve_modules(model: nn.Module, names: Iterable[str], *, where: str = "layers") -> dict[
     str, nn.Module
 ]:
-    """Look the names up in `model.named_modules()`; an unknown name lists the closest ones."""
+    """Look the names up in `model.named_modules()`; an unknown name lists the closest ones.
+
+    Keys are the names as given (an index suffix such as `[1]` is kept in the key)."""
     available = dict(model.named_modules())
     found: dict[str, nn.Module] = {}
-    for name in names:
+    for full_name in names:
+        name, _ = split_name(full_name)
         if name not in available:
             close = difflib.get_close_matches(name, [n for n in available if n], n=5, cutoff=0.3)
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise ConfigError(where, f"no module named '{name}' in {type(model).__name__}{hint}")
-        found[name] = available[name]
+        found[full_name] = available[name]
     return found
 
 
@@ -56,8 +90,10 @@ def capture(
     handles = []
 
     def hook_for(name: str):
+        index = split_name(name)[1]
+
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            feats[name] = _first_tensor(output)
+            feats[name] = _pick(output, index, name, where)
 
         return hook
 
