@@ -86,3 +86,27 @@ def test_interrupted_cache_build_leaves_no_valid_cache(tmp_path: Path) -> None:
         build_cache(tmp_path / "c", Boom(), torch.randn(50, 5), key, batch_size=10)
     assert not TeacherCache.is_valid(tmp_path / "c", key)
     assert not list(tmp_path.iterdir())
+
+
+def test_cache_stores_teacher_layers_in_eval_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    # Dropout would make training-mode features random: the cache must hold eval outputs.
+    teacher = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                            nn.Linear(3 * 4 * 4, 5)).train()
+    x = torch.randn(23, 1, 6, 6)
+    key = CacheKey(fingerprint_model(teacher), "d", dtype="float16", layers=("0", "2"))
+    cache = build_cache(tmp_path / "c", teacher, x, key, batch_size=7)
+    assert teacher.training  # mode restored
+    assert set(cache.fields()) == {"logits", "0", "2"} and cache.key == key
+    idx = torch.tensor([22, 3])
+    teacher.eval()
+    with torch.no_grad():
+        conv = teacher[0](x[idx])
+        torch.testing.assert_close(cache.read("0", idx), conv, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(cache.read("2", idx), conv.relu(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(cache.read("logits", idx), teacher(x[idx]), rtol=1e-3,
+                                   atol=1e-3)
+    assert TeacherCache.is_valid(tmp_path / "c", key)
+    # Other layers are another cache.
+    assert not TeacherCache.is_valid(tmp_path / "c", CacheKey(key.teacher, "d", "float16",
+                                                               layers=("0",)))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kdistill import load_config, run
 from kdistill.metrics import read_metrics
@@ -121,16 +122,39 @@ def test_a_changed_teacher_weights_file_redoes_teacher_cache_and_student(
     assert any("student: recipe changed" in line for line in lines)
 
 
-def test_feature_method_runs_the_teacher_online_with_adapters(tiny_recipe: Path) -> None:
+def test_feature_method_caches_teacher_layers_and_trains_as_online(tiny_recipe: Path) -> None:
+    fitnet = "method={name: fitnet, student_layer: layers.0, teacher_layer: layers.0}"
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", fitnet])
+    lines: list[str] = []
+    result = run(cfg, echo=lines.append)
+    assert any("(logits and layers.0)" in line for line in lines)
+    assert result.teacher_forwards == 0  # hint targets came from the cache
+    manifest = json.loads((cfg.run_dir / "cache/teacher/manifest.json").read_text())
+    assert manifest["key"]["layers"] == ["layers.0"]
+    assert manifest["fields"]["layers.0"]["shape"] == [1238, 64]  # digits train split, width 64
+    metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
+    assert "loss/hint" in metrics[0]
+    cached_w = load_file(cfg.run_dir / "seed-0/student/model.safetensors")
+    # The same run with the live teacher: the same student, up to float rounding (the cache
+    # was computed in batches of 1000, training batches are 64).
+    online_cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", fitnet,
+                                           "cache.enabled=false", "name=tiny-online"])
+    online = run(online_cfg, echo=lines.append)
+    assert online.teacher_forwards == 20  # one epoch of batches through the live teacher
+    online_w = load_file(online_cfg.run_dir / "seed-0/student/model.safetensors")
+    for name, value in cached_w.items():
+        torch.testing.assert_close(value, online_w[name], atol=1e-4, rtol=1e-4)
+
+
+def test_feature_cache_over_its_size_limit_runs_the_teacher_online(tiny_recipe: Path) -> None:
     cfg = load_config(tiny_recipe, [
-        "train.epochs=1", "baseline=false",
+        "train.epochs=1", "baseline=false", "cache.max_mb=0.1",
         "method={name: fitnet, student_layer: layers.0, teacher_layer: layers.0}"])
     lines: list[str] = []
     result = run(cfg, echo=lines.append)
-    assert any("the method reads teacher features" in line for line in lines)
-    assert result.teacher_forwards == 20  # one epoch of batches through the live teacher
-    metrics = read_metrics(cfg.run_dir / "seed-0/student/metrics.jsonl")
-    assert "loss/hint" in metrics[0]
+    assert any("over cache.max_mb=0.1" in line for line in lines)
+    assert result.teacher_forwards == 20
+    assert not (cfg.run_dir / "cache").exists()
 
 
 def test_self_distillation_needs_no_teacher_outputs(tiny_recipe: Path) -> None:

@@ -2,14 +2,16 @@
 
 Layout of a cache directory:
 
-    manifest.json   {"version", "format", "key": {"teacher", "data"}, "num_samples", "fields"}
+    manifest.json   {"version", "format", "key": {"teacher", "data", "dtype", "layers"},
+                     "num_samples", "fields"}
     logits.npy      (N, C) dense teacher logits (numpy .npy, opened with mmap)
+    feature-K.npy   (N, ...) the output of the K-th cached teacher layer, field = layer name
 
 `fields` maps a name to {"file", "dtype", "shape"}, so the same format later holds top-k
-values/indices (`format: "topk"`) or named features beside the logits. The key holds a hash of
-the teacher's weights and the data fingerprint; a mismatch means the cache is stale and is
-rebuilt. A cache is written into a temporary directory and renamed into place when complete,
-so a crash mid-build never leaves a cache that looks valid.
+values/indices (`format: "topk"`) beside the logits. The key holds a hash of the teacher's
+weights, the data fingerprint, the storage dtype and the cached layer names; a mismatch means
+the cache is stale and is rebuilt. A cache is written into a temporary directory and renamed
+into place when complete, so a crash mid-build never leaves a cache that looks valid.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdistill.capture import capture
 from kdistill.errors import KDistillError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cached teacher layers are part of the key
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -45,9 +49,11 @@ class CacheKey:
     teacher: str  # fingerprint_model(teacher)
     data: str  # DataSplits.fingerprint of the inputs the cache covers
     dtype: str = "float32"  # storage dtype of the values
+    layers: tuple[str, ...] = ()  # teacher layers whose outputs are stored beside the logits
 
-    def as_dict(self) -> dict[str, str]:
-        return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype}
+    def as_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
+                "layers": list(self.layers)}
 
 
 class TeacherCache:
@@ -71,7 +77,8 @@ class TeacherCache:
 
     @property
     def key(self) -> CacheKey:
-        return CacheKey(**self.manifest["key"])
+        key = dict(self.manifest["key"])
+        return CacheKey(**{**key, "layers": tuple(key.get("layers", ()))})
 
     @property
     def num_samples(self) -> int:
@@ -99,6 +106,28 @@ class TeacherCache:
 
 
 @torch.no_grad()
+def feature_shapes(teacher: nn.Module, example: Tensor, layers: tuple[str, ...]) -> dict[
+    str, tuple[int, ...]
+]:
+    """Per-sample output shape of each layer in `layers` (one eval forward on `example[:1]`)."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with capture(teacher, layers, where="method.teacher_layers") as feats:
+            teacher(example[:1])
+            return {name: tuple(feats[name].shape[1:]) for name in layers}
+    finally:
+        teacher.train(was_training)
+
+
+def cache_bytes(num_samples: int, num_classes: int, shapes: dict[str, tuple[int, ...]],
+                dtype: str) -> int:
+    """Bytes a cache of logits plus these layer outputs takes on disk."""
+    per_sample = num_classes + sum(int(np.prod(s)) for s in shapes.values())
+    return num_samples * per_sample * np.dtype(dtype).itemsize
+
+
+@torch.no_grad()
 def build_cache(
     directory: Path,
     teacher: nn.Module,
@@ -107,9 +136,9 @@ def build_cache(
     *,
     batch_size: int = 1000,
 ) -> TeacherCache:
-    """Run `teacher` once over `inputs` (N, ...) in order and store its logits at row = index,
-    in `key.dtype`."""
-    dtype = key.dtype
+    """Run `teacher` once over `inputs` (N, ...) in order (eval mode) and store its logits, and
+    the outputs of `key.layers`, at row = index, in `key.dtype`."""
+    dtype = np.dtype(key.dtype)
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,22 +146,30 @@ def build_cache(
     was_training = teacher.training
     teacher.eval()
     try:
-        first = teacher(inputs[:1])
-        n, num_classes = len(inputs), first.shape[-1]
-        out = np.lib.format.open_memmap(
-            tmp / "logits.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, num_classes)
-        )
-        for start in range(0, n, batch_size):
-            logits = teacher(inputs[start : start + batch_size]).float()
-            out[start : start + len(logits)] = logits.numpy().astype(dtype, copy=False)
-        out.flush()
-        del out
+        n, layers = len(inputs), key.layers
+        with capture(teacher, layers, where="method.teacher_layers") as feats:
+            shapes = {"logits": tuple(teacher(inputs[:1]).shape[1:]),
+                      **{name: tuple(feats[name].shape[1:]) for name in layers}}
+            files = {"logits": "logits.npy",
+                     **{name: f"feature-{k}.npy" for k, name in enumerate(layers)}}
+            arrays = {name: np.lib.format.open_memmap(tmp / files[name], mode="w+", dtype=dtype,
+                                                      shape=(n, *shapes[name]))
+                      for name in files}
+            for start in range(0, n, batch_size):
+                logits = teacher(inputs[start : start + batch_size])
+                for name, value in (("logits", logits), *((m, feats[m]) for m in layers)):
+                    rows = value.float().numpy().astype(dtype, copy=False)
+                    arrays[name][start : start + len(rows)] = rows
+        for arr in arrays.values():
+            arr.flush()
+        del arrays
         manifest = {
             "version": FORMAT_VERSION,
             "format": "dense",
             "key": key.as_dict(),
             "num_samples": n,
-            "fields": {"logits": {"file": "logits.npy", "dtype": dtype, "shape": [n, num_classes]}},
+            "fields": {name: {"file": files[name], "dtype": str(dtype),
+                              "shape": [n, *shapes[name]]} for name in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(directory, ignore_errors=True)

@@ -114,6 +114,10 @@ class CacheConfig(_Strict):
     enabled: bool = Field(True, description="cache teacher outputs when inputs are deterministic")
     dtype: Literal["float32", "float16"] = "float32"
     batch_size: Annotated[int, Field(ge=1)] = 1000
+    max_mb: Annotated[float, Field(gt=0)] = Field(
+        2048, description="teacher layer outputs a method reads are cached with the logits "
+        "when the whole cache stays under this many MB; otherwise the teacher runs online"
+    )
 
 
 class EvalConfig(_Strict):

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from kdistill.build import build_data, build_network, build_optimizer, build_train_loader
-from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.cache import (
+    CacheKey,
+    TeacherCache,
+    build_cache,
+    cache_bytes,
+    feature_shapes,
+    fingerprint_model,
+)
 from kdistill.checkpoint import atomic_write_text, load_weights, save_model_atomic
 from kdistill.config import RunConfig, TeacherConfig, TrainConfig, dump_config
 from kdistill.data import DataSplits
@@ -141,25 +148,35 @@ def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, 
 
 def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_dir: Path,
                     echo: Echo) -> Teacher | None:
-    """The cache when inputs are deterministic and caching is on; else the live network."""
+    """The cache (logits, and the teacher layers the method reads) when inputs are deterministic
+    and caching is on and fits `cache.max_mb`; else the live network."""
     method = build_method(cfg.method)
     if not method.uses_teacher:
         return None  # self-distillation: the teacher network is only evaluated beside it
-    reads_features = bool(method.teacher_layers)
-    if not cfg.cache.enabled or cfg.train.augment != "none" or reads_features:
-        why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
-               if cfg.train.augment != "none" else "the method reads teacher features")
+    layers = tuple(method.teacher_layers)
+    why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
+           if cfg.train.augment != "none" else None)
+    if why is None and layers:
+        num_classes = splits.num_classes
+        size = cache_bytes(len(splits.train_x), num_classes,
+                           feature_shapes(model, splits.train_x, layers), cfg.cache.dtype)
+        if size > cfg.cache.max_mb * 2**20:
+            why = (f"the teacher layers the method reads would make a {size / 2**20:.0f} MB "
+                   f"cache, over cache.max_mb={cfg.cache.max_mb:g}")
+    if why is not None:
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
     key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint,
-                   dtype=cfg.cache.dtype)
+                   dtype=cfg.cache.dtype, layers=layers)
     directory = cache_dir
     if TeacherCache.is_valid(directory, key):
         echo("cache: valid teacher cache found")
         return CachedTeacher(TeacherCache(directory))
     if (directory / "manifest.json").is_file():
-        echo("cache: stale teacher cache (teacher or data changed); rebuilding")
-    echo(f"cache: running the teacher once over {len(splits.train_x)} training samples")
+        echo("cache: stale teacher cache (teacher, data, dtype or layers changed); rebuilding")
+    what = f"logits and {', '.join(layers)}" if layers else "logits"
+    echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
+         f"({what})")
     cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
     return CachedTeacher(cache)
 
