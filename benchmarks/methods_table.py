@@ -61,7 +61,7 @@ def image_overrides(task: str, method: str) -> list[str]:
         "sp": f"{{name: sp, pairs: [[layers.1, {pen}]]}}",
         "rkd": f"{{name: rkd, {pair}}}",
         "pkt": f"{{name: pkt, {pair}}}",
-        "crd": f"{{name: crd, {pair}, num_negatives: 4096}}",
+        "crd": f"{{name: crd, {pair}, num_negatives: 4096, shared_negatives: true}}",
         "self_distill": "{name: self_distill, layers: [layers.0]}",
         "multi_kd": f"{{name: multi_kd, temperature: {temp}, alpha: 0.9, weights: [2, 1], "
                     f"temperatures: [{temp}, 4.0], confidence: true}}",

@@ -28,6 +28,14 @@ def _net(seed: int, widths: tuple[int, int] = (4, 8)) -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(b * 64, 10))
 
 
+def _transformer(seed: int, dim: int, heads: int) -> nn.Module:
+    """A TinyTransformer for (1, 8, 8) inputs: 4 patches + [CLS], probs at blocks.<i>.attn.probs."""
+    from kdistill.models.transformer import TinyTransformer
+
+    torch.manual_seed(seed)
+    return TinyTransformer((1, 8, 8), 10, dim=dim, heads=heads, depth=2)
+
+
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
@@ -41,11 +49,15 @@ EXAMPLES: dict[str, dict] = {
     "fitnet": {"student_layer": "2", "teacher_layer": "2"},  # (6, 8, 8) -> (8, 8, 8): 1x1 conv
     "at": {"pairs": [["0", "0"], ["2", "2"]]},
     "sp": {"pairs": [["2", "2"]]},
+    "attn": {"pairs": [["blocks.0.attn.probs", "blocks.1.attn.probs"]]},
     "rkd": {"student_layer": "3", "teacher_layer": "3"},
     "pkt": {"student_layer": "3", "teacher_layer": "3"},
-    "self_distill": {"layers": ["1", "3"]},
+    "crd": {"student_layer": "3", "teacher_layer": "3", "feat_dim": 8, "num_negatives": 16},
+    "self_distill": {"layers": ["1", "3"], "hint_layer": "4"},  # exits hint the flat final map
     "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
 }
+# Methods that need other nets than the tiny CNNs: name -> (student, teacher).
+NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4))}
 
 
 def test_every_method_has_a_contract_example() -> None:
@@ -55,7 +67,7 @@ def test_every_method_has_a_contract_example() -> None:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_contract(name: str) -> None:
     method = build_method(METHODS[name].config_type(**EXAMPLES[name]))
-    student, teacher_net = _net(0, (3, 6)), _net(1)
+    student, teacher_net = NETS[name]() if name in NETS else (_net(0, (3, 6)), _net(1))
     before = [p.detach().clone() for p in student.parameters()]
     x = torch.randn(32, 1, 8, 8)
     y = torch.randint(0, 10, (32,))

@@ -24,6 +24,7 @@ CASES: dict[str, tuple[dict, list[tuple[int, ...]]]] = {
     "lenet5": ({}, [(1, 28, 28), (1, 8, 8), (3, 32, 32)]),
     "cnn1d": ({"channels": [8, 8, 8]}, [(40,), (2, 40)]),
     "ccexam_mnist_cnn": ({"pretrained": False}, [(1, 28, 28)]),
+    "transformer": ({"dim": 16, "heads": 2, "patch": 3}, [(40,), (2, 40), (1, 28, 28)]),
 }
 
 

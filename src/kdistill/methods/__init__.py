@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from kdistill.methods.at import AT
+from kdistill.methods.attn import AttentionDistill
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.methods.ce import CE
+from kdistill.methods.crd import CRD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
 from kdistill.methods.fitnet import FitNet
@@ -23,8 +25,10 @@ METHODS: dict[str, type[Method]] = {
     "fitnet": FitNet,
     "at": AT,
     "sp": SP,
+    "attn": AttentionDistill,
     "rkd": RKD,
     "pkt": PKT,
+    "crd": CRD,
     "self_distill": SelfDistill,
     "multi_kd": MultiKD,
 }

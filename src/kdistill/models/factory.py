@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
+from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
 
 CUSTOM = "custom"
@@ -40,6 +41,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
     "cnn1d": CNN1d,
     "ccexam_mnist_cnn": CCExamMnistCNN,
+    "transformer": TinyTransformer,
     CUSTOM: _custom,
 }
 
