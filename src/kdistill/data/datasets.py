@@ -51,6 +51,10 @@ class DataSplits:
     Inputs are float32 and already normalised, labels int64. `val_*` is taken out of the
     training set. `fingerprint` is the sha256 (hex) of the training split's bytes and the
     split parameters: it identifies the exact data a teacher cache was built on.
+
+    `task: "causal_lm"` (text corpora): inputs are (N, T) int64 token ids, labels the same
+    (N, T) ids with -100 at positions that are not trained on (padding); the loss shifts them
+    (position t predicts label t + 1). `num_classes` is then the vocabulary size.
     """
 
     name: str
@@ -63,6 +67,7 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, ...]
     fingerprint: str
+    task: str = "classification"  # or "causal_lm"
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
+from kdistill.models.hf import llama_student, pretrained_causal_lm
 from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
 
@@ -42,6 +43,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn1d": CNN1d,
     "ccexam_mnist_cnn": CCExamMnistCNN,
     "transformer": TinyTransformer,
+    "hf_causal_lm": pretrained_causal_lm,
+    "llama": llama_student,
     CUSTOM: _custom,
 }
 
