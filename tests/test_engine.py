@@ -126,6 +126,9 @@ class NaNAfter(nn.Module):
         ce = nn.functional.cross_entropy(out.student_logits, batch["label"])
         return {"ce": ce * (float("nan") if progress.step >= self.step else 1.0)}
 
+    def batch_items(self, batch):
+        return len(batch["label"])
+
     def scalars(self, progress):
         return {}
 

@@ -171,13 +171,17 @@ def train(
                     break
                 progress = Progress(state.step, state.epoch, total_steps, steps_per_epoch)
                 n_group = sum(len(b["label"]) for b in group)
+                # Micro-batch weights: the method's item counts (samples; valid tokens for
+                # token-level losses), so the summed micro-batch means are the window's mean.
+                items = [method.batch_items(b) for b in group]
+                n_items = sum(items)
                 optimizer.zero_grad(set_to_none=True)
                 term_sums: dict[str, Tensor] = {}
-                for batch in group:
+                for batch, n_batch in zip(group, items, strict=True):
                     with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
                         out = _forward(student, teacher, method, batch, s_feats)
                     terms = method.loss_terms(out, batch, progress)
-                    share = len(batch["label"]) / n_group  # micro-batch mean -> step mean
+                    share = n_batch / max(n_items, 1)  # micro-batch mean -> step mean
                     loss = sum(terms.values()) * share
                     loss.backward()  # type: ignore[union-attr]
                     for name, value in terms.items():

@@ -6,15 +6,40 @@ re-exported here the same way.
 """
 
 from kdistill.losses._reduce import Reduction, reduce_loss
+from kdistill.losses.chunked import chunked_token_distill_loss, fused_linear_token_distill_loss
 from kdistill.losses.logit_variants import dist_loss, dkd
 from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
+from kdistill.losses.tokens import (
+    TokenKDKind,
+    TokenLoss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    shift_labels,
+    token_distill_loss,
+    token_kd,
+    token_normalizer,
+    total_variation,
+)
 
 __all__ = [
     "Reduction",
+    "TokenKDKind",
+    "TokenLoss",
+    "chunked_token_distill_loss",
     "dist_loss",
     "dkd",
+    "forward_kl",
+    "fused_linear_token_distill_loss",
+    "generalized_jsd",
     "hard_cross_entropy",
     "kd_kl",
     "reduce_loss",
+    "reverse_kl",
+    "shift_labels",
     "soft_cross_entropy",
+    "token_distill_loss",
+    "token_kd",
+    "token_normalizer",
+    "total_variation",
 ]

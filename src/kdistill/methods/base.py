@@ -71,6 +71,12 @@ class Method(nn.Module):
         """Named, already-weighted scalar loss terms; the engine sums them."""
         raise NotImplementedError
 
+    def batch_items(self, batch: Batch) -> int:
+        """How many items `loss_terms`' means run over: the engine weights each micro-batch of
+        an accumulation window by its share of the window's items, so the step's loss is the
+        mean over the whole window. Samples here; valid tokens for token-level losses."""
+        return len(batch["label"])
+
     def scalars(self, progress: Progress) -> dict[str, float]:
         """Scheduled hyper-parameter values at this point, for logging (e.g. temperature)."""
         return {}
