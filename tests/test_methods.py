@@ -36,6 +36,15 @@ def _transformer(seed: int, dim: int, heads: int) -> nn.Module:
     return TinyTransformer((1, 8, 8), 10, dim=dim, heads=heads, depth=2)
 
 
+def _llama(seed: int, hidden: int) -> nn.Module:
+    """A tiny Llama causal LM over a 20-token vocabulary (ids (B, 9) -> logits (B, 9, 20))."""
+    from kdistill.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("llama", input_shape=(9,), num_classes=20,
+                       args={"hidden": hidden, "layers": 1, "heads": 2})
+
+
 def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
@@ -55,9 +64,19 @@ EXAMPLES: dict[str, dict] = {
     "crd": {"student_layer": "3", "teacher_layer": "3", "feat_dim": 8, "num_negatives": 16},
     "self_distill": {"layers": ["1", "3"], "hint_layer": "4"},  # exits hint the flat final map
     "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
+    "token_kd": {"kind": "jsd", "beta": 0.3, "alpha": 0.7},
 }
 # Methods that need other nets than the tiny CNNs: name -> (student, teacher).
-NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4))}
+NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
+        "token_kd": lambda: (_llama(0, 8), _llama(1, 16))}
+
+
+def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 training items: images and classes, or token blocks (labels = the ids) for LMs."""
+    if "causal_lm" in METHODS[name].tasks and "classification" not in METHODS[name].tasks:
+        ids = torch.randint(0, 20, (32, 9))
+        return ids, ids.clone()
+    return torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
 
 
 def test_every_method_has_a_contract_example() -> None:
@@ -69,8 +88,7 @@ def test_method_contract(name: str) -> None:
     method = build_method(METHODS[name].config_type(**EXAMPLES[name]))
     student, teacher_net = NETS[name]() if name in NETS else (_net(0, (3, 6)), _net(1))
     before = [p.detach().clone() for p in student.parameters()]
-    x = torch.randn(32, 1, 8, 8)
-    y = torch.randint(0, 10, (32,))
+    x, y = _data(name)
     method.setup(student, teacher_net if method.uses_teacher else None, x[:2],
                  num_samples=len(x))
     loader = BatchLoader(x, y, batch_size=16, seed=0)

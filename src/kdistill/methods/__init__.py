@@ -16,6 +16,7 @@ from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
 from kdistill.methods.self_distill import SelfDistill
 from kdistill.methods.sp import SP
+from kdistill.methods.token_kd import TokenKD
 
 METHODS: dict[str, type[Method]] = {
     "ce": CE,
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Method]] = {
     "crd": CRD,
     "self_distill": SelfDistill,
     "multi_kd": MultiKD,
+    "token_kd": TokenKD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]

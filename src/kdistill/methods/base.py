@@ -44,6 +44,8 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = True
     # Multi-teacher methods get `Outputs.teacher_logits` stacked as (K, B, C), one per teacher.
     multi_teacher: ClassVar[bool] = False
+    # Data tasks the method's loss is defined for (DataSplits.task).
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     paper: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig) -> None:

@@ -7,13 +7,17 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.losses import hard_cross_entropy
+from kdistill.losses import hard_cross_entropy, shift_labels
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress
 
 
 class CEConfig(MethodConfig):
-    """Cross-entropy with the labels only; no teacher. Used for the baseline and the teacher."""
+    """Cross-entropy with the labels only; no teacher. Used for the baseline and the teacher.
+
+    On causal-LM data (logits (B, T, V), labels (B, T)) it is the next-token loss: position t
+    is scored against label t + 1, labels -100 are skipped, the mean is per valid token.
+    """
 
     name: Literal["ce"] = "ce"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -24,11 +28,18 @@ class CE(Method):
 
     config_type = CEConfig
     uses_teacher = False
+    tasks = ("classification", "causal_lm")
     paper = "supervised baseline (no teacher)"
     cfg: CEConfig
 
+    def batch_items(self, batch: Batch) -> int:
+        labels = batch["label"]
+        return len(labels) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
-        ce = hard_cross_entropy(
-            out.student_logits, batch["label"], label_smoothing=self.cfg.label_smoothing
-        )
+        labels = batch["label"]
+        if labels.dim() == 2:  # causal LM: next-token targets
+            labels = shift_labels(labels)
+        ce = hard_cross_entropy(out.student_logits, labels,
+                                label_smoothing=self.cfg.label_smoothing)
         return {"ce": ce}

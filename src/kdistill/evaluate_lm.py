@@ -1,0 +1,100 @@
+"""Evaluation of causal LMs: held-out perplexity, next-token accuracy, agreement with the
+teacher, size and speed. Full (N, T, V) logits are never kept: each batch is reduced at once.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.models import count_parameters
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def _batches(model: nn.Module, ids: Tensor, batch_size: int):  # type: ignore[no-untyped-def]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(ids), batch_size):
+            yield start, model(ids[start : start + batch_size]).float()
+    finally:
+        model.train(was_training)
+
+
+def next_token_predictions(model: nn.Module, ids: Tensor, *, batch_size: int = 8) -> Tensor:
+    """(N, T − 1) int64: the model's argmax for token t + 1 after reading tokens ≤ t."""
+    return torch.cat([logits[:, :-1].argmax(-1) for _, logits in _batches(model, ids, batch_size)])
+
+
+def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int = 8,
+              teacher_predictions: Tensor | None = None) -> dict[str, float]:
+    """nll (mean per predicted token, nats), perplexity = exp(nll), next-token accuracy and,
+    with the teacher's `next_token_predictions`, agreement (same argmax as the teacher).
+
+    ids, labels: (N, T); position t predicts labels[:, t + 1]; labels == -100 are skipped."""
+    nll_sum, count, correct, agree = 0.0, 0, 0, 0
+    for start, logits in _batches(model, ids, batch_size):
+        target = labels[start : start + len(logits), 1:]
+        valid = target != IGNORE_INDEX
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        nll = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX,
+                              reduction="sum")
+        pred = logits[:, :-1].argmax(-1)
+        nll_sum += float(nll)
+        count += int(valid.sum())
+        correct += int(((pred == target) & valid).sum())
+        if teacher_predictions is not None:
+            teacher = teacher_predictions[start : start + len(logits)]
+            agree += int(((pred == teacher) & valid).sum())
+    nll_mean = nll_sum / max(count, 1)
+    scores = {"nll": nll_mean, "perplexity": math.exp(min(nll_mean, 700.0)),
+              "accuracy": correct / max(count, 1), "tokens": float(count)}
+    if teacher_predictions is not None:
+        scores["agreement"] = agree / max(count, 1)
+    return scores
+
+
+@torch.no_grad()
+def lm_speed(model: nn.Module, ids: Tensor, *, batch: int = 8, repeats: int = 5) -> dict[
+    str, float
+]:
+    """Median latency (ms) of one forward over one block, and forward tokens/s at `batch`."""
+    was_training = model.training
+    model.eval()
+    try:
+        one, many = ids[:1], ids[:batch]
+
+        def timed(x: Tensor) -> float:
+            start = time.perf_counter()
+            model(x)
+            return time.perf_counter() - start
+
+        timed(one)
+        lat = statistics.median(timed(one) for _ in range(repeats))
+        big = statistics.median(timed(many) for _ in range(max(2, repeats // 2)))
+    finally:
+        model.train(was_training)
+    return {"latency_ms": lat * 1e3, "throughput": many.numel() / big}
+
+
+def lm_report(model: nn.Module, weights_path: Path, test_x: Tensor, test_y: Tensor, *,
+              teacher_predictions: Tensor | None, batch_size: int, repeats: int) -> dict[
+    str, Any
+]:
+    """Everything the report shows for one causal LM (throughput in tokens/s)."""
+    row: dict[str, Any] = lm_scores(model, test_x, test_y, batch_size=batch_size,
+                                    teacher_predictions=teacher_predictions)
+    row["params"] = count_parameters(model)
+    row["bytes"] = weights_path.stat().st_size
+    row.update(lm_speed(model, test_x, batch=min(batch_size, len(test_x)),
+                        repeats=max(3, repeats // 6)))
+    return row
