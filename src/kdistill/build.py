@@ -11,12 +11,15 @@ from kdistill.capture import resolve_modules
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
 from kdistill.data import DataSplits, load_dataset
 from kdistill.data.loader import BatchLoader, jitter
+from kdistill.data.text import CORPORA, lm_splits
 from kdistill.errors import ConfigError
-from kdistill.methods import build_method
+from kdistill.methods import METHODS, Method, build_method
 from kdistill.models import build_model
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
+    if cfg.name in CORPORA:
+        return _build_text(cfg)
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
     val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
@@ -27,6 +30,22 @@ def build_data(cfg: DataConfig) -> DataSplits:
     if len(splits.val_x) == 0:
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
     return splits
+
+
+def _build_text(cfg: DataConfig) -> DataSplits:
+    """A text corpus as packed token blocks for causal-LM distillation."""
+    if cfg.tokenizer is None:
+        raise ConfigError("data.tokenizer", f"text corpus '{cfg.name}' needs the tokenizer of "
+                                            f"the teacher, e.g. tokenizer: smollm2")
+    if cfg.val_size >= 1:
+        raise ConfigError("data.val_size", "for a text corpus, a fraction of the documents "
+                                           f"(e.g. 0.05); got {cfg.val_size}")
+    from kdistill.models.hf import load_tokenizer
+
+    return lm_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
+                     val_fraction=cfg.val_size, test_fraction=cfg.test_size,
+                     split_seed=cfg.split_seed, max_train_tokens=cfg.max_train_tokens,
+                     max_eval_tokens=cfg.max_eval_tokens, where="data.name")
 
 
 def build_network(spec: ModelSpec, splits: DataSplits, *, where: str) -> nn.Module:
@@ -52,6 +71,14 @@ def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
         ) from None
     finally:
         model.train(was_training)
+    if splits.task == "causal_lm":
+        if not isinstance(out, torch.Tensor) or out.dim() != 3:
+            raise ConfigError(where, "a causal LM must return logits of shape (batch, tokens, "
+                                     "vocabulary)")
+        if out.shape[-1] < splits.num_classes:
+            raise ConfigError(where, f"outputs {out.shape[-1]} vocabulary entries but the "
+                                     f"tokenizer has {splits.num_classes}")
+        return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ConfigError(where, "the model must return logits of shape (batch, classes)")
     if out.shape[1] != splits.num_classes:
@@ -84,12 +111,22 @@ def build_train_loader(
                        seed=seed, augment=augment)
 
 
+def check_task(method: Method, splits: DataSplits) -> None:
+    """The method's loss must be defined for the data's task (classes vs next tokens)."""
+    if splits.task not in method.tasks:
+        fitting = ", ".join(sorted(n for n, m in METHODS.items() if splits.task in m.tasks))
+        raise ConfigError("method", f"'{method.cfg.name}' is for {', '.join(method.tasks)} "
+                                    f"data; '{splits.name}' is {splits.task} data (methods for "
+                                    f"it: {fitting})")
+
+
 def validate(cfg: RunConfig) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs)."""
     splits = build_data(cfg.data)
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")
     method = build_method(cfg.method)
+    check_task(method, splits)
     resolve_modules(student, method.student_layers, where="method (student layers)")
     resolve_modules(teacher, method.teacher_layers, where="method (teacher layers)")
     # Adapters: shapes must be compatible.

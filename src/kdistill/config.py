@@ -40,9 +40,20 @@ class ModelSpec(_Strict):
 
 class DataConfig(_Strict):
     name: str = "mnist1d"
-    val_size: Annotated[float, Field(gt=0)] = 500
+    val_size: Annotated[float, Field(gt=0)] = Field(
+        500, description="validation split: a count, or a fraction (< 1) of the training set; "
+        "for text corpora a fraction of the documents")
     split_seed: int = 0
     train_limit: Annotated[int, Field(gt=0)] | None = None
+    # Text corpora (causal-LM distillation): `name: stdlib_docs` or `fortunes`.
+    tokenizer: str | None = Field(
+        None, description="text corpora: the tokenizer of this model ('smollm2' or a path)")
+    seq_len: Annotated[int, Field(ge=2)] = Field(128, description="text: tokens per block")
+    test_size: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.05, description="text: the fraction of documents held out for the test split")
+    max_train_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="text: at most this many tokens in each of validation and test")
 
 
 class OptimizerConfig(_Strict):

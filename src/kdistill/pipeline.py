@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.build import build_data, build_network, build_optimizer, build_train_loader
+from kdistill.build import (
+    build_data,
+    build_network,
+    build_optimizer,
+    build_train_loader,
+    check_task,
+)
 from kdistill.cache import (
     CacheKey,
     TeacherCache,
@@ -33,6 +39,7 @@ from kdistill.config import RunConfig, TeacherConfig, TrainConfig, dump_config
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, model_report, predict
+from kdistill.evaluate_lm import lm_report, lm_scores, next_token_predictions
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
@@ -112,6 +119,9 @@ def _fit(
     optimizer = build_optimizer([*model.parameters(), *method.parameters()], cfg.optimizer)
 
     def evaluate() -> dict[str, float]:
+        if splits.task == "causal_lm":
+            scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
+            return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
         scores = classification_scores(predict(model, splits.val_x), splits.val_y)
         return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
 
@@ -156,13 +166,16 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     layers = tuple(method.teacher_layers)
     why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
            if cfg.train.augment != "none" else None)
-    if why is None and layers:
-        num_classes = splits.num_classes
-        size = cache_bytes(len(splits.train_x), num_classes,
+    if why is None and (layers or splits.task == "causal_lm"):
+        # Causal LMs: one logit vector per token, (T, V) per sample.
+        per_sample = splits.num_classes * (splits.input_shape[0]
+                                           if splits.task == "causal_lm" else 1)
+        size = cache_bytes(len(splits.train_x), per_sample,
                            feature_shapes(model, splits.train_x, layers), cfg.cache.dtype)
         if size > cfg.cache.max_mb * 2**20:
-            why = (f"the teacher layers the method reads would make a {size / 2**20:.0f} MB "
-                   f"cache, over cache.max_mb={cfg.cache.max_mb:g}")
+            what = "teacher logits" + (" and the layers the method reads" if layers else "")
+            why = (f"the {what} would make a {size / 2**20:.0f} MB cache, over "
+                   f"cache.max_mb={cfg.cache.max_mb:g}")
     if why is not None:
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
@@ -217,8 +230,14 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     splits = build_data(cfg.data)
-    echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
-         f"{len(splits.test_x)} test, {splits.num_classes} classes")
+    if splits.task == "causal_lm":
+        echo(f"data: {splits.name}: {splits.train_x.numel():,} train / {splits.val_x.numel():,} "
+             f"val / {splits.test_x.numel():,} test tokens in blocks of {splits.input_shape[0]}, "
+             f"vocabulary {splits.num_classes:,}")
+    else:
+        echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
+             f"{len(splits.test_x)} test, {splits.num_classes} classes")
+    check_task(build_method(cfg.method), splits)  # e.g. kd on text: say so before training
     teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
     teacher_models = [
         _teacher_stage(cfg, tcfg, splits, run_dir, role, where, echo)
@@ -258,7 +277,12 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
                                          run_dir / f"seed-{seed}" / role / "cache", echo)
 
     echo("evaluate: test set, size and speed")
-    teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
+    lm = splits.task == "causal_lm"
+    lm_batch = min(cfg.eval.batch_size, cfg.train.batch_size)
+    if lm:  # the teacher's next-token argmax, not (N, T, V) logits
+        teacher_logits = next_token_predictions(teacher_model, splits.test_x, batch_size=lm_batch)
+    else:
+        teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
     result = RunResult(run_dir=run_dir, teacher_forwards=forwards)
     for role, trained in models.items():
         if not trained:  # e.g. baseline: false
@@ -268,12 +292,18 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
             is_teacher = role in teacher_roles
             seed_dir = run_dir / role if is_teacher else (
                 run_dir / f"seed-{cfg.train.seeds[i]}" / role)
-            row = model_report(
-                model, seed_dir / "model.safetensors", splits.test_x, splits.test_y,
-                teacher_logits=None if is_teacher else teacher_logits,
-                batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins,
-                throughput_batch=cfg.eval.throughput_batch, repeats=cfg.eval.latency_repeats,
-            )
+            if lm:
+                row = lm_report(model, seed_dir / "model.safetensors", splits.test_x,
+                                splits.test_y, teacher_predictions=None if is_teacher else
+                                teacher_logits, batch_size=lm_batch,
+                                repeats=cfg.eval.latency_repeats)
+            else:
+                row = model_report(
+                    model, seed_dir / "model.safetensors", splits.test_x, splits.test_y,
+                    teacher_logits=None if is_teacher else teacher_logits,
+                    batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins,
+                    throughput_batch=cfg.eval.throughput_batch, repeats=cfg.eval.latency_repeats,
+                )
             row["seed"] = None if is_teacher else cfg.train.seeds[i]
             result.rows[role].append(row)
     atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))

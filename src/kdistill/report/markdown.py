@@ -20,6 +20,16 @@ COLUMNS: list[tuple[str, str, str, float]] = [
     ("latency_ms", "latency b1 ms", "{:.3f}", 1.0),
     ("throughput", "throughput /s", "{:,.0f}", 1.0),
 ]
+# Causal LMs: per-token figures on the held-out test blocks.
+LM_COLUMNS: list[tuple[str, str, str, float]] = [
+    ("perplexity", "test perplexity", "{:.2f}", 1.0),
+    ("accuracy", "next-token acc %", "{:.2f}", 100.0),
+    ("agreement", "agree w/ teacher %", "{:.2f}", 100.0),
+    ("params", "params", "{:,.0f}", 1.0),
+    ("bytes", "size KiB", "{:,.1f}", 1 / 1024),
+    ("latency_ms", "latency 1 block ms", "{:.1f}", 1.0),
+    ("throughput", "tokens/s", "{:,.0f}", 1.0),
+]
 ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
          "student": "distilled student"}
 
@@ -39,16 +49,21 @@ def _cell(values: list[float], fmt: str, scale: float) -> str:
     return f"{fmt.format(statistics.mean(scaled))} ± {fmt.format(statistics.stdev(scaled))}"
 
 
+def _is_lm(rows: dict[str, list[dict[str, Any]]]) -> bool:
+    return any("perplexity" in r for runs in rows.values() for r in runs)
+
+
 def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
-    table = [["model", "seeds", *(header for _, header, _, _ in COLUMNS)]]
+    columns = LM_COLUMNS if _is_lm(rows) else COLUMNS
+    table = [["model", "seeds", *(header for _, header, _, _ in columns)]]
     for role in rows:
         label = _label(role)
         runs = rows.get(role) or []
         if not runs:
             continue
         line = [label, str(len(runs))]
-        for key, _, fmt, scale in COLUMNS:
+        for key, _, fmt, scale in columns:
             values = [r[key] for r in runs if r.get(key) is not None]
             line.append(_cell(values, fmt, scale) if values else "–")
         table.append(line)
@@ -67,6 +82,11 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     base, student = rows.get("baseline") or [], rows.get(last[0]) or []
     if not base or not student:
         return ""
+    if _is_lm(rows):
+        b = statistics.mean(r["perplexity"] for r in base)
+        s = statistics.mean(r["perplexity"] for r in student)
+        return (f"The {_label(last[0])} reaches a test perplexity of {s:.2f} against {b:.2f} "
+                f"for the same student trained alone (mean over {len(student)} seed(s)).")
     b = statistics.mean(r["errors"] for r in base)
     s = statistics.mean(r["errors"] for r in student)
     word = "fewer" if s < b else "more" if s > b else "as many"
@@ -76,11 +96,14 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]]) -> Path:
-    per_seed = ["| model | seed | test acc % | test errors |", "|---|---|---|---|"]
+    lm = _is_lm(rows)
+    per_seed = (["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
+                if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
     for role in rows:
         for r in rows[role] if not role.startswith("teacher") else []:
-            per_seed.append(f"| {_label(role)} | {r['seed']} | {100 * r['accuracy']:.2f} | "
-                            f"{r['errors']:.0f} |")
+            last = f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}" if lm else (
+                f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
+            per_seed.append(f"| {_label(role)} | {r['seed']} | {last} |")
     text = "\n\n".join([
         f"# kdistill report: {cfg.name}",
         f"Data `{cfg.data.name}`; teacher `{cfg.teacher.model.arch}`, student "

@@ -1,0 +1,78 @@
+"""A whole causal-LM distillation run on real text (stdlib docstrings) with tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdistill import load_config, run
+from kdistill.errors import ConfigError
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600-word WordLevel tokenizer trained on real docstrings, saved like a HF model's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdistill.data.text import read_corpus
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=600, special_tokens=["[UNK]", "</s>"],
+                                        show_progress=False)
+    tok.train_from_iterator(read_corpus("stdlib_docs")[:800], trainer)
+    path = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                            unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path: Path, tokenizer_dir: Path, method: str) -> Path:
+    path = tmp_path / "lm.yaml"
+    path.write_text(f"""\
+name: lm
+output_dir: {tmp_path / 'runs'}
+data: {{name: stdlib_docs, tokenizer: {tokenizer_dir}, seq_len: 16, val_size: 0.05,
+        max_train_tokens: 2048, max_eval_tokens: 256}}
+teacher:
+  model: {{arch: llama, args: {{hidden: 32, layers: 2, heads: 2}}}}
+  train: {{epochs: 3, batch_size: 16, optimizer: {{name: adam, lr: 0.01}}}}
+student:
+  model: {{arch: llama, args: {{hidden: 16, layers: 1, heads: 2}}}}
+method: {method}
+train: {{epochs: 2, batch_size: 16, grad_accum: 2, optimizer: {{name: adam, lr: 0.01}},
+        eval_every_epochs: 1}}
+eval: {{latency_repeats: 3}}
+""")
+    return path
+
+
+def test_token_kd_run_caches_the_teacher_and_reports_perplexity(
+        tmp_path: Path, tokenizer_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tokenizer_dir, "{name: token_kd, kind: jsd, beta: 0.5}")
+    cfg = load_config(recipe)
+    lines: list[str] = []
+    result = run(cfg, echo=lines.append)
+    assert any("tokens in blocks of 16" in line for line in lines)
+    assert result.teacher_forwards == 0  # (128 blocks x 16 x 600 logits) fit the cache
+    rows = result.rows
+    for role in ("teacher", "baseline", "student"):
+        row = rows[role][0]
+        assert 1 < row["perplexity"] < 600 and 0 <= row["accuracy"] <= 1
+    assert 0 <= rows["student"][0]["agreement"] <= 1
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "test perplexity" in report and "tokens/s" in report
+    val = [r for r in map(json.loads, (cfg.run_dir / "seed-0/student/metrics.jsonl")
+                          .read_text().splitlines()) if r["split"] == "val"]
+    assert len(val) == 2 and "perplexity" in val[0]
+
+
+def test_a_classification_method_on_text_is_refused(tmp_path: Path, tokenizer_dir: Path) -> None:
+    cfg = load_config(_recipe(tmp_path, tokenizer_dir, "{name: kd}"))
+    with pytest.raises(ConfigError, match=r"method: 'kd' is for classification data"):
+        run(cfg, echo=lambda _: None)
