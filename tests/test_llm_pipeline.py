@@ -76,3 +76,34 @@ def test_a_classification_method_on_text_is_refused(tmp_path: Path, tokenizer_di
     cfg = load_config(_recipe(tmp_path, tokenizer_dir, "{name: kd}"))
     with pytest.raises(ConfigError, match=r"method: 'kd' is for classification data"):
         run(cfg, echo=lambda _: None)
+
+
+def test_a_teacher_with_another_tokenizer_points_to_sequence_level_kd(
+        tmp_path: Path, tokenizer_dir: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdistill.build import validate
+    from kdistill.models import build_model
+
+    other = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(["some other words entirely"] * 3, trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "</s>"], show_progress=False))
+    for name, tok in (("same", None), ("other", other)):
+        teacher = build_model("llama", input_shape=(16,), num_classes=600,
+                              args={"hidden": 16, "layers": 1, "heads": 2})
+        teacher.model.save_pretrained(tmp_path / name)
+        if tok is None:
+            PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / name)
+        else:
+            PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                                    unk_token="[UNK]").save_pretrained(tmp_path / name)
+    recipe = _recipe(tmp_path, tokenizer_dir, "{name: token_kd}")
+    same = load_config(recipe, [f"teacher.model={{arch: hf_causal_lm, args: {{path: "
+                                f"{tmp_path / 'same'}}}}}", "teacher.train=null"])
+    validate(same)  # one vocabulary: fine
+    other_cfg = load_config(recipe, [f"teacher.model={{arch: hf_causal_lm, args: {{path: "
+                                     f"{tmp_path / 'other'}}}}}", "teacher.train=null"])
+    with pytest.raises(ConfigError, match=r"teacher.model: .*another tokenizer.*sequence-level"):
+        validate(other_cfg)

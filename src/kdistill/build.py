@@ -111,6 +111,29 @@ def build_train_loader(
                        seed=seed, augment=augment)
 
 
+def check_vocabulary(cfg: RunConfig) -> None:
+    """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
+    use the data's. Padded embedding tables (more rows than tokens) are fine; the method
+    compares the first `len(tokenizer)` logits."""
+    if cfg.data.name not in CORPORA or cfg.data.tokenizer is None:
+        return
+    from kdistill.models.hf import load_tokenizer
+
+    specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
+             *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]
+    for where, spec in specs:
+        path = spec.args.get("path", "smollm2") if spec.arch == "hf_causal_lm" else None
+        if path is None or path == cfg.data.tokenizer:
+            continue
+        if load_tokenizer(path, where=f"{where}.args.path").get_vocab() != load_tokenizer(
+                cfg.data.tokenizer).get_vocab():
+            raise ConfigError(where, f"'{path}' uses another tokenizer than the data "
+                                     f"('{cfg.data.tokenizer}'): token-level KD compares "
+                                     f"distributions over one vocabulary. Use the same "
+                                     f"tokenizer, or sequence-level KD (train the student on "
+                                     f"the teacher's generated text), which needs none")
+
+
 def check_task(method: Method, splits: DataSplits) -> None:
     """The method's loss must be defined for the data's task (classes vs next tokens)."""
     if splits.task not in method.tasks:
@@ -123,6 +146,7 @@ def check_task(method: Method, splits: DataSplits) -> None:
 def validate(cfg: RunConfig) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs)."""
     splits = build_data(cfg.data)
+    check_vocabulary(cfg)  # before loading any model: the clearer error
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")
     method = build_method(cfg.method)

@@ -29,6 +29,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Archs that are pretrained by construction (their weights come with them).
+PRETRAINED_ARCHS = ("hf_causal_lm",)
+
+
 class ModelSpec(_Strict):
     """A model by registry name (`kdistill.models.MODELS`), or `custom` with an import target."""
 
@@ -185,8 +189,9 @@ class RunConfig(_Strict):
             (f"more_teachers.{i}", t) for i, t in enumerate(self.more_teachers)]
         for where, teacher in named:
             spec = teacher.model
+            pretrained = spec.args.get("pretrained") or spec.arch in PRETRAINED_ARCHS
             if (teacher.train is None and spec.weights is None and spec.arch != "custom"
-                    and not spec.args.get("pretrained")):
+                    and not pretrained):
                 raise ValueError(
                     f"{where}.train: the teacher would be an untrained network; give "
                     f"{where}.train, {where}.model.weights, or a pretrained arch"

@@ -25,6 +25,7 @@ from kdistill.build import (
     build_optimizer,
     build_train_loader,
     check_task,
+    check_vocabulary,
 )
 from kdistill.cache import (
     CacheKey,
@@ -238,6 +239,7 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
         echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
              f"{len(splits.test_x)} test, {splits.num_classes} classes")
     check_task(build_method(cfg.method), splits)  # e.g. kd on text: say so before training
+    check_vocabulary(cfg)
     teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
     teacher_models = [
         _teacher_stage(cfg, tcfg, splits, run_dir, role, where, echo)
