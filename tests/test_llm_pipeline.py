@@ -107,3 +107,18 @@ def test_a_teacher_with_another_tokenizer_points_to_sequence_level_kd(
                                      f"{tmp_path / 'other'}}}}}", "teacher.train=null"])
     with pytest.raises(ConfigError, match=r"teacher.model: .*another tokenizer.*sequence-level"):
         validate(other_cfg)
+
+
+def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tokenizer_dir, "{name: token_kd, kind: forward_kl}")
+    cfg = load_config(recipe, ["cache.topk=8", "cache.dtype=bfloat16", "baseline=false"])
+    lines: list[str] = []
+    result = run(cfg, echo=lines.append)
+    assert any("top-8 log-probabilities" in line for line in lines)
+    assert result.teacher_forwards == 0
+    manifest = json.loads((cfg.run_dir / "cache/teacher/manifest.json").read_text())
+    assert manifest["format"] == "topk" and manifest["topk"] == 8
+    assert manifest["fields"]["topk_indices"]["dtype"] == "uint16"  # 600 tokens > uint8
+    assert result.rows["student"][0]["perplexity"] > 1
+    with pytest.raises(ConfigError, match="cache.topk: a top-k teacher cache feeds"):
+        load_config(recipe, ["cache.topk=8", "method.kind=jsd"])

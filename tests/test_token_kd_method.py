@@ -86,3 +86,14 @@ def test_accumulation_weights_micro_batches_by_valid_tokens() -> None:
         finals.append([p.detach().clone() for p in student.parameters()])
     for a, b in zip(*finals, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_padded_vocabularies_are_aligned_on_the_shared_prefix() -> None:
+    # One tokenizer of 11 tokens; the teacher's embedding table is padded to 16 rows.
+    batch = _batch()
+    s, t = torch.randn(3, 6, 11), torch.randn(3, 6, 11)
+    padded = torch.cat([t, torch.randn(3, 6, 5)], dim=-1)
+    method = build_method(TokenKDConfig(kind="forward_kl", alpha=0.5))
+    exact = method.loss_terms(Outputs(s, t), batch, P)
+    aligned = method.loss_terms(Outputs(s, padded), batch, P)
+    torch.testing.assert_close(aligned["kd"], exact["kd"])

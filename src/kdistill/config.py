@@ -127,11 +127,15 @@ class StudentConfig(_Strict):
 
 class CacheConfig(_Strict):
     enabled: bool = Field(True, description="cache teacher outputs when inputs are deterministic")
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_size: Annotated[int, Field(ge=1)] = 1000
     max_mb: Annotated[float, Field(gt=0)] = Field(
         2048, description="teacher layer outputs a method reads are cached with the logits "
         "when the whole cache stays under this many MB; otherwise the teacher runs online"
+    )
+    topk: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="causal LMs: store only the teacher's top-k log-probabilities and "
+        "their indices per token (method token_kd, kind forward_kl); null: dense logits"
     )
 
 
@@ -196,6 +200,11 @@ class RunConfig(_Strict):
                     f"{where}.train: the teacher would be an untrained network; give "
                     f"{where}.train, {where}.model.weights, or a pretrained arch"
                 )
+        if self.cache.topk is not None and (
+                self.method.name != "token_kd" or getattr(self.method, "kind", "") != "forward_kl"
+                or self.more_teachers):
+            raise ValueError("cache.topk: a top-k teacher cache feeds method token_kd with "
+                             "kind forward_kl and one teacher; set cache.topk: null otherwise")
         if self.more_teachers and not METHODS[self.method.name].multi_teacher:
             raise ValueError(f"more_teachers: method '{self.method.name}' learns from one "
                              "teacher; use a multi-teacher method such as multi_kd")

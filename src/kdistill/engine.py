@@ -29,7 +29,7 @@ from kdistill.errors import ConfigError, TrainingError
 from kdistill.methods.base import Batch, Method, Outputs
 from kdistill.metrics import MetricsLogger
 from kdistill.schedules import Progress, value_at
-from kdistill.teachers import Teacher
+from kdistill.teachers import Teacher, TopK
 
 
 @dataclass
@@ -50,10 +50,14 @@ def _forward(
     student_feats: dict[str, Tensor],
 ) -> Outputs:
     logits = student(batch["input"])
-    t_logits, t_feats = None, {}
+    t_logits, t_feats, t_topk = None, {}, None
     if teacher is not None:
-        t_logits, t_feats = teacher(batch, method.teacher_layers)
-    return Outputs(logits, t_logits, dict(student_feats), t_feats)
+        t_out, t_feats = teacher(batch, method.teacher_layers)
+        if isinstance(t_out, TopK):  # a top-k cache: sparse targets, no dense logits
+            t_topk = t_out
+        else:
+            t_logits = t_out
+    return Outputs(logits, t_logits, dict(student_feats), t_feats, teacher_topk=t_topk)
 
 
 def _restore(

@@ -168,11 +168,12 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
            if cfg.train.augment != "none" else None)
     if why is None and (layers or splits.task == "causal_lm"):
-        # Causal LMs: one logit vector per token, (T, V) per sample.
-        per_sample = splits.num_classes * (splits.input_shape[0]
-                                           if splits.task == "causal_lm" else 1)
-        size = cache_bytes(len(splits.train_x), per_sample,
-                           feature_shapes(model, splits.train_x, layers), cfg.cache.dtype)
+        # Causal LMs: one logit vector per token, (T, V) per sample (or its top k).
+        logits_shape = ((splits.input_shape[0], splits.num_classes)
+                        if splits.task == "causal_lm" else splits.num_classes)
+        size = cache_bytes(len(splits.train_x), logits_shape,
+                           feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
+                           topk=cfg.cache.topk)
         if size > cfg.cache.max_mb * 2**20:
             what = "teacher logits" + (" and the layers the method reads" if layers else "")
             why = (f"the {what} would make a {size / 2**20:.0f} MB cache, over "
@@ -181,14 +182,15 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
     key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint,
-                   dtype=cfg.cache.dtype, layers=layers)
+                   dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
     directory = cache_dir
     if TeacherCache.is_valid(directory, key):
         echo("cache: valid teacher cache found")
         return CachedTeacher(TeacherCache(directory))
     if (directory / "manifest.json").is_file():
-        echo("cache: stale teacher cache (teacher, data, dtype or layers changed); rebuilding")
-    what = f"logits and {', '.join(layers)}" if layers else "logits"
+        echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); rebuilding")
+    what = "logits" if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities"
+    what += f" and {', '.join(layers)}" if layers else ""
     echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
          f"({what})")
     cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
@@ -205,8 +207,11 @@ def _student_stage(
                         method.cfg.model_dump(mode="json")]
     if role != "baseline" and teacher_models:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.
-        stored = cfg.cache.dtype if isinstance(teacher, CachedTeacher | EnsembleTeacher) else (
-            "online")
+        stored: Any = "online"
+        if isinstance(teacher, CachedTeacher | EnsembleTeacher):
+            # (A dense cache keeps its old fingerprint part, so finished stages stay done.)
+            stored = cfg.cache.dtype if cfg.cache.topk is None else [cfg.cache.dtype,
+                                                                      cfg.cache.topk]
         parts += [[fingerprint_model(m) for m in teacher_models], stored]
     stage_dir = run_dir / f"seed-{seed}" / role
     fingerprint = _fingerprint(*parts)

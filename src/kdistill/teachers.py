@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -14,12 +14,30 @@ from kdistill.errors import ConfigError
 from kdistill.methods.base import Batch
 
 
+class TopK(NamedTuple):
+    """A sparse teacher target read from a top-k cache, in place of dense logits.
+
+    `logprobs` (B, *P, k) float32: the teacher's k largest log-probabilities at T = 1 (a
+    log-softmax over the full vocabulary, so Σ exp < 1 by the missing mass), sorted
+    descending; `indices` (B, *P, k) int64: their vocabulary ids. P = (T,) for causal LMs.
+    """
+
+    logprobs: Tensor
+    indices: Tensor
+
+
 class Teacher(Protocol):
-    """`teacher(batch, layers) -> (logits, features)`; never carries gradients."""
+    """`teacher(batch, layers) -> (logits, features)`; never carries gradients.
+
+    `logits` is a (B, ..., C) tensor, or a `TopK` when the source is a top-k cache (the engine
+    then fills `Outputs.teacher_topk` and leaves `Outputs.teacher_logits` None).
+    """
 
     forwards: int  # how many batches went through a teacher network (0 for a pure cache read)
 
-    def __call__(self, batch: Batch, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, batch: Batch, layers: Sequence[str]
+    ) -> tuple[Tensor | TopK, dict[str, Tensor]]:
         ...
 
 
@@ -47,20 +65,28 @@ class OnlineTeacher:
 
 
 class CachedTeacher:
-    """Reads teacher logits stored by `build_cache`, by the batch's sample indices."""
+    """Reads teacher outputs stored by `build_cache`, by the batch's sample indices: dense
+    logits, or a `TopK` (log-probabilities, indices) from a top-k cache."""
 
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
         self.forwards = 0
 
-    def __call__(self, batch: Batch, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, batch: Batch, layers: Sequence[str]
+    ) -> tuple[Tensor | TopK, dict[str, Tensor]]:
         missing = [name for name in layers if name not in self.cache.fields()]
         if missing:
             raise ConfigError(
                 "cache", f"teacher features {missing} are not in the cache; disable the cache"
             )
-        feats = {name: self.cache.read(name, batch["index"]) for name in layers}
-        return self.cache.read("logits", batch["index"]), feats
+        index = batch["index"]
+        feats = {name: self.cache.read(name, index) for name in layers}
+        if self.cache.topk is not None:
+            topk = TopK(self.cache.read("topk_logprobs", index),
+                        self.cache.read("topk_indices", index))
+            return topk, feats
+        return self.cache.read("logits", index), feats
 
 
 class EnsembleTeacher:

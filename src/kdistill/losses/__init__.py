@@ -21,11 +21,14 @@ from kdistill.losses.tokens import (
     token_normalizer,
     total_variation,
 )
+from kdistill.losses.topk import TOPK_KINDS, TopKMissing, topk_distill_loss, topk_kd
 
 __all__ = [
+    "TOPK_KINDS",
     "Reduction",
     "TokenKDKind",
     "TokenLoss",
+    "TopKMissing",
     "chunked_token_distill_loss",
     "dist_loss",
     "dkd",
@@ -41,5 +44,7 @@ __all__ = [
     "token_distill_loss",
     "token_kd",
     "token_normalizer",
+    "topk_distill_loss",
+    "topk_kd",
     "total_variation",
 ]

@@ -28,6 +28,9 @@ class Outputs:
     teacher_logits: Tensor | None = None  # None when the method uses no teacher
     student_feats: dict[str, Tensor] = field(default_factory=dict)
     teacher_feats: dict[str, Tensor] = field(default_factory=dict)
+    # From a top-k teacher cache, instead of `teacher_logits` (then None): the teacher's k
+    # largest log-probabilities at T = 1 (B, T, k) float32 and their indices (B, T, k) int64.
+    teacher_topk: tuple[Tensor, Tensor] | None = None
 
 
 class MethodConfig(BaseModel):

@@ -7,7 +7,15 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.losses import chunked_token_distill_loss, shift_labels, token_distill_loss
+from kdistill.errors import ConfigError
+from kdistill.losses import (
+    TOPK_KINDS,
+    TopKMissing,
+    chunked_token_distill_loss,
+    shift_labels,
+    token_distill_loss,
+    topk_distill_loss,
+)
 from kdistill.losses.tokens import TokenKDKind
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
@@ -27,6 +35,12 @@ class TokenKDConfig(MethodConfig):
     the mean over every token of the step. α, T accept schedules. `chunk_size` computes the
     same loss and gradients `chunk_size` tokens at a time (about half the peak memory of the
     naive form at a 49k vocabulary; see benchmarks/bench_llm_loss.py).
+
+    With a top-k teacher cache (`Outputs.teacher_topk`), D is `kdistill.losses.topk_kd`:
+    forward KL only, the mass outside the teacher's top-k handled as `topk_missing` says
+    ("renormalize": the teacher renormalised on its top-k; "uniform": the missing mass spread
+    evenly over the other tokens). `chunk_size` is then ignored: the top-k loss has no
+    (B, T, V) teacher tensor to chunk.
     """
 
     name: Literal["token_kd"] = "token_kd"
@@ -36,6 +50,9 @@ class TokenKDConfig(MethodConfig):
     alpha: UnitWeight = 0.5
     scale_by_t2: bool = True
     chunk_size: int | None = Field(None, ge=1, description="tokens per chunk; null: naive")
+    topk_missing: TopKMissing = Field(
+        "renormalize", description="top-k cache only: how the teacher's mass outside its "
+        "top-k is treated (renormalize or uniform)")
 
 
 class TokenKD(Method):
@@ -55,15 +72,33 @@ class TokenKD(Method):
                 "alpha": value_at(self.cfg.alpha, progress)}
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
-        assert out.teacher_logits is not None, "token_kd needs teacher outputs"
         s = self.scalars(progress)
         labels = shift_labels(batch["label"], ignore_index=IGNORE_INDEX)
+        if out.teacher_topk is not None:
+            if self.cfg.kind not in TOPK_KINDS:
+                raise ConfigError("method.kind", f"{self.cfg.kind!r} is not supported with a "
+                                  f"top-k teacher cache (supported: {', '.join(TOPK_KINDS)}); "
+                                  "use a dense cache (cache.topk: null) or another kind")
+            logprobs, indices = out.teacher_topk
+            res = topk_distill_loss(
+                out.student_logits, logprobs, indices, labels, alpha=s["alpha"],
+                kind=self.cfg.kind, missing=self.cfg.topk_missing,
+                temperature=s["temperature"], scale_by_t2=self.cfg.scale_by_t2)
+            return {"kd": s["alpha"] * res.kd, "ce": (1 - s["alpha"]) * res.ce}
+        assert out.teacher_logits is not None, "token_kd needs teacher outputs"
+        student_logits, teacher_logits = out.student_logits, out.teacher_logits
+        vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            # Padded embedding tables (e.g. 151,936 vs 152,064 rows for one tokenizer): the
+            # rows past the tokenizer's size are never targets; compare the shared prefix.
+            student_logits = student_logits[..., :vocab]
+            teacher_logits = teacher_logits[..., :vocab]
         kwargs = {"alpha": s["alpha"], "kind": self.cfg.kind, "beta": self.cfg.beta,
                   "temperature": s["temperature"], "scale_by_t2": self.cfg.scale_by_t2}
         if self.cfg.chunk_size is None:
-            res = token_distill_loss(out.student_logits, out.teacher_logits, labels, **kwargs)
+            res = token_distill_loss(student_logits, teacher_logits, labels, **kwargs)
             return {"kd": s["alpha"] * res.kd, "ce": (1 - s["alpha"]) * res.ce}
-        res = chunked_token_distill_loss(out.student_logits, out.teacher_logits.detach(),
+        res = chunked_token_distill_loss(student_logits, teacher_logits.detach(),
                                          labels, chunk_size=self.cfg.chunk_size, **kwargs)
         # The chunked form returns the weighted total with gradients and detached parts:
         # log the parts, let the total carry the gradient (it equals their sum).

@@ -1,0 +1,200 @@
+"""Token-level distillation against a sparse teacher: its top-k log-probabilities per token.
+
+A top-k teacher cache (`kdistill.cache`, `CacheKey.topk`) keeps, per token, the k largest
+log-probabilities lp_i = log p_i of the teacher at T = 1 (a log-softmax over the full vocabulary
+V) and their vocabulary indices S. The missing mass r = 1 − Σ_S exp(lp_i) is not stored; the
+loss makes it explicit, `missing`:
+
+- "renormalize": the teacher is p on S renormalised to sum to 1, and 0 elsewhere; the KL runs
+  over S only: Σ_S p̂_i (log p̂_i − log q_i) with q the student's full-vocabulary softmax.
+- "uniform": r is spread evenly over the V − k other tokens, u = r / (V − k) each; the KL adds
+  the tail term Σ_{j∉S} u (log u − log q_j) = (V − k) u log u − u (Σ_V log q − Σ_S log q),
+  computed from the student's log-normaliser and logit sum, with no (..., V) teacher tensor.
+  Stored values rounded to fp16/bf16 can sum above 1: r is clamped at 0 and the result
+  renormalised (then "uniform" equals "renormalize" for that token).
+
+Both are exactly `kd_kl(student, ℓ, temperature=T)` on a dense teacher "logit" vector ℓ:
+ℓ = lp on S and −inf elsewhere ("renormalize"), ℓ = lp on S and log u elsewhere ("uniform");
+the tests check that, value and gradient. With k = V both equal `kd_kl` on the dense teacher.
+
+Temperature (the cached values are at T = 1): the teacher at T is softmax(ℓ / T).
+- "renormalize" is exact: softmax(teacher_logits / T) restricted to S and renormalised is
+  softmax over S of lp / T (lp and the logits differ by a per-token constant), and the top-k
+  set does not depend on T.
+- "uniform" is exact on S up to one normaliser (the ratios p_i / p_j, i, j ∈ S, are the true
+  tempered ones), but the tail is flat: its tempered mass is (V − k) (r / (V − k))^(1/T),
+  where the true one is Σ_{j∉S} p_j^(1/T). By the power-mean inequality the flat tail
+  over-states the tail mass for T > 1 and under-states it for T < 1; it is exact at T = 1,
+  for k ≥ V − 1, and for a teacher whose tail is really flat.
+
+Other conventions as in `kdistill.losses.tokens`: math in float32 (float64 if an input is
+float64), T² applied by default, masking by `labels != ignore_index` and `mask`, "mean" over
+the valid tokens or `normalizer`. Only forward KL is defined here: reverse KL, JSD and TV need
+the student's mass on tokens the teacher does not describe (see `TOPK_KINDS`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from kdistill.losses._reduce import Reduction, check_reduction, reduce_loss
+from kdistill.losses.logits import (
+    _check_logits,
+    _check_temperature,
+    _compute_dtype,
+    _prepare,
+    hard_cross_entropy,
+)
+from kdistill.losses.tokens import TokenLoss, _kl_terms, check_alpha, token_valid_mask
+
+__all__ = ["TOPK_KINDS", "TopKMissing", "topk_distill_loss", "topk_kd"]
+
+TopKMissing = Literal["renormalize", "uniform"]
+_MISSING: tuple[str, ...] = get_args(TopKMissing)
+TOPK_KINDS: tuple[str, ...] = ("forward_kl",)  # the token_kd kinds a top-k teacher supports
+
+
+def _check_topk(student: Tensor, logprobs: Tensor, indices: Tensor, kind: str,
+                missing: str) -> None:
+    if kind not in TOPK_KINDS:
+        raise ValueError(
+            f"a top-k teacher supports kind {', '.join(map(repr, TOPK_KINDS))} only; got "
+            f"{kind!r} (it needs the teacher's full distribution: use dense teacher logits)"
+        )
+    if missing not in _MISSING:
+        raise ValueError(f"missing must be one of {', '.join(map(repr, _MISSING))}; "
+                         f"got {missing!r}")
+    _check_logits(student, "student_logits")
+    _check_logits(logprobs, "teacher_logprobs")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"teacher_indices must be an integer tensor; got {indices.dtype}")
+    if logprobs.shape != indices.shape or logprobs.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"teacher_logprobs {tuple(logprobs.shape)} and teacher_indices "
+            f"{tuple(indices.shape)} must both be (..., k) with ... = the student's leading "
+            f"shape {tuple(student.shape[:-1])}"
+        )
+    if not 1 <= logprobs.shape[-1] <= student.shape[-1]:
+        raise ValueError(f"k = {logprobs.shape[-1]} must be in 1 .. V = {student.shape[-1]}")
+
+
+def topk_kd(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_indices: Tensor,
+    *,
+    kind: str = "forward_kl",
+    missing: TopKMissing = "renormalize",
+    temperature: float | Tensor = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    reduction: Reduction = "mean",
+    scale_by_t2: bool = True,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """KL(teacher ‖ student) per token against a top-k teacher (Hinton, arXiv:1503.02531).
+
+    See the module docstring for `missing` and for what temperature does to each mode.
+
+    Args:
+        student_logits: shape (..., V), e.g. (B, T, V).
+        teacher_logprobs: (..., k), the teacher's log-softmax at T = 1 on its top-k tokens
+            (any order; fp16/bf16 are computed in float32). Not detached here.
+        teacher_indices: (..., k) integer vocabulary ids of those tokens, distinct per token.
+        kind: "forward_kl" only (`TOPK_KINDS`); others raise ValueError.
+        missing: "renormalize" or "uniform", how the mass outside the top-k is treated.
+        temperature: T > 0, a float or a scalar tensor.
+        labels: optional integer targets, shape (...); `ignore_index` marks a skipped token.
+        ignore_index: the label value that marks a position to skip.
+        mask: optional bool, shape (...); True where the token counts (ANDed with labels).
+        reduction: "mean", "sum" or "none"; see `reduce_loss`.
+        scale_by_t2: multiply by T² (default True, as `kd_kl`).
+        normalizer: denominator for "mean" (e.g. `token_normalizer(...)`).
+
+    Returns:
+        A scalar for "mean"/"sum", else shape (...) with 0 at masked positions; float32
+        (float64 for float64 inputs).
+    """
+    check_reduction(reduction)
+    _check_topk(student_logits, teacher_logprobs, teacher_indices, kind, missing)
+    _check_temperature(temperature)
+    valid = token_valid_mask(labels, mask, student_logits.shape[:-1], ignore_index)
+    vocab, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
+    dtype = _compute_dtype(student_logits, teacher_logprobs)
+    t: Tensor | float = temperature
+    if isinstance(temperature, Tensor):
+        t = temperature.to(device=student_logits.device, dtype=dtype).reshape(())
+
+    # Student: log q_i = z_i / T − logsumexp(z / T) on S only; masked rows zeroed first, so an
+    # inf or NaN at a padded token reaches neither the value nor the gradient.
+    z = _prepare(student_logits, valid, dtype) / t
+    log_norm = torch.logsumexp(z, dim=-1)  # (...)
+    lp = teacher_logprobs.to(dtype)
+    idx = teacher_indices.long()
+    if valid is not None:  # placeholders on masked rows (never read): finite, in range
+        lp = torch.where(valid.unsqueeze(-1), lp, lp.new_zeros(()))
+        idx = torch.where(valid.unsqueeze(-1), idx, idx.new_zeros(()))
+    log_q = z.gather(-1, idx) - log_norm.unsqueeze(-1)  # (..., k)
+
+    a = lp / t  # the teacher's tempered log-weights on S (an unnormalised log-softmax)
+    if missing == "renormalize" or k == vocab:  # k = V: nothing missing, both modes agree
+        log_p = a - torch.logsumexp(a, dim=-1, keepdim=True)
+        per_token = _kl_terms(log_p, log_q)
+    else:
+        n = vocab - k
+        # r = 1 − Σ_S p_i in log space; clamped at 0 (log r = −inf) when rounding of the
+        # stored values pushed Σ_S p_i to 1 or above.
+        covered = torch.logsumexp(lp, dim=-1)  # log Σ_S p_i, at T = 1
+        log_r = torch.log((-torch.expm1(covered)).clamp(min=0.0))
+        b = (log_r - math.log(n)) / t  # tempered log-weight of each tail token
+        # softmax(ℓ / T) over the dense vector (k entries a, n entries b): one normaliser.
+        log_z = torch.logaddexp(torch.logsumexp(a, dim=-1), b + math.log(n))
+        log_p = a - log_z.unsqueeze(-1)
+        log_u = b - log_z  # log of each tail token's probability at T (−inf when r = 0)
+        u = log_u.exp()
+        # Σ_{j∉S} log q_j = Σ_V (z_j / T − log_norm) − Σ_S log q_i
+        tail_log_q = z.sum(dim=-1) - vocab * log_norm - log_q.sum(dim=-1)
+        # where, not a product: u = 0 makes u · n · log u = 0 · (−inf) = NaN.
+        tail = torch.where(u > 0, u * (n * log_u - tail_log_q), u.new_zeros(()))
+        per_token = _kl_terms(log_p, log_q) + tail
+    if scale_by_t2:
+        per_token = per_token * (t * t)
+    return reduce_loss(per_token, mask=valid, reduction=reduction, normalizer=normalizer)
+
+
+def topk_distill_loss(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_indices: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float | Tensor = 0.5,
+    kind: str = "forward_kl",
+    missing: TopKMissing = "renormalize",
+    temperature: float | Tensor = 1.0,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    normalizer: float | Tensor | None = None,
+) -> TokenLoss:
+    """alpha · topk_kd + (1 − alpha) · next-token cross-entropy, over the same valid tokens.
+
+    The top-k counterpart of `token_distill_loss`: same arguments, with the teacher given as
+    `teacher_logprobs` / `teacher_indices` (..., k) and `missing` as in `topk_kd`. Returns
+    TokenLoss(loss, kd, ce), per-valid-token means (or sums / normalizer).
+    """
+    check_alpha(alpha)
+    kd = topk_kd(
+        student_logits, teacher_logprobs, teacher_indices, kind=kind, missing=missing,
+        temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask,
+        scale_by_t2=scale_by_t2, normalizer=normalizer,
+    )
+    ce = hard_cross_entropy(
+        student_logits, labels, ignore_index=ignore_index, mask=mask, normalizer=normalizer
+    )
+    return TokenLoss(alpha * kd + (1 - alpha) * ce, kd, ce)
