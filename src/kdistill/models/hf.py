@@ -88,14 +88,26 @@ class CausalLM(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits.float()
 
 
-def pretrained_causal_lm(input_shape: tuple[int, ...], num_classes: int, *,
-                         path: str = SMOLLM2) -> CausalLM:
-    """A pretrained causal LM (`arch: hf_causal_lm`), loaded in float32."""
+@functools.lru_cache(maxsize=2)
+def _pretrained(path: str) -> tuple[Any, dict[str, Tensor]]:
+    """(config, state dict) of a pretrained causal LM, loaded once per process: de-quantising
+    a GGUF file takes tens of seconds, and a recipe may need it twice (the teacher, and the
+    student initialised from its layers). Callers build their own modules from these."""
     directory, gguf = resolve_source(path, where="args.path")
     tf = _transformers()
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = tf.AutoModelForCausalLM.from_pretrained(
         directory, local_files_only=True, dtype=torch.float32, **kwargs)
+    return model.config, model.state_dict()
+
+
+def pretrained_causal_lm(input_shape: tuple[int, ...], num_classes: int, *,
+                         path: str = SMOLLM2) -> CausalLM:
+    """A pretrained causal LM (`arch: hf_causal_lm`), loaded in float32."""
+    config, state = _pretrained(path)
+    tf = _transformers()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)  # copies: the module never shares the cached tensors
     _vocab_check(model.get_input_embeddings().num_embeddings, num_classes, "arch")
     return CausalLM(model)
 
