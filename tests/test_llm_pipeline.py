@@ -120,5 +120,5 @@ def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Pa
     assert manifest["format"] == "topk" and manifest["topk"] == 8
     assert manifest["fields"]["topk_indices"]["dtype"] == "uint16"  # 600 tokens > uint8
     assert result.rows["student"][0]["perplexity"] > 1
-    with pytest.raises(ConfigError, match="cache.topk: a top-k teacher cache feeds"):
+    with pytest.raises(ConfigError, match=r"cache\.topk: a top-k teacher cache feeds"):
         load_config(recipe, ["cache.topk=8", "method.kind=jsd"])

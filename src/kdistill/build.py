@@ -11,14 +11,17 @@ from kdistill.capture import resolve_modules
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
 from kdistill.data import DataSplits, load_dataset
 from kdistill.data.loader import BatchLoader, jitter
+from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS, Method, build_method
 from kdistill.models import build_model
 
+GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
+
 
 def build_data(cfg: DataConfig) -> DataSplits:
-    if cfg.name in CORPORA:
+    if cfg.name in CORPORA or cfg.name == GENERATED:
         return _build_text(cfg)
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
@@ -33,7 +36,7 @@ def build_data(cfg: DataConfig) -> DataSplits:
 
 
 def _build_text(cfg: DataConfig) -> DataSplits:
-    """A text corpus as packed token blocks for causal-LM distillation."""
+    """A text corpus as packed token blocks, or generated answers as prompt-masked rows."""
     if cfg.tokenizer is None:
         raise ConfigError("data.tokenizer", f"text corpus '{cfg.name}' needs the tokenizer of "
                                             f"the teacher, e.g. tokenizer: smollm2")
@@ -42,6 +45,12 @@ def _build_text(cfg: DataConfig) -> DataSplits:
                                            f"(e.g. 0.05); got {cfg.val_size}")
     from kdistill.models.hf import load_tokenizer
 
+    if cfg.name == GENERATED:
+        if cfg.path is None:
+            raise ConfigError("data.path", "the JSONL file written by `kdistill generate`")
+        return sft_splits(cfg.path, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
+                          val_fraction=cfg.val_size, test_fraction=cfg.test_size,
+                          split_seed=cfg.split_seed, system=cfg.system, where="data")
     return lm_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
                      val_fraction=cfg.val_size, test_fraction=cfg.test_size,
                      split_seed=cfg.split_seed, max_train_tokens=cfg.max_train_tokens,
@@ -115,7 +124,7 @@ def check_vocabulary(cfg: RunConfig) -> None:
     """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
     use the data's. Padded embedding tables (more rows than tokens) are fine; the method
     compares the first `len(tokenizer)` logits."""
-    if cfg.data.name not in CORPORA or cfg.data.tokenizer is None:
+    if cfg.data.name not in (*CORPORA, GENERATED) or cfg.data.tokenizer is None:
         return
     from kdistill.models.hf import load_tokenizer
 

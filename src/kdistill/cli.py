@@ -70,6 +70,23 @@ def validate(args: RecipeArg = None) -> None:
 
 
 @app.command()
+def generate(
+    args: Annotated[list[str] | None,
+                    typer.Argument(help="RECIPE.yaml, then key.path=value overrides")] = None,
+) -> None:
+    """Run a teacher over a prompt set and write its answers as JSONL (resumable)."""
+    from kdistill.generate import load_generate_config, run_generate
+
+    recipe, overrides = _split(args)
+    cfg = load_generate_config(recipe, overrides)
+    result = run_generate(cfg, echo=lambda line: console.print(line, highlight=False))
+    console.print(
+        f"{result.out_path}: {result.n_generated} prompt(s) answered now, "
+        f"{result.n_skipped} already there; {result.new_tokens} new tokens in "
+        f"{result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s)", highlight=False)
+
+
+@app.command()
 def methods() -> None:
     """List the distillation methods with their parameters and papers."""
     from pydantic import BaseModel

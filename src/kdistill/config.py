@@ -58,6 +58,9 @@ class DataConfig(_Strict):
     max_train_tokens: Annotated[int, Field(gt=0)] | None = None
     max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="text: at most this many tokens in each of validation and test")
+    # `name: generated`: a JSONL file written by `kdistill generate` (sequence-level KD).
+    path: str | None = Field(None, description="generated: the JSONL file of teacher answers")
+    system: str | None = Field(None, description="generated: system prompt of the chat format")
 
 
 class OptimizerConfig(_Strict):

@@ -1,0 +1,330 @@
+"""`kdistill generate`: run a teacher over a prompt set and keep its answers (sequence-level KD).
+
+Sequence-level KD (Kim & Rush 2016, arXiv:1606.07947; DeepSeek-R1's distilled models) trains the
+student on the teacher's own outputs instead of its per-token distributions. Step one, here:
+generate the answers once, in batches, and write them as JSONL, one line per prompt:
+`{"id", "prompt", "response", "reference", "teacher", "params", "new_tokens", "finished"}`
+(`finished`: the teacher ended its answer, rather than `max_new_tokens` cutting it). Step two is
+ordinary fine-tuning on that file (`kdistill.data.sft.sft_splits`), with any student tokenizer.
+
+Resumable: lines are appended and flushed + fsync'ed after every batch, so a crash loses at most
+the batch in flight; a torn last line (no newline) is cut off on the next start. Prompts whose id
+is already in the file are skipped. Batches are always the same chunks of the prompt list and
+each batch's sampling seed derives from `seed` and its first prompt id, so a resumed run writes
+exactly the file an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdistill.config import parse_override, validation_error
+from kdistill.data.prompts import Prompt, load_prompts
+from kdistill.data.sft import chat_text
+from kdistill.errors import ConfigError
+from kdistill.models.hf import _transformers, load_tokenizer, resolve_source
+
+# --- the recipe ----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSource(_Strict):
+    path: str = "smollm2"  # "smollm2", a model directory or a .gguf file
+
+
+class PromptSource(_Strict):
+    name: str = "stdlib_functions"
+    limit: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class OutputSpec(_Strict):
+    path: str
+
+
+class Sampling(_Strict):
+    max_new_tokens: int = Field(128, ge=1)
+    do_sample: bool = False  # greedy by default
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off (transformers would otherwise apply its own default)
+    seed: int = 0
+
+
+class GenerateConfig(_Strict):
+    """A `kdistill generate` recipe."""
+
+    teacher: TeacherSource = TeacherSource()
+    prompts: PromptSource = PromptSource()
+    output: OutputSpec
+    sampling: Sampling = Sampling()
+    batch_size: int = Field(8, ge=1)
+    system: str | None = None  # None: the chat template's own default system message
+    threads: int | None = Field(None, ge=1)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    for part in key.split(".")[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[key.split(".")[-1]] = value
+
+
+def load_generate_config(path: str | None, overrides: list[str] | None = None) -> GenerateConfig:
+    """Read a generate recipe (YAML) and apply `key.path=value` overrides."""
+    if path is None:
+        raise ConfigError("generate", "a recipe is required: kdistill generate RECIPE.yaml "
+                                      "[key.path=value ...]")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "recipe file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"invalid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(str(path), f"a recipe is a mapping of keys, got {type(tree).__name__}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return GenerateConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise validation_error(exc, str(path)) from None
+
+
+# --- the output file -----------------------------------------------------------------------
+
+
+def _read_done(out_path: Path, params: dict[str, Any], teacher: str) -> set[str]:
+    """Ids already answered in `out_path`, after cutting off a torn last line.
+
+    Every line must come from the same teacher and parameters: mixing answers of two settings in
+    one file would silently blend two data sets.
+    """
+    if not out_path.exists():
+        return set()
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    done = set()
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_id, record_params = record["id"], record["params"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ConfigError(f"{out_path}:{number}", "not a line written by `kdistill "
+                              "generate`; use another output file") from None
+        theirs = {**record_params, "teacher": record.get("teacher")} \
+            if isinstance(record_params, dict) else {}
+        ours = {**params, "teacher": teacher}
+        changed = [f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}"
+                   for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if changed:
+            raise ConfigError("output.path", f"{out_path}:{number} was generated with other "
+                              f"settings ({', '.join(changed)}); use another output file "
+                              "(output.path=...) to keep both")
+        done.add(record_id)
+    # A last line without its newline was being written when the process died: cut it off,
+    # but only once every whole line proved the file ours (never cut a stranger's file).
+    if end < len(data):
+        if not data[end:].startswith(b"{"):
+            raise ConfigError(f"{out_path}", "does not end like a file written by `kdistill "
+                              "generate`; use another output file")
+        with out_path.open("r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return done
+
+
+def _append(out_path: Path, records: list[dict[str, Any]]) -> None:
+    # One write of whole lines, then fsync: after a crash the file ends at a batch boundary or
+    # with one torn line, which the next start cuts off.
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with out_path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one `generate` call did: prompts answered now / found done, tokens, speed."""
+
+    out_path: Path
+    n_prompts: int
+    n_generated: int
+    n_skipped: int
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _batch_seed(seed: int, first_id: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{first_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _load_teacher(model_path: str) -> Any:
+    directory, gguf = resolve_source(model_path, where="teacher.path")
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = _transformers("teacher.path").AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, dtype=torch.float32, **kwargs)
+    return model.eval()
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids: the model's generation config's and the tokenizer's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
+    if not ids:
+        raise ConfigError("teacher.path", "the tokenizer has no EOS token to stop generation")
+    return sorted(set(ids))
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Left padding: every prompt then ends at the last column, where generation appends. Done
+    # here rather than by the (shared, cached) tokenizer so its padding side is never changed.
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.int64)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
+    return ids, mask
+
+
+def generate(
+    model_path: str,
+    prompts: list[Prompt],
+    out_path: Path,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int = 0,
+    seed: int,
+    system: str | None,
+    threads: int | None,
+    echo: Callable[[str], None] = lambda line: None,
+) -> GenerateResult:
+    """Answer every prompt not yet in `out_path` with the teacher; append one JSON line each.
+
+    Args:
+        model_path: "smollm2", a model directory or a .gguf file (never downloaded).
+        prompts: the prompts, in the order they are batched and written.
+        out_path: the JSONL file; created, or resumed when it exists.
+        batch_size: prompts per `generate` call (left-padded together).
+        max_new_tokens, do_sample, temperature, top_p, top_k: sampling; greedy when
+            `do_sample` is false (temperature, top_p and top_k are then unused).
+        seed: with the batch's first prompt id, seeds each batch's sampling.
+        system: the system message (None: the chat template's default).
+        threads: torch intra-op threads while generating (None: leave as is).
+        echo: receives one progress line per batch.
+    """
+    params = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
+              "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+              "system": system, "prompt_format": "chat"}
+    if len({p.id for p in prompts}) != len(prompts):
+        raise ConfigError("prompts", "prompt ids must be unique (resume keys on them)")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_done(out_path, params, model_path)
+    # Fixed chunks of the full list: a batch's composition (hence its padding and its output)
+    # never depends on what an earlier run already wrote.
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    todo = [b for b in batches if any(p.id not in done for p in b)]
+    skipped = sum(p.id in done for p in prompts)
+    if not todo:
+        echo(f"all {len(prompts)} prompts already answered in {out_path}")
+        return GenerateResult(out_path, len(prompts), 0, skipped, 0, 0.0)
+
+    tokenizer = load_tokenizer(model_path, where="teacher.path")
+    t_load = time.perf_counter()
+    model = _load_teacher(model_path)
+    stop = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    echo(f"teacher {model_path} loaded in {time.perf_counter() - t_load:.1f} s; "
+         f"{len(todo)} batch(es) to generate, {skipped} prompt(s) already done")
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) \
+        if do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    config = _transformers().GenerationConfig(
+        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, **sampling)
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    n_generated = new_tokens = 0
+    seconds = 0.0
+    try:
+        for number, batch in enumerate(todo, start=1):
+            texts = [chat_text(tokenizer, p.prompt, system=system) for p in batch]
+            rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # template has BOS
+            ids, mask = _left_pad(rows, pad_id)
+            t0 = time.perf_counter()
+            # fork_rng: the batch's own seed, and the caller's global RNG left as it was.
+            with torch.random.fork_rng(devices=[]), torch.inference_mode():
+                torch.manual_seed(_batch_seed(seed, batch[0].id))
+                out = model.generate(input_ids=ids, attention_mask=mask,
+                                     generation_config=config)
+            elapsed = time.perf_counter() - t0
+            records, batch_tokens = [], 0
+            for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
+                # Tokens up to and including the first stop token; the rest is padding.
+                n = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+                # Cut by max_new_tokens rather than ended by the teacher: the student must
+                # not learn to stop there (sft_splits trains no end-of-turn token for it).
+                finished = row[n - 1] in stop
+                batch_tokens += n
+                if prompt.id in done:
+                    continue  # the batch's first lines were written before a crash
+                response = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                records.append({"id": prompt.id, "prompt": prompt.prompt, "response": response,
+                                "reference": prompt.reference, "teacher": model_path,
+                                "params": params, "new_tokens": n, "finished": finished})
+            _append(out_path, records)
+            n_generated += len(records)
+            new_tokens += batch_tokens
+            seconds += elapsed
+            echo(f"batch {number}/{len(todo)}: {len(batch)} prompts, {batch_tokens} new tokens "
+                 f"in {elapsed:.1f} s ({batch_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
+    finally:
+        torch.set_num_threads(old_threads)
+    return GenerateResult(out_path, len(prompts), n_generated, skipped, new_tokens, seconds)
+
+
+def run_generate(cfg: GenerateConfig, *,
+                 echo: Callable[[str], None] = lambda line: None) -> GenerateResult:
+    """The `kdistill generate` command: load the prompts named by the recipe and generate."""
+    prompts = load_prompts(cfg.prompts.name, limit=cfg.prompts.limit, seed=cfg.prompts.seed,
+                           where="prompts")
+    s = cfg.sampling
+    return generate(cfg.teacher.path, prompts, Path(cfg.output.path),
+                    batch_size=cfg.batch_size, max_new_tokens=s.max_new_tokens,
+                    do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
+                    top_k=s.top_k, seed=s.seed, system=cfg.system, threads=cfg.threads,
+                    echo=echo)
