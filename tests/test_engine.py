@@ -129,6 +129,9 @@ class NaNAfter(nn.Module):
     def batch_items(self, batch):
         return len(batch["label"])
 
+    def prepare_batch(self, batch, student, progress):
+        return batch
+
     def scalars(self, progress):
         return {}
 

@@ -174,6 +174,8 @@ def train(
                 if not group:
                     break
                 progress = Progress(state.step, state.epoch, total_steps, steps_per_epoch)
+                # On-policy methods may replace a batch by the student's own samples.
+                group = [method.prepare_batch(b, student, progress) for b in group]
                 n_group = sum(len(b["label"]) for b in group)
                 # Micro-batch weights: the method's item counts (samples; valid tokens for
                 # token-level losses), so the summed micro-batch means are the window's mean.

@@ -166,7 +166,8 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
         return None  # self-distillation: the teacher network is only evaluated beside it
     layers = tuple(method.teacher_layers)
     why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
-           if cfg.train.augment != "none" else None)
+           if cfg.train.augment != "none" else "on-policy: the teacher scores the student's "
+           "samples" if method.on_policy else None)
     if why is None and (layers or splits.task == "causal_lm"):
         # Causal LMs: one logit vector per token, (T, V) per sample (or its top k).
         logits_shape = ((splits.input_shape[0], splits.num_classes)

@@ -76,6 +76,15 @@ class Method(nn.Module):
         """Named, already-weighted scalar loss terms; the engine sums them."""
         raise NotImplementedError
 
+    # True when `prepare_batch` makes new inputs: the teacher must then run online.
+    on_policy: ClassVar[bool] = False
+
+    def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
+        """The batch the step trains on. On-policy methods (GKD, arXiv:2306.13649) return the
+        student's own continuations here (sampled without gradients, under the engine's
+        seeded RNG); every other method returns `batch` unchanged."""
+        return batch
+
     def batch_items(self, batch: Batch) -> int:
         """How many items `loss_terms`' means run over: the engine weights each micro-batch of
         an accumulation window by its share of the window's items, so the step's loss is the
