@@ -65,10 +65,12 @@ EXAMPLES: dict[str, dict] = {
     "self_distill": {"layers": ["1", "3"], "hint_layer": "4"},  # exits hint the flat final map
     "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
     "token_kd": {"kind": "jsd", "beta": 0.3, "alpha": 0.7},
+    "gkd": {"lmbda": 0.5, "beta": 0.5, "alpha": 0.9, "prompt_tokens": 4},
 }
 # Methods that need other nets than the tiny CNNs: name -> (student, teacher).
 NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
-        "token_kd": lambda: (_llama(0, 8), _llama(1, 16))}
+        "token_kd": lambda: (_llama(0, 8), _llama(1, 16)),
+        "gkd": lambda: (_llama(0, 8), _llama(1, 16))}
 
 
 def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from kdistill.methods.crd import CRD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
 from kdistill.methods.fitnet import FitNet
+from kdistill.methods.gkd import GKD
 from kdistill.methods.kd import KD
 from kdistill.methods.multi_kd import MultiKD
 from kdistill.methods.pkt import PKT
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
     "self_distill": SelfDistill,
     "multi_kd": MultiKD,
     "token_kd": TokenKD,
+    "gkd": GKD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]
