@@ -27,6 +27,7 @@ def test_validate_and_methods(tiny_recipe: Path, tmp_path: Path) -> None:
     proc = kdistill("methods", cwd=tmp_path)
     assert proc.returncode == 0
     assert "kd" in proc.stdout and "1503.02531" in proc.stdout
+    assert "token_kd" in proc.stdout and "gkd" in proc.stdout and "causal" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -102,11 +102,12 @@ def methods() -> None:
             return "{" + ", ".join(f"{k}: {v}" for k, v in default.model_dump().items()) + "}"
         return repr(default)
 
-    table = Table("method", "parameters (default)", "paper")
+    table = Table("method", "data", "parameters (default)", "paper")
     for name, cls in METHODS.items():
         fields = cls.config_type.model_fields
         params = ", ".join(f"{k}={show(v)}" for k, v in fields.items() if k != "name")
-        table.add_row(name, params, cls.paper)
+        data = ", ".join("text (causal LM)" if t == "causal_lm" else t for t in cls.tasks)
+        table.add_row(name, data, params, cls.paper)
     console.print(table)
 
 
