@@ -147,6 +147,10 @@ class EvalConfig(_Strict):
     ece_bins: Annotated[int, Field(ge=2)] = 15
     throughput_batch: Annotated[int, Field(ge=1)] = 256
     latency_repeats: Annotated[int, Field(ge=3)] = 30
+    samples: Annotated[int, Field(ge=0)] = Field(
+        3, description="causal LMs: greedy continuations of this many test prompts in the report")
+    sample_tokens: Annotated[int, Field(ge=1)] = Field(
+        24, description="causal LMs: prompt length and new tokens of each report sample")
 
 
 # One discriminated union over every registered method's own config: adding a method to

@@ -98,3 +98,18 @@ def lm_report(model: nn.Module, weights_path: Path, test_x: Tensor, test_y: Tens
     row.update(lm_speed(model, test_x, batch=min(batch_size, len(test_x)),
                         repeats=max(3, repeats // 6)))
     return row
+
+
+@torch.no_grad()
+def greedy_continuations(model: nn.Module, prompts: Tensor, *, new_tokens: int) -> Tensor:
+    """(P, new_tokens) int64: greedy next tokens after each prompt row (P, L), one forward of
+    the whole prefix per token (no KV cache: a handful of short samples for the report)."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = prompts
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids[:, prompts.shape[1]:]
+    finally:
+        model.train(was_training)

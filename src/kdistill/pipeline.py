@@ -40,7 +40,12 @@ from kdistill.config import RunConfig, TeacherConfig, TrainConfig, dump_config
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, model_report, predict
-from kdistill.evaluate_lm import lm_report, lm_scores, next_token_predictions
+from kdistill.evaluate_lm import (
+    greedy_continuations,
+    lm_report,
+    lm_scores,
+    next_token_predictions,
+)
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
@@ -315,5 +320,28 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
             row["seed"] = None if is_teacher else cfg.train.seeds[i]
             result.rows[role].append(row)
     atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))
-    write_report(run_dir, cfg, result.rows)
+    samples = _lm_samples(cfg, splits, models) if lm and cfg.eval.samples else []
+    if samples:
+        atomic_write_text(run_dir / "samples.json", json.dumps(samples, indent=2))
+    write_report(run_dir, cfg, result.rows, samples=samples)
     return result
+
+
+def _lm_samples(cfg: RunConfig, splits: DataSplits, models: dict[str, list[nn.Module]]) -> list[
+    dict[str, str]
+]:
+    """Greedy continuations of the first test prompts by every model (first seed), decoded:
+    what the perplexity numbers look like as text."""
+    from kdistill.models.hf import load_tokenizer
+
+    assert cfg.data.tokenizer is not None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    n = cfg.eval.sample_tokens
+    prompts = splits.test_x[: cfg.eval.samples, :n]
+    rows: list[dict[str, str]] = [{"prompt": tokenizer.decode(p)} for p in prompts]
+    for role, trained in models.items():
+        if trained:
+            out = greedy_continuations(trained[0], prompts, new_tokens=n)
+            for row, ids in zip(rows, out, strict=True):
+                row[role] = tokenizer.decode(ids)
+    return rows

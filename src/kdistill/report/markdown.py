@@ -95,7 +95,23 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
             f"student trained alone ({s:.1f} vs {b:.1f}, mean over {len(student)} seed(s)).")
 
 
-def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]]) -> Path:
+def _samples_markdown(samples: list[dict[str, str]]) -> str:
+    """One small table per prompt: each model's greedy continuation, side by side."""
+    def cell(text: str) -> str:  # one table row: no newlines or pipes
+        return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+    parts = ["## Greedy continuations (test split)"]
+    for i, sample in enumerate(samples, 1):
+        lines = [f"**Prompt {i}:** {cell(sample['prompt'])}", "",
+                 "| model | continuation |", "|---|---|"]
+        lines += [f"| {_label(role)} | {cell(text)} |" for role, text in sample.items()
+                  if role != "prompt"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]], *,
+                 samples: list[dict[str, str]] | None = None) -> Path:
     lm = _is_lm(rows)
     per_seed = (["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
                 if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
@@ -113,6 +129,7 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
         _verdict(rows),
         "## Per seed",
         "\n".join(per_seed),
+        *([_samples_markdown(samples)] if samples else []),
         "## Recipe (resolved)",
         "```yaml\n" + dump_config(cfg).rstrip() + "\n```",
     ])
