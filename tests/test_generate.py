@@ -317,6 +317,10 @@ eval: {{latency_repeats: 3}}
     assert all(result.rows[r][0]["perplexity"] > 1 for r in ("teacher", "baseline", "student"))
     # Prompts repeat across ids, so the teacher's answers are learnable: far above chance.
     assert result.rows["baseline"][0]["accuracy"] > 0.3
+    # The report's samples continue each test row's own question (its untrained prefix).
+    samples = json.loads((result.run_dir / "samples.json").read_text())
+    assert all(s["prompt"].rstrip().endswith("assistant :") for s in samples)
+    assert all("What does the Python function" in s["prompt"] for s in samples)
     missing = load_config(recipe, ["data.path=null"])
     with pytest.raises(ConfigError, match=r"data\.path"):
         run(missing, echo=lambda _: None)

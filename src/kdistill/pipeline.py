@@ -331,17 +331,23 @@ def _lm_samples(cfg: RunConfig, splits: DataSplits, models: dict[str, list[nn.Mo
     dict[str, str]
 ]:
     """Greedy continuations of the first test prompts by every model (first seed), decoded:
-    what the perplexity numbers look like as text."""
+    what the perplexity numbers look like as text. The prompt is a row's untrained prefix
+    (a chat prompt of generated data) or, for packed text, its first `sample_tokens` tokens."""
     from kdistill.models.hf import load_tokenizer
 
     assert cfg.data.tokenizer is not None
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     n = cfg.eval.sample_tokens
-    prompts = splits.test_x[: cfg.eval.samples, :n]
-    rows: list[dict[str, str]] = [{"prompt": tokenizer.decode(p)} for p in prompts]
-    for role, trained in models.items():
-        if trained:
-            out = greedy_continuations(trained[0], prompts, new_tokens=n)
-            for row, ids in zip(rows, out, strict=True):
-                row[role] = tokenizer.decode(ids)
+    prompts = []
+    for ids, labels in zip(splits.test_x[: cfg.eval.samples], splits.test_y, strict=False):
+        trained = (labels != -100).nonzero()
+        start = int(trained[0]) if len(trained) and labels[0] == -100 else n
+        prompts.append(ids[: max(start, 1)])
+    rows: list[dict[str, str]] = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True)} for p in prompts]
+    for role, trained_models in models.items():
+        if trained_models:
+            for row, prompt in zip(rows, prompts, strict=True):
+                out = greedy_continuations(trained_models[0], prompt[None], new_tokens=n)[0]
+                row[role] = tokenizer.decode(out, skip_special_tokens=True)
     return rows
