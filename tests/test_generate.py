@@ -321,6 +321,13 @@ eval: {{latency_repeats: 3}}
     samples = json.loads((result.run_dir / "samples.json").read_text())
     assert all(s["prompt"].rstrip().endswith("assistant :") for s in samples)
     assert all("What does the Python function" in s["prompt"] for s in samples)
+    # The same recipe over a regenerated file is other data: finished stages are redone.
+    records = _lines(out)
+    records[0]["response"] = "something else entirely"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines: list[str] = []
+    run(load_config(recipe), echo=lines.append)
+    assert any("baseline: recipe changed" in line for line in lines)
     missing = load_config(recipe, ["data.path=null"])
     with pytest.raises(ConfigError, match=r"data\.path"):
         run(missing, echo=lambda _: None)

@@ -79,6 +79,20 @@ def test_topk_cache_stores_the_teachers_top_k_log_probabilities(tmp_path: Path) 
     assert cache_bytes(11, (T, V), {}, "float32", topk=5) == on_disk == 11 * T * 25
 
 
+def test_a_padded_teacher_table_is_cut_to_the_tokenizer_vocabulary(tmp_path: Path) -> None:
+    # The teacher's table has 37 rows, the data's tokenizer 30 tokens: the cache must never
+    # name tokens 30..36 (a student with 30 outputs cannot score them), and its log-probs
+    # are over the 30 real tokens.
+    teacher, ids = _llama(1), _ids(9, vocab=30)
+    key = CacheKey(fingerprint_model(teacher), "d", topk=30)
+    cache = build_cache(tmp_path / "c", teacher, ids, key, vocab=30)
+    idx = torch.arange(9)
+    assert int(cache.read("topk_indices", idx).max()) < 30
+    with torch.no_grad():
+        expected = torch.log_softmax(teacher(ids)[..., :30], dim=-1).topk(30, dim=-1).values
+    torch.testing.assert_close(cache.read("topk_logprobs", idx), expected)
+
+
 def test_indices_use_the_smallest_integer_type_that_fits(tmp_path: Path) -> None:
     assert [index_dtype(v) for v in (2, 256, 257, 65536, 65537)] == [
         np.uint8, np.uint8, np.uint16, np.uint16, np.int32]

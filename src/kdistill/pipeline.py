@@ -141,8 +141,11 @@ def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, 
                    role: str, where: str, echo: Echo) -> nn.Module:
     stage_dir = run_dir / role
     tcfg = tcfg_all.train
+    # splits.fingerprint: the data's content, not only its recipe (a regenerated JSONL file,
+    # another tokenizer version or Python's own docstrings change the tokens, not the text).
     fingerprint = _fingerprint(
-        cfg.data.model_dump(), tcfg_all.model.model_dump(), _file_hash(tcfg_all.model.weights),
+        cfg.data.model_dump(), splits.fingerprint, tcfg_all.model.model_dump(),
+        _file_hash(tcfg_all.model.weights),
         None if tcfg is None else [_training(tcfg), tcfg.seeds[0]],
     )
     if tcfg is not None:
@@ -199,7 +202,10 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     what += f" and {', '.join(layers)}" if layers else ""
     echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
          f"({what})")
-    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
+    # Causal LMs: only the tokenizer's tokens (a padded teacher table has more rows).
+    vocab = splits.num_classes if splits.task == "causal_lm" else None
+    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
+                        vocab=vocab)
     return CachedTeacher(cache)
 
 
@@ -208,14 +214,13 @@ def _student_stage(
     teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
 ) -> nn.Module:
     method = build_method(CEConfig() if role == "baseline" else cfg.method)
-    parts: list[Any] = [cfg.data.model_dump(), cfg.student.model.model_dump(),
+    parts: list[Any] = [cfg.data.model_dump(), splits.fingerprint, cfg.student.model.model_dump(),
                         _file_hash(cfg.student.model.weights), _training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
     if role != "baseline" and teacher_models:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.
         stored: Any = "online"
         if isinstance(teacher, CachedTeacher | EnsembleTeacher):
-            # (A dense cache keeps its old fingerprint part, so finished stages stay done.)
             stored = cfg.cache.dtype if cfg.cache.topk is None else [cfg.cache.dtype,
                                                                       cfg.cache.topk]
         parts += [[fingerprint_model(m) for m in teacher_models], stored]
