@@ -127,3 +127,10 @@ def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Pa
     assert result.rows["student"][0]["perplexity"] > 1
     with pytest.raises(ConfigError, match=r"cache\.topk: a top-k teacher cache feeds"):
         load_config(recipe, ["cache.topk=8", "method.kind=jsd"])
+
+
+def test_limits_that_would_be_ignored_on_text_are_refused(tmp_path: Path,
+                                                         tokenizer_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tokenizer_dir, "{name: token_kd}")
+    with pytest.raises(ConfigError, match=r"data\.train_limit: .*max_train_tokens"):
+        run(load_config(recipe, ["data.train_limit=100"]), echo=lambda _: None)

@@ -40,6 +40,13 @@ def _build_text(cfg: DataConfig) -> DataSplits:
     if cfg.tokenizer is None:
         raise ConfigError("data.tokenizer", f"text corpus '{cfg.name}' needs the tokenizer of "
                                             f"the teacher, e.g. tokenizer: smollm2")
+    # Refuse limits that would otherwise be ignored silently.
+    if cfg.train_limit is not None:
+        raise ConfigError("data.train_limit", "counts samples of image/signal data; for text "
+                                              "use data.max_train_tokens")
+    if cfg.name == GENERATED and (cfg.max_train_tokens or cfg.max_eval_tokens):
+        raise ConfigError("data.max_train_tokens", "not applied to generated answers; limit "
+                                                   "the prompts when generating (prompts.limit)")
     if cfg.val_size >= 1:
         raise ConfigError("data.val_size", "for a text corpus, a fraction of the documents "
                                            f"(e.g. 0.05); got {cfg.val_size}")
