@@ -61,7 +61,10 @@ def test_pretrained_loads_from_a_directory_and_checks_the_vocabulary(tmp_path: P
                           args={"path": str(path)})
     assert teacher(torch.randint(0, 50, (2, 12))).shape == (2, 12, 50)
     # A padded embedding table (more rows than tokens) is accepted; fewer rows are not.
-    build_model("hf_causal_lm", input_shape=(12,), num_classes=48, args={"path": str(path)})
+    padded = build_model("hf_causal_lm", input_shape=(12,), num_classes=48,
+                         args={"path": str(path)})
+    # The extra rows' logits are cut once, in the model: everything downstream sees V = 48.
+    assert padded(torch.randint(0, 48, (2, 12))).shape == (2, 12, 48)
     with pytest.raises(ConfigError, match=r"vocabulary has 50 entries but .* has 60"):
         build_model("hf_causal_lm", input_shape=(12,), num_classes=60, args={"path": str(path)})
     with pytest.raises(ConfigError, match="never downloaded"):

@@ -83,13 +83,17 @@ def test_a_padded_teacher_table_is_cut_to_the_tokenizer_vocabulary(tmp_path: Pat
     # The teacher's table has 37 rows, the data's tokenizer 30 tokens: the cache must never
     # name tokens 30..36 (a student with 30 outputs cannot score them), and its log-probs
     # are over the 30 real tokens.
-    teacher, ids = _llama(1), _ids(9, vocab=30)
+    # The causal-LM wrapper built for 30-token data cuts the padded rows' logits.
+    from kdistill.models.hf import CausalLM
+
+    padded, ids = _llama(1), _ids(9, vocab=30)
+    teacher = CausalLM(padded.model, vocab=30).eval()
     key = CacheKey(fingerprint_model(teacher), "d", topk=30)
-    cache = build_cache(tmp_path / "c", teacher, ids, key, vocab=30)
+    cache = build_cache(tmp_path / "c", teacher, ids, key)
     idx = torch.arange(9)
     assert int(cache.read("topk_indices", idx).max()) < 30
     with torch.no_grad():
-        expected = torch.log_softmax(teacher(ids)[..., :30], dim=-1).topk(30, dim=-1).values
+        expected = torch.log_softmax(padded(ids)[..., :30], dim=-1).topk(30, dim=-1).values
     torch.testing.assert_close(cache.read("topk_logprobs", idx), expected)
 
 

@@ -236,7 +236,6 @@ def build_cache(
     *,
     batch_size: int = 1000,
     max_batch_mb: float = 256.0,
-    vocab: int | None = None,
 ) -> TeacherCache:
     """Run `teacher` once over `inputs` (N, ...) in order (eval mode) and store, at row = index,
     its logits (N, *P, V) or, when `key.topk` = k, the top-k of its log-softmax at T = 1
@@ -246,10 +245,6 @@ def build_cache(
     outputs (twice that for top-k, which adds a log-softmax copy) would pass `max_batch_mb`
     MiB: a causal LM's (batch, T, V) logits grow fast (8 x 512 x 49,152 x 4 B = 805 MB), and
     the full (N, *P, V) logits are never held in memory.
-
-    `vocab`: keep only the first `vocab` logits (the tokenizer's tokens) of a teacher whose
-    embedding table is padded past them, so the cache (and its top-k indices) never names a
-    token the student cannot output.
     """
     _check_value_dtype(key.dtype)
     directory = Path(directory)
@@ -260,12 +255,8 @@ def build_cache(
     teacher.eval()
     try:
         n, layers, k = len(inputs), key.layers, key.topk
-        def forward(x: Tensor) -> Tensor:
-            out = teacher(x)
-            return out if vocab is None else out[..., :vocab]
-
         with capture(teacher, layers, where="method.teacher_layers") as feats:
-            probe = forward(inputs[:1])
+            probe = teacher(inputs[:1])
             *positions, vocab = probe.shape[1:]
             # name -> (file, manifest dtype, per-sample shape)
             layout: dict[str, tuple[str, str, tuple[int, ...]]] = {}
@@ -287,7 +278,7 @@ def build_cache(
             per_sample = probe[0].numel() * 4 * (1 if k is None else 2)
             step = max(1, min(batch_size, int(max_batch_mb * 2**20) // max(per_sample, 1)))
             for start in range(0, n, step):
-                logits = forward(inputs[start : start + step])
+                logits = teacher(inputs[start : start + step])
                 if k is None:
                     values = {"logits": logits}
                 else:

@@ -166,7 +166,7 @@ def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, 
 
 
 def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_dir: Path,
-                    echo: Echo) -> Teacher | None:
+                    echo: Echo, weights_print: str) -> Teacher | None:
     """The cache (logits, and the teacher layers the method reads) when inputs are deterministic
     and caching is on and fits `cache.max_mb`; else the live network."""
     method = build_method(cfg.method)
@@ -190,7 +190,7 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     if why is not None:
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
-    key = CacheKey(teacher=fingerprint_model(model), data=splits.fingerprint,
+    key = CacheKey(teacher=weights_print, data=splits.fingerprint,
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
     directory = cache_dir
     if TeacherCache.is_valid(directory, key):
@@ -202,16 +202,14 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     what += f" and {', '.join(layers)}" if layers else ""
     echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
          f"({what})")
-    # Causal LMs: only the tokenizer's tokens (a padded teacher table has more rows).
-    vocab = splits.num_classes if splits.task == "causal_lm" else None
-    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
-                        vocab=vocab)
+    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
     return CachedTeacher(cache)
 
 
 def _student_stage(
     role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
     teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
+    teacher_prints: list[str] | None = None,
 ) -> nn.Module:
     method = build_method(CEConfig() if role == "baseline" else cfg.method)
     parts: list[Any] = [cfg.data.model_dump(), splits.fingerprint, cfg.student.model.model_dump(),
@@ -223,7 +221,7 @@ def _student_stage(
         if isinstance(teacher, CachedTeacher | EnsembleTeacher):
             stored = cfg.cache.dtype if cfg.cache.topk is None else [cfg.cache.dtype,
                                                                       cfg.cache.topk]
-        parts += [[fingerprint_model(m) for m in teacher_models], stored]
+        parts += [teacher_prints, stored]
     stage_dir = run_dir / f"seed-{seed}" / role
     fingerprint = _fingerprint(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
@@ -267,8 +265,10 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     teacher_model = teacher_models[0]
     # Fail fast on a mismatched student before any expensive work.
     build_network(cfg.student.model, splits, where="student.model")
-    sources = [_teacher_source(cfg, splits, m, run_dir / "cache" / role, echo)
-               for m, role in zip(teacher_models, teacher_roles, strict=True)]
+    # Hashed once: a pretrained LM teacher is hundreds of MB, and every seed's stage uses it.
+    teacher_prints = [fingerprint_model(m) for m in teacher_models]
+    sources = [_teacher_source(cfg, splits, m, run_dir / "cache" / role, echo, fp)
+               for m, role, fp in zip(teacher_models, teacher_roles, teacher_prints, strict=True)]
     teacher: Teacher | None = sources[0]
     if len(sources) > 1:
         teacher = EnsembleTeacher([s for s in sources if s is not None])
@@ -282,17 +282,20 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
         if cfg.baseline:
             models["baseline"].append(
                 _student_stage("baseline", cfg, splits, seed, run_dir, None, echo))
-        source, source_models = teacher, teacher_models
+        source, source_models, source_prints = teacher, teacher_models, teacher_prints
         for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
             before = source.forwards if source is not None else 0
-            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_models)
+            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_models,
+                                   source_prints)
             models[role].append(model)
             # Sources are shared across seeds and count cumulatively: add this stage's calls.
             forwards += (source.forwards - before) if source is not None else 0
             if role != roles[-1]:
                 source_models = [freeze_teacher(copy.deepcopy(model))]
+                source_prints = [fingerprint_model(source_models[0])]
                 source = _teacher_source(cfg, splits, source_models[0],
-                                         run_dir / f"seed-{seed}" / role / "cache", echo)
+                                         run_dir / f"seed-{seed}" / role / "cache", echo,
+                                         source_prints[0])
 
     echo("evaluate: test set, size and speed")
     lm = splits.task == "causal_lm"

@@ -75,17 +75,21 @@ class CausalLM(nn.Module):
     """A transformers causal LM: ids (B, T) -> logits (B, T, V) in float32.
 
     `self.model` is the transformers model itself, so module names are its own
-    (`model.model.layers.0.mlp` here is `model.layers.0.mlp` inside it).
+    (`model.model.layers.0.mlp` here is `model.layers.0.mlp` inside it). `vocab`: the data's
+    tokenizer size; an embedding table padded past it (e.g. 151,936 rows for 151,665 tokens)
+    has its extra logits cut here, once, so caches, losses and evaluation all see V = vocab.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, vocab: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.vocab = vocab
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if input_ids.is_floating_point():
             raise TypeError("a causal LM takes int64 token ids, not float inputs")
-        return self.model(input_ids=input_ids, use_cache=False).logits.float()
+        logits = self.model(input_ids=input_ids, use_cache=False).logits.float()
+        return logits if self.vocab is None else logits[..., : self.vocab]
 
 
 @functools.lru_cache(maxsize=2)
@@ -109,7 +113,7 @@ def pretrained_causal_lm(input_shape: tuple[int, ...], num_classes: int, *,
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state)  # copies: the module never shares the cached tensors
     _vocab_check(model.get_input_embeddings().num_embeddings, num_classes, "arch")
-    return CausalLM(model)
+    return CausalLM(model, vocab=num_classes)
 
 
 def llama_student(
@@ -134,9 +138,11 @@ def llama_student(
     """
     tf = _transformers()
     if init_from is not None:
-        source = pretrained_causal_lm(input_shape, num_classes, path=init_from).model
-        cfg = source.config.to_dict()
-        n_src = source.config.num_hidden_layers
+        # The cached (config, state dict): no second 135M-parameter module is built.
+        source_config, state = _pretrained(init_from)
+        _vocab_check(source_config.vocab_size, num_classes, "args.init_from")
+        cfg = source_config.to_dict()
+        n_src = source_config.num_hidden_layers
         chosen = layer_map or [round(i * (n_src - 1) / max(layers - 1, 1)) for i in range(layers)]
         if len(chosen) != layers or not all(0 <= i < n_src for i in chosen):
             raise ConfigError("args.layer_map", f"needs {layers} layer indices in [0, {n_src}); "
@@ -145,7 +151,6 @@ def llama_student(
         config = tf.LlamaConfig(**{k: v for k, v in cfg.items()
                                    if k not in ("architectures", "_name_or_path")})
         model = tf.LlamaForCausalLM(config)
-        state = source.state_dict()
         own = model.state_dict()
         for key in own:
             src_key = key
@@ -154,7 +159,7 @@ def llama_student(
                 src_key = f"model.layers.{chosen[int(idx)]}.{rest}"
             own[key] = state[src_key]
         model.load_state_dict(own)
-        return CausalLM(model)
+        return CausalLM(model, vocab=num_classes)
     config = tf.LlamaConfig(
         vocab_size=num_classes, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
