@@ -5,10 +5,16 @@ Read it top to bottom: resume if a checkpoint is there, then for each optimiser 
 its named loss terms, weight each micro-batch by its share of the step's samples (so the
 accumulated gradient equals the gradient of one big batch), clip, step, log, and at epoch
 ends evaluate and checkpoint.
+
+Under torchrun (see `kdistill.distributed`) the same loop runs on every rank: each takes its
+rows of every global batch, DDP averages the gradients, the step's item count and loss terms
+are summed over ranks (so weights and logs are those of the global batch), and rank 0 alone
+evaluates, logs and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -20,7 +26,9 @@ from pathlib import Path
 import rich.progress as rp
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from kdistill import distributed
 from kdistill.capture import capture
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdistill.config import TrainConfig
@@ -58,6 +66,24 @@ def _forward(
         else:
             t_logits = t_out
     return Outputs(logits, t_logits, dict(student_feats), t_feats, teacher_topk=t_topk)
+
+
+class _Step(nn.Module):
+    """Student and method (its adapters) as one module whose forward returns the loss terms:
+    DDP synchronises the gradients of exactly the module it wraps and whose forward it runs,
+    so both must be inside. Holds references only; the models are not changed."""
+
+    def __init__(self, student: nn.Module, method: Method, teacher: Teacher | None,
+                 student_feats: dict[str, Tensor], precision: str) -> None:
+        super().__init__()
+        self.student, self.method = student, method
+        self.teacher, self.student_feats, self.precision = teacher, student_feats, precision
+
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        # Autocast covers the networks only; the loss math stays in fp32.
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16"):
+            out = _forward(self.student, self.teacher, self.method, batch, self.student_feats)
+        return self.method.loss_terms(out, batch, progress)
 
 
 def _restore(
@@ -128,6 +154,9 @@ def train(
     """
     if method.uses_teacher and teacher is None:
         raise ConfigError("method", f"method '{method.cfg.name}' needs a teacher")
+    dist = distributed.info()
+    if not dist.main:  # rank 0 alone evaluates, logs and checkpoints
+        evaluate, logger, checkpoint_dir, echo, progress_bar = None, None, None, None, False
     logger = logger or MetricsLogger()
     accum = cfg.grad_accum
     steps_per_epoch = math.ceil(len(loader) / accum)
@@ -146,7 +175,7 @@ def train(
         echo(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch})")
 
     def checkpoint() -> None:
-        if checkpoint_dir is None:
+        if checkpoint_dir is None:  # also every rank but 0
             return
         trainer_state = {
             "optimizer": optimizer.state_dict(),
@@ -165,6 +194,12 @@ def train(
     task = bar.add_task("training", total=total_steps, completed=state.step)
     with bar, capture(student, method.student_layers,
                       where="method.student_layers") as s_feats:
+        step_module = _Step(student, method, teacher, s_feats, cfg.precision)
+        # DDP broadcasts rank 0's weights at construction; unused parameters are allowed
+        # because a method may leave an adapter or a head out of some steps.
+        ddp = (DistributedDataParallel(step_module, find_unused_parameters=True)
+               if dist.enabled else None)
+        run_step = ddp or step_module
         while state.epoch < cfg.epochs and state.step < total_steps:
             student.train()
             method.train()
@@ -174,26 +209,37 @@ def train(
                 if not group:
                     break
                 progress = Progress(state.step, state.epoch, total_steps, steps_per_epoch)
+                n_group = sum(len(b["label"]) for b in group)  # global samples, all ranks
+                # This rank's rows; a global batch too small to give every rank a row (the
+                # last of an epoch, at most) is left out of the step on every rank alike.
+                local = [distributed.shard(b, dist) for b in group
+                         if len(b["label"]) >= dist.world]
                 # On-policy methods may replace a batch by the student's own samples.
-                group = [method.prepare_batch(b, student, progress) for b in group]
-                n_group = sum(len(b["label"]) for b in group)
+                local = [method.prepare_batch(b, student, progress) for b in local]
                 # Micro-batch weights: the method's item counts (samples; valid tokens for
-                # token-level losses), so the summed micro-batch means are the window's mean.
-                items = [method.batch_items(b) for b in group]
-                n_items = sum(items)
+                # token-level losses) over the whole step on all ranks, so the summed
+                # micro-batch means are the global batch's mean. DDP averages gradients over
+                # ranks, hence the factor `world` in the backward weight.
+                items = [method.batch_items(b) for b in local]
+                n_items = float(sum(items))
+                if dist.enabled:
+                    n_items = float(distributed.all_reduce_sum(torch.tensor([n_items])).item())
                 optimizer.zero_grad(set_to_none=True)
                 term_sums: dict[str, Tensor] = {}
-                for batch, n_batch in zip(group, items, strict=True):
-                    with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        out = _forward(student, teacher, method, batch, s_feats)
-                    terms = method.loss_terms(out, batch, progress)
-                    share = n_batch / max(n_items, 1)  # micro-batch mean -> step mean
-                    loss = sum(terms.values()) * share
-                    loss.backward()  # type: ignore[union-attr]
+                for i, (batch, n_batch) in enumerate(zip(local, items, strict=True)):
+                    share = n_batch / max(n_items, 1.0)  # micro-batch mean -> step mean
+                    # Gradients are all-reduced once, in the step's last backward.
+                    sync = ddp.no_sync() if ddp and i < len(local) - 1 else contextlib.nullcontext()
+                    with sync:
+                        terms = run_step(batch, progress)
+                        loss = sum(terms.values()) * (share * dist.world)
+                        loss.backward()  # type: ignore[union-attr]
                     for name, value in terms.items():
                         term_sums[name] = term_sums.get(name, 0.0) + value.detach() * share
-                # One host sync per step for all terms (not one per term and micro-batch).
-                values = torch.stack([v.float() for v in term_sums.values()]).tolist()
+                # One host sync (and one reduction over ranks) per step for all terms.
+                stacked = distributed.all_reduce_sum(
+                    torch.stack([v.float() for v in term_sums.values()]))
+                values = stacked.tolist()
                 step_terms = dict(zip(term_sums, values, strict=True))
                 bad = [k for k, v in step_terms.items() if not math.isfinite(v)]
                 if bad:
@@ -253,4 +299,5 @@ def train(
                     state.epoch += 1
                     state.batch = 0
             checkpoint()
+    del ddp, run_step, step_module  # before the process group goes (see distributed.shutdown)
     return state

@@ -3,6 +3,10 @@
 Each stage writes its artifact into the run directory with a fingerprint of the recipe parts
 it depends on. A stage whose fingerprint matches is skipped (a re-run only re-evaluates); one
 whose recipe changed is redone; one that was interrupted resumes from its last checkpoint.
+
+Under torchrun every rank runs this same code: files (markers, models, the teacher cache,
+reports) are written by rank 0 through `distributed.on_main`, which every rank calls in the
+same order, and rank 0 alone evaluates and reports.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill import distributed
 from kdistill.build import (
     build_data,
     build_network,
@@ -151,17 +156,17 @@ def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, 
     if tcfg is not None:
         torch.manual_seed(tcfg.seeds[0])  # the teacher's initial weights
     model = build_network(tcfg_all.model, splits, where=f"{where}.model")
-    if _stage_done(stage_dir, fingerprint, echo):
+    if distributed.on_main(lambda: _stage_done(stage_dir, fingerprint, echo)):
         load_weights(model, stage_dir / "model.safetensors")
         echo(f"{role}: done earlier, loaded")
     elif tcfg is None:
         echo(f"{role}: using the model as loaded ({where}.train is null)")
-        _finish_stage(stage_dir, fingerprint, model)
+        distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     else:
         echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
         _fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
              echo, f"{where}.train")
-        _finish_stage(stage_dir, fingerprint, model)
+        distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     return freeze_teacher(model)
 
 
@@ -193,17 +198,22 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     key = CacheKey(teacher=weights_print, data=splits.fingerprint,
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
     directory = cache_dir
-    if TeacherCache.is_valid(directory, key):
-        echo("cache: valid teacher cache found")
-        return CachedTeacher(TeacherCache(directory))
-    if (directory / "manifest.json").is_file():
-        echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); rebuilding")
-    what = "logits" if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities"
-    what += f" and {', '.join(layers)}" if layers else ""
-    echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
-         f"({what})")
-    cache = build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
-    return CachedTeacher(cache)
+
+    def ensure_cache() -> None:  # rank 0 writes the cache; the others then open it
+        if TeacherCache.is_valid(directory, key):
+            echo("cache: valid teacher cache found")
+            return
+        if (directory / "manifest.json").is_file():
+            echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); "
+                 "rebuilding")
+        what = "logits" if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities"
+        what += f" and {', '.join(layers)}" if layers else ""
+        echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
+             f"({what})")
+        build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
+
+    distributed.on_main(ensure_cache)
+    return CachedTeacher(TeacherCache(directory))
 
 
 def _student_stage(
@@ -226,24 +236,43 @@ def _student_stage(
     fingerprint = _fingerprint(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
     model = build_network(cfg.student.model, splits, where="student.model")
-    if _stage_done(stage_dir, fingerprint, echo):
+    if distributed.on_main(lambda: _stage_done(stage_dir, fingerprint, echo)):
         load_weights(model, stage_dir / "model.safetensors")
         echo(f"{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
     _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
          teacher_model=teacher_models[0] if teacher_models else None)
-    _finish_stage(stage_dir, fingerprint, model)
+    distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     return model
 
 
 def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
-    """Run every stage of a recipe and write `report.md`; returns the evaluated rows."""
+    """Run every stage of a recipe and write `report.md`; returns the evaluated rows.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group, trains with DDP and leaves
+    the group at the end; only rank 0's result holds rows (the others return none)."""
+    joined = not distributed.info().enabled
+    dist = distributed.init_from_env()
+    joined = joined and dist.enabled  # this call set the group up, so it takes it down
+    try:
+        return _run(cfg, echo if dist.main else (lambda _line: None))
+    except BaseException:
+        if joined:  # another rank may be waiting in a collective: no barrier, just leave
+            distributed.shutdown(barrier=False)
+            joined = False
+        raise
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    distributed.on_main(lambda: atomic_write_text(run_dir / "config.yaml", dump_config(cfg)))
     splits = build_data(cfg.data)
     if splits.task == "causal_lm":
         echo(f"data: {splits.name}: {splits.train_x.numel():,} train / {splits.val_x.numel():,} "
@@ -297,6 +326,8 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
                                          run_dir / f"seed-{seed}" / role / "cache", echo,
                                          source_prints[0])
 
+    if not distributed.info().main:
+        return RunResult(run_dir=run_dir, teacher_forwards=forwards)
     echo("evaluate: test set, size and speed")
     lm = splits.task == "causal_lm"
     lm_batch = min(cfg.eval.batch_size, cfg.train.batch_size)
