@@ -143,6 +143,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert latest_checkpoint(tmp_path).name == "step-00000004"
 
 
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
+    # A gradient hook turns one weight's gradient into NaN from step 5 on: the loss stays
+    # finite, so only the gradient check can catch it, before the optimiser steps on it.
+    cfg = TrainConfig(epochs=1, checkpoint_every_steps=2)
+    student = mlp(0)
+    calls = {"n": 0}
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] > 5 else grad
+
+    student[0].weight.register_hook(poison)
+    with pytest.raises(TrainingError, match=r"non-finite gradient at step 5.*loss terms finite"):
+        fit(cfg, student=student, method=NaNAfter(10**6), ckpt=tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+    assert torch.isfinite(student[0].weight).all()  # the poisoned step was not taken
+
+
 def test_every_term_and_schedule_value_is_logged(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, log_every=2)
     logger = MetricsLogger(tmp_path / "metrics.jsonl")

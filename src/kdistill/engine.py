@@ -236,10 +236,18 @@ def train(
                         loss.backward()  # type: ignore[union-attr]
                     for name, value in terms.items():
                         term_sums[name] = term_sums.get(name, 0.0) + value.detach() * share
+                # A finite loss can still give inf/NaN gradients (a sqrt or a norm at 0, an
+                # overflow in bf16): stepping on them would poison the weights silently, so
+                # the gradient norm (identical on every rank after DDP's reduction) is checked.
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grads = [p.grad.detach().float() for p in params if p.grad is not None]
+                norm = (torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(g) for g in grads])) if grads
+                    else torch.zeros(())) / dist.world  # summed over ranks below
                 # One host sync (and one reduction over ranks) per step for all terms.
                 stacked = distributed.all_reduce_sum(
-                    torch.stack([v.float() for v in term_sums.values()]))
-                values = stacked.tolist()
+                    torch.stack([*(v.float() for v in term_sums.values()), norm]))
+                *values, grad_norm = stacked.tolist()
                 step_terms = dict(zip(term_sums, values, strict=True))
                 bad = [k for k, v in step_terms.items() if not math.isfinite(v)]
                 if bad:
@@ -247,8 +255,12 @@ def train(
                         f"non-finite loss at step {state.step}, epoch {state.epoch}: term "
                         f"'{bad[0]}' = {step_terms[bad[0]]}; the last good checkpoint is kept"
                     )
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(
+                        f"non-finite gradient at step {state.step}, epoch {state.epoch} (loss "
+                        f"terms finite: {', '.join(f'{k}={v:.4g}' for k, v in step_terms.items())}"
+                        "); not stepping on it; the last good checkpoint is kept")
                 if cfg.clip_grad_norm is not None:
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                 if scheduler is None:
                     factor = value_at(cfg.lr_schedule, progress)
