@@ -30,4 +30,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
     || echo "setup: could not install dataset-fashion-mnist (Fashion-MNIST recipes will say so)"
 fi
+# Chromium renders report.html in the `browser` test (skipped without it); optional, as root.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+    || echo "setup: could not install chromium (the browser test of report.html will be skipped)"
+fi
 echo "setup: done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

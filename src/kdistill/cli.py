@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,6 +54,8 @@ def run(args: RecipeArg = None) -> None:
     recipe, overrides = _split(args)
     cfg = load_config(recipe, overrides)
     result = run_pipeline(cfg, echo=lambda line: console.print(line, highlight=False))
+    if not result.rows:  # under torchrun only rank 0 evaluates: the other ranks stay quiet
+        return
     _print_table(result.rows)
     console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -84,6 +87,19 @@ def generate(
         f"{result.out_path}: {result.n_generated} prompt(s) answered now, "
         f"{result.n_skipped} already there; {result.new_tokens} new tokens in "
         f"{result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s)", highlight=False)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (runs/<name>)")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="the HTML file; default <run_dir>/report.html, required for several"
+    )] = None,
+) -> None:
+    """Write report.html for a run, or one page comparing several runs."""
+    from kdistill.report.html import write_html_report
+
+    console.print(f"report: {write_html_report(run_dirs, out)}", highlight=False)
 
 
 @app.command()

@@ -58,6 +58,19 @@ def classification_scores(
     return scores
 
 
+def per_class_accuracy(logits: Tensor, labels: Tensor) -> list[float | None]:
+    """Accuracy on the test samples of each class, logits (N, C) and labels (N,).
+
+    None for a class with no test sample: JSON has no NaN, and 0.0 would read as a failure.
+    """
+    pred = logits.argmax(dim=1)
+    out: list[float | None] = []
+    for c in range(logits.shape[1]):
+        mask = labels == c
+        out.append(float((pred[mask] == c).float().mean()) if mask.any() else None)
+    return out
+
+
 @torch.no_grad()
 def measure_speed(
     model: nn.Module, example: Tensor, *, throughput_batch: int = 256, repeats: int = 30
@@ -105,6 +118,8 @@ def model_report(
     row: dict[str, Any] = classification_scores(
         logits, test_y, teacher_logits=teacher_logits, ece_bins=ece_bins
     )
+    # Per class, for the report's gap plot: where distillation helps is rarely uniform.
+    row["per_class_accuracy"] = per_class_accuracy(logits, test_y)
     row["params"] = count_parameters(model)
     row["bytes"] = weights_path.stat().st_size
     row.update(measure_speed(model, test_x, throughput_batch=throughput_batch, repeats=repeats))

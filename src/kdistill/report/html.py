@@ -1,0 +1,340 @@
+"""The HTML report: one self-contained page (inline CSS, plots as PNG data URIs, no script, no
+external URL) for one run directory, or a comparison of several.
+
+It reads only what `kdistill run` leaves on disk (config.yaml, eval.json, the metrics.jsonl of
+every stage, samples.json), so it works on old runs and on runs from another machine.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdistill.checkpoint import atomic_write_text
+from kdistill.errors import ConfigError
+from kdistill.report import plots
+from kdistill.report.markdown import _label, summary_table
+
+Rows = dict[str, list[dict[str, Any]]]
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1150px; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd;
+       padding-bottom: 0.2em; margin-top: 2em; } h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td { white-space: nowrap; }
+.wide { overflow-x: auto; } .label, .text { text-align: left; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+td.text { white-space: pre-wrap; min-width: 40em; font-family: ui-monospace, monospace;
+          font-size: 0.85em; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+@dataclass
+class RunData:
+    """What one run directory holds, as the report needs it."""
+
+    path: Path
+    name: str
+    config_text: str
+    config: dict[str, Any]
+    rows: Rows
+    samples: list[dict[str, str]]
+
+    @property
+    def lm(self) -> bool:
+        return any("perplexity" in r for seeds in self.rows.values() for r in seeds)
+
+    @property
+    def metric(self) -> str:
+        """The quality figure plotted: accuracy, or perplexity for a causal LM."""
+        return "perplexity" if self.lm else "accuracy"
+
+
+def load_run(path: Path) -> RunData:
+    """Read a run directory; ConfigError naming the path when it is not one."""
+    path = Path(path)
+    expected = "expected a run directory written by `kdistill run` (config.yaml and eval.json)"
+    if not path.is_dir():
+        raise ConfigError(str(path), f"not a directory; {expected}")
+    missing = [f for f in ("config.yaml", "eval.json") if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(str(path), f"missing {' and '.join(missing)}; {expected}; "
+                          "a run stopped before its evaluate stage has no eval.json")
+    config_text = (path / "config.yaml").read_text(encoding="utf-8")
+    samples_path = path / "samples.json"
+    try:
+        config = yaml.safe_load(config_text)
+        rows = json.loads((path / "eval.json").read_text(encoding="utf-8"))
+        samples = (json.loads(samples_path.read_text(encoding="utf-8"))
+                   if samples_path.is_file() else [])
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(str(path), f"unreadable run file: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(str(path / "config.yaml"), "expected the resolved recipe (a mapping)")
+    if not (isinstance(rows, dict) and all(
+            isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in rows.values())):
+        raise ConfigError(str(path / "eval.json"), "expected {role: [row per seed]}")
+    return RunData(path, str(config.get("name") or path.name), config_text, config, rows,
+                   samples if isinstance(samples, list) else [])
+
+
+def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
+    """The records of one split; a half-written last line (a killed run) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("split") == split:
+            out.append(record)
+    return out
+
+
+def _seed_dirs(run: RunData) -> list[Path]:
+    def number(p: Path) -> int:
+        return int(p.name.removeprefix("seed-"))
+    return sorted((p for p in run.path.glob("seed-*") if re.fullmatch(r"seed-\d+", p.name)),
+                  key=number)
+
+
+def curves(run: RunData, split: str) -> dict[str, list[list[dict[str, Any]]]]:
+    """role -> one record list per seed, for the trained students and the baseline."""
+    out: dict[str, list[list[dict[str, Any]]]] = {}
+    for role in run.rows:
+        if role.startswith("teacher"):
+            continue  # trained on another budget (or not here at all): its own x axis
+        seeds = [_read_records(d / role / "metrics.jsonl", split) for d in _seed_dirs(run)]
+        if any(seeds):
+            out[role] = [s for s in seeds if s]
+    return out
+
+
+def _mean_per_class(seeds: list[dict[str, Any]]) -> list[float | None] | None:
+    lists = [r["per_class_accuracy"] for r in seeds if r.get("per_class_accuracy")]
+    if not lists:
+        return None
+    means: list[float | None] = []
+    for values in zip(*lists, strict=False):
+        present = [v for v in values if v is not None]
+        means.append(statistics.mean(present) if present else None)
+    return means
+
+
+def class_gaps(rows: Rows) -> dict[str, list[float | None]]:
+    """`student − baseline` and `student − teacher` per class (means over seeds); the last
+    student generation is the one compared."""
+    students = [role for role in rows if role.startswith("student")]
+    student = _mean_per_class(rows.get(students[-1], [])) if students else None
+    if student is None:
+        return {}
+    gaps: dict[str, list[float | None]] = {}
+    for other in ("baseline", "teacher"):
+        theirs = _mean_per_class(rows.get(other, []))
+        if theirs is not None and len(theirs) == len(student):
+            gaps[f"student − {other}"] = [None if s is None or t is None else s - t
+                                          for s, t in zip(student, theirs, strict=True)]
+    return gaps
+
+
+# ---------------------------------------------------------------- HTML pieces
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _table(table: list[list[str]], *, labels: int = 1, mono: bool = False) -> str:
+    """A table whose first `labels` columns are names (left-aligned); `mono` shows the other
+    cells as preformatted text (model outputs) instead of right-aligned numbers."""
+    head, *body = table
+
+    def cls(i: int) -> str:
+        return ' class="label"' if i < labels else ' class="text"' if mono else ""
+
+    lines = ["<tr>" + "".join(f"<th{cls(i)}>{_e(h)}</th>" for i, h in enumerate(head)) + "</tr>"]
+    lines += ["<tr>" + "".join(f"<td{cls(i)}>{_e(c)}</td>" for i, c in enumerate(line)) + "</tr>"
+              for line in body]
+    return '<div class="wide"><table>\n' + "\n".join(lines) + "\n</table></div>"
+
+
+def _img(uri: str | None, alt: str, missing: str) -> str:
+    if uri is None:
+        return f'<p class="note">{_e(missing)}</p>'
+    return f'<img src="{uri}" alt="{_e(alt)}">'
+
+
+def comparison_table(runs: list[RunData]) -> list[list[str]]:
+    """One table for every run: a `run` column, then the union of the runs' columns (an LM run
+    and a classifier have different ones; a cell a run lacks reads '–')."""
+    tables = [summary_table(run.rows) for run in runs]
+    if len(runs) == 1:
+        return tables[0]
+    header: list[str] = []
+    for table in tables:
+        header += [h for h in table[0] if h not in header]
+    out = [["run", *header]]
+    for run, (head, *body) in zip(runs, tables, strict=True):
+        for line in body:
+            cells = dict(zip(head, line, strict=True))
+            out.append([run.name, *(cells.get(h, "–") for h in header)])
+    return out
+
+
+def _per_run(runs: list[RunData], body: Callable[[RunData], str]) -> str:
+    """A section's content for each run, under the run's name when there are several."""
+    parts = []
+    for run in runs:
+        content = body(run)
+        parts.append(content if len(runs) == 1 else f"<h3>{_e(run.name)}</h3>\n{content}")
+    return "\n".join(parts)
+
+
+def _loss_section(run: RunData) -> str:
+    uri = plots.loss_curves(curves(run, "train"))
+    return _img(uri, f"training loss terms of {run.name}",
+                "No training records (metrics.jsonl) for the students of this run.")
+
+
+def _val_section(run: RunData) -> str:
+    teacher = [r[run.metric] for r in run.rows.get("teacher", [])
+               if r.get(run.metric) is not None]
+    reference = {"teacher (test set)": statistics.mean(teacher)} if teacher else None
+    uri = plots.val_curves(curves(run, "val"), run.metric, reference=reference)
+    return _img(uri, f"validation {run.metric} per epoch of {run.name}",
+                "No validation records: the run evaluated no epoch (train.eval_every_epochs).")
+
+
+def _gap_section(run: RunData) -> str:
+    if run.lm:
+        return '<p class="note">A language model: no classes to compare.</p>'
+    gaps = class_gaps(run.rows)
+    if not gaps:
+        return ('<p class="note">No per-class accuracy to compare: eval.json has no '
+                "per_class_accuracy (a run from an older kdistill), or no student with a "
+                "baseline or teacher beside it.</p>")
+    n = len(next(iter(gaps.values())))
+    uri = plots.class_gaps(gaps, [str(c) for c in range(n)])
+    table = [["class", *gaps]] + [
+        [str(c), *("–" if v[c] is None else f"{100 * v[c]:+.2f}" for v in gaps.values())]
+        for c in range(n)]
+    return (_img(uri, f"per-class accuracy gaps of {run.name}", "")
+            + f"<details><summary>as a table</summary>{_table(table)}</details>")
+
+
+def _shown_text(text: str) -> str:
+    """A model's output with its line breaks kept, but a run of empty lines (an untrained
+    student's favourite output) counted instead of drawn as a screen of white."""
+    return re.sub(r"\n{3,}", lambda m: f"\n[{len(m.group()) - 1} empty lines]\n", text)
+
+
+def _samples_section(run: RunData) -> str:
+    parts = []
+    for i, sample in enumerate(run.samples, 1):
+        table = [["model", "continuation"]] + [
+            [_label(role), _shown_text(text)] for role, text in sample.items() if role != "prompt"]
+        parts.append(f"<h4>Prompt {i}</h4><pre>{_e(sample.get('prompt', ''))}</pre>"
+                     + _table(table, mono=True))
+    return "\n".join(parts)
+
+
+def _get(config: dict[str, Any], *keys: str) -> str:
+    """A nested recipe value for the page's header, '?' where the recipe lacks it."""
+    value: Any = config
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return "?" if value is None else str(value)
+
+
+def render(runs: list[RunData]) -> str:
+    """The whole page."""
+    title = ("kdistill report: " + runs[0].name if len(runs) == 1
+             else f"kdistill comparison of {len(runs)} runs")
+    described = []
+    for run in runs:
+        arch = {part: _get(run.config, part, "model", "arch") for part in ("teacher", "student")}
+        method, data = _get(run.config, "method", "name"), _get(run.config, "data", "name")
+        described.append(f"<li><b>{_e(run.name)}</b> (<code>{_e(run.path)}</code>): data "
+                         f"<code>{_e(data)}</code>, teacher <code>{_e(arch['teacher'])}</code>, "
+                         f"student <code>{_e(arch['student'])}</code>, method "
+                         f"<code>{_e(method)}</code></li>")
+    metric_name = ("accuracy" if all(not r.lm for r in runs) else
+                   "perplexity" if all(r.lm for r in runs) else "accuracy or perplexity")
+    # One Pareto figure per quality metric: accuracy and perplexity share no axis.
+    paretos = [plots.pareto({r.name: r.rows for r in runs if r.metric == m}, m)
+               for m in sorted({r.metric for r in runs})]
+    sections = [
+        f"<h1>{_e(title)}</h1>",
+        f"<ul>{''.join(described)}</ul>",
+        "<h2>Summary</h2>",
+        '<p class="note">Test-set figures, mean ± std over seeds; latency and throughput are '
+        "medians on the machine that ran the evaluation.</p>",
+        _table(comparison_table(runs), labels=2 if len(runs) > 1 else 1),
+        "<h2>Loss terms (training)</h2>",
+        '<p class="note">Each weighted term the method logged, per optimiser step; one line per '
+        "seed.</p>",
+        _per_run(runs, _loss_section),
+        f"<h2>Validation {_e(metric_name)} per epoch</h2>",
+        _per_run(runs, _val_section),
+        f"<h2>Pareto view: test {_e(metric_name)} vs parameters and latency</h2>",
+        '<p class="note">Mean ± std over seeds; the dashed line joins the models that no other '
+        "is both smaller (faster) and better than.</p>",
+        *(_img(uri, "quality against size and latency", "No size or latency in eval.json.")
+          for uri in paretos),
+        "<h2>Per-class accuracy gaps</h2>",
+        '<p class="note">Test accuracy difference in percentage points, per class; above zero '
+        "the distilled student does better.</p>",
+        _per_run(runs, _gap_section),
+    ]
+    if any(run.samples for run in runs):
+        sections += ["<h2>Greedy continuations (test split)</h2>",
+                     _per_run([r for r in runs if r.samples], _samples_section)]
+    sections += ["<h2>Recipe (resolved)</h2>",
+                 _per_run(runs, lambda run: f"<pre>{_e(run.config_text)}</pre>")]
+    body = "\n".join(sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n"
+            "</body>\n</html>\n")
+
+
+def write_html_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write report.html for one run (default `<run_dir>/report.html`) or one page comparing
+    several (then `out` is required); returns the path written."""
+    if not run_dirs:
+        raise ConfigError("report", "no run directory given")
+    runs = [load_run(Path(p)) for p in run_dirs]
+    names = [run.name for run in runs]
+    for run in runs:  # two runs of the same name (different output dirs): tell them apart
+        if names.count(run.name) > 1:
+            run.name = str(run.path)
+    if out is None:
+        if len(runs) > 1:
+            raise ConfigError("--out", "comparing several runs needs an output path "
+                              "(`kdistill report RUN_A RUN_B --out compare.html`)")
+        out = runs[0].path / "report.html"
+    out = Path(out)
+    if out.is_dir():  # `--out reports/`: the usual file name inside it
+        out = out / "report.html"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(out), f"cannot create its folder ({exc.strerror or exc})") from None
+    # Non-ASCII (±, −, a recipe's text) as character references: the page reads the same
+    # whatever the locale that writes it or the charset a viewer assumes.
+    atomic_write_text(out, render(runs).encode("ascii", "xmlcharrefreplace").decode("ascii"))
+    return out
