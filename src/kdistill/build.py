@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kdistill.capture import resolve_modules
+from kdistill.capture import resolve_modules, split_name
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
 from kdistill.data import DataSplits, load_dataset
 from kdistill.data.loader import BatchLoader, jitter
@@ -15,6 +15,7 @@ from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS, Method, build_method
+from kdistill.metrics import require_tensorboard
 from kdistill.models import build_model
 
 GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
@@ -159,16 +160,36 @@ def check_task(method: Method, splits: DataSplits) -> None:
                                     f"it: {fitting})")
 
 
+def _contains(value: object, name: str) -> bool:
+    if isinstance(value, str):
+        return split_name(value)[0] == split_name(name)[0]  # `attn` adds an "[i]" suffix
+    if isinstance(value, list | tuple):
+        return any(_contains(v, name) for v in value)
+    return False
+
+
+def _layer_field(method: Method, side: str, name: str) -> str:
+    """The recipe field that names layer `name` of the `side` network (`method.student_layer`,
+    `method.pairs`), so an unknown layer's error points at what to edit."""
+    fields = [(key, value) for key, value in method.cfg if _contains(value, name)]
+    fields.sort(key=lambda kv: not kv[0].startswith(side))  # student_layer before teacher_layer
+    return f"method.{fields[0][0]}" if fields else f"method ({side} layers)"
+
+
 def validate(cfg: RunConfig) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs)."""
+    if cfg.logging.tensorboard:
+        require_tensorboard()  # a missing optional sink is reported before any real work
     splits = build_data(cfg.data)
     check_vocabulary(cfg)  # before loading any model: the clearer error
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")
     method = build_method(cfg.method)
     check_task(method, splits)
-    resolve_modules(student, method.student_layers, where="method (student layers)")
-    resolve_modules(teacher, method.teacher_layers, where="method (teacher layers)")
+    for side, model, names in (("student", student, method.student_layers),
+                               ("teacher", teacher, method.teacher_layers)):
+        for name in names:
+            resolve_modules(model, [name], where=_layer_field(method, side, name))
     # Adapters: shapes must be compatible.
     method.setup(student, teacher, splits.train_x[:2], num_samples=len(splits.train_x))
     for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.capture import capture
-from kdistill.errors import ConfigError, KDistillError
+from kdistill.errors import ConfigError, KDistillError, TrainingError
 
 FORMAT_VERSION = 3  # 2: cached teacher layers are part of the key; 3: top-k format, bfloat16
 
@@ -129,13 +129,18 @@ class TeacherCache:
         except (OSError, json.JSONDecodeError) as exc:
             raise KDistillError(f"{manifest_path}: unreadable cache manifest ({exc})") from None
         self._arrays: dict[str, np.ndarray] = {}
-        for name, spec in self.manifest["fields"].items():
-            # Read-only mapping: pages load on demand as rows are read, and `read` copies the
-            # rows out, so the file is never modified.
-            arr = np.load(self.directory / spec["file"], mmap_mode="r")
-            if list(arr.shape) != spec["shape"] or arr.dtype != _disk_dtype(spec["dtype"]):
-                raise KDistillError(f"{self.directory / spec['file']}: does not match its manifest")
-            self._arrays[name] = arr
+        try:
+            for name, spec in self.manifest["fields"].items():
+                # Read-only mapping: pages load on demand as rows are read, and `read` copies
+                # the rows out, so the file is never modified. np.load refuses pickled object
+                # arrays (allow_pickle defaults to False): a cache file never runs code.
+                arr = np.load(self.directory / spec["file"], mmap_mode="r")
+                if list(arr.shape) != spec["shape"] or arr.dtype != _disk_dtype(spec["dtype"]):
+                    raise ValueError("does not match its manifest")
+                self._arrays[name] = arr
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KDistillError(f"{self.directory}: unreadable teacher cache ({exc}); delete "
+                                "it and run again to rebuild it") from None
 
     @property
     def key(self) -> CacheKey:
@@ -306,6 +311,10 @@ def build_cache(
         shutil.rmtree(directory, ignore_errors=True)
         directory.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, directory)
+    except OSError as exc:  # a full disk: one line naming the cache, not a numpy traceback
+        raise TrainingError(f"{directory}: writing the teacher cache failed "
+                            f"({exc.strerror or exc}); free space, or set cache.enabled: "
+                            "false to run the teacher online") from None
     finally:
         teacher.train(was_training)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,13 +6,19 @@ A checkpoint is a directory `checkpoints/step-XXXXXXXX/` holding
 It is written under a temporary name and renamed when complete; the file `latest` is then
 replaced atomically, and only after that are older checkpoints removed (the newest and the
 one before it are kept).
+
+A failed write (a full disk) is a `TrainingError` naming the file, and the previous checkpoint
+is left as it was; a damaged file met on load is a `ConfigError` naming it and saying what to
+delete, so a resume never crashes with a traceback and never silently starts over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +26,57 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from kdistill.errors import KDistillError
+from kdistill.errors import ConfigError, TrainingError, load_failure
+
+# What the engine writes into a checkpoint (`engine.train`'s `checkpoint()`): checked on load so
+# a hand-edited or foreign file is a one-line error, not a KeyError deep in the resume.
+TRAINER_KEYS = ("optimizer", "scheduler", "rng")
+
+
+def _write_failed(path: Path, exc: OSError, intact: str) -> TrainingError:
+    """A failed write (disk full, permissions) as one line naming the file that was written."""
+    return TrainingError(f"{path}: write failed ({exc.strerror or exc}); {intact}")
+
+
+def _remove(path: Path) -> None:
+    # Best effort: the temp file is the least of the user's problems when the disk is full.
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise _write_failed(path, exc, "the file as it was before is unchanged") from None
 
 
 def save_model_atomic(model: nn.Module, path: Path) -> None:
     """safetensors file written to a temp name, then renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise _write_failed(path, exc, "the file as it was before is unchanged") from None
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path, *, hint: str | None = None) -> None:
+    """Load a safetensors file strictly; a missing, truncated or foreign file is a ConfigError
+    naming it (exit code 2), with `hint` saying what to do about it (by default: the file is a
+    stage's model, and deleting it makes the next run redo that stage)."""
+    if hint is None:
+        hint = "delete it and run again to redo the stage that wrote it"
     try:
         _missing, _unexpected = load_model(model, str(path), strict=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise KDistillError(f"{path}: cannot load weights ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for a torn header
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(str(path), f"cannot load weights ({first}); {hint}") from None
 
 
 def save_checkpoint(
@@ -53,29 +88,35 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> Path:
     """Write one checkpoint under a fresh name, point `latest` at it, then prune old ones."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    previous = latest_checkpoint(ckpt_dir)
+    previous = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     final = ckpt_dir / f"step-{state['step']:08d}"
     n = 0
     while final.exists():  # a second save at the same step never replaces the first in place
         n += 1
         final = ckpt_dir / f"step-{state['step']:08d}.{n}"
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    writes: dict[str, Callable[[Path], object]] = {
+        "student.safetensors": lambda f: save_model(student, str(f)),
+        "method.safetensors": lambda f: save_model(method, str(f)),
+        "trainer.pt": lambda f: torch.save(trainer_state, f),
+        "state.json": lambda f: f.write_text(json.dumps(state, indent=2)),
+    }
+    target = final
     try:
-        save_model(student, str(tmp / "student.safetensors"))
-        save_model(method, str(tmp / "method.safetensors"))
-        torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, write in writes.items():
+            target = final / name  # errors name the file as it would have been called
+            write(tmp / name)
+        target = final
         os.replace(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise KDistillError(
-                f"{final}: checkpoint write failed ({exc.strerror or exc}); "
-                "the previous checkpoint is intact"
-            ) from None
+            kept = (f"the previous checkpoint {previous} is intact" if previous
+                    else "there was no earlier checkpoint")
+            raise _write_failed(target, exc, f"checkpoint not written; {kept}") from None
         raise
     atomic_write_text(ckpt_dir / "latest", final.name)
     for old in ckpt_dir.glob("step-*"):
@@ -104,12 +145,25 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def load_checkpoint(
     path: Path, *, student: nn.Module, method: nn.Module
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into `student` and `method`; return (trainer_state, state)."""
-    load_weights(student, path / "student.safetensors")
-    load_weights(method, path / "method.safetensors")
+    """Load weights into `student` and `method`; return (trainer_state, state).
+
+    A truncated or tampered file is a ConfigError naming it; `trainer.pt` is read with
+    `weights_only=True`, so a file carrying pickled code is refused, never run."""
+    hint = (f"delete {path} to resume from the checkpoint before it, or {path.parent} to "
+            "restart this stage")
+    load_weights(student, path / "student.safetensors", hint=hint)
+    load_weights(method, path / "method.safetensors", hint=hint)
+    current = path / "trainer.pt"
     try:
-        trainer_state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-        state = json.loads((path / "state.json").read_text())
+        trainer_state = torch.load(current, weights_only=True, map_location="cpu")
+        if not isinstance(trainer_state, dict) or not set(TRAINER_KEYS) <= set(trainer_state):
+            raise ValueError(f"expected a dict with keys {', '.join(TRAINER_KEYS)}")
+        current = path / "state.json"
+        state = json.loads(current.read_text())
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+                and isinstance(state.get("train_state"), dict)):
+            raise ValueError("expected an object with an integer 'step' and a 'train_state'")
     except Exception as exc:
-        raise KDistillError(f"{path}: unreadable checkpoint ({exc})") from None
+        reason, _ = load_failure(exc)
+        raise ConfigError(str(current), f"unreadable checkpoint file ({reason}); {hint}") from None
     return trainer_state, state

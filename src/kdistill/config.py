@@ -153,6 +153,14 @@ class EvalConfig(_Strict):
         24, description="causal LMs: prompt length and new tokens of each report sample")
 
 
+class LoggingConfig(_Strict):
+    """Metric sinks besides `metrics.jsonl`, which every stage always writes."""
+
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files into each stage's "
+        "`tensorboard/` directory (needs the `tensorboard` extra)")
+
+
 # One discriminated union over every registered method's own config: adding a method to
 # METHODS is enough for recipes to accept it.
 MethodConfigUnion = Annotated[
@@ -185,6 +193,7 @@ class RunConfig(_Strict):
     )
     cache: CacheConfig = CacheConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -8,6 +8,11 @@ class KDistillError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        # The CLI promises one line per error; messages that quote a library's exception
+        # (torch's and safetensors' run over several lines) are folded here, in one place.
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
+
 
 class ConfigError(KDistillError):
     """Bad input: a recipe field, a file named by the recipe, an incompatible model. Exit code 2."""
@@ -37,3 +42,19 @@ class MissingDependencyError(ConfigError):
 
 class TrainingError(KDistillError):
     """A run that failed while training (a NaN loss, a failed write). Exit code 1."""
+
+
+# Lines of torch's weights-only paragraph that say nothing about the file at hand.
+_TORCH_PREAMBLE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def load_failure(exc: BaseException) -> tuple[str, bool]:
+    """(the one informative line of a failed `torch.load(..., weights_only=True)`, whether it
+    refused a pickled Python object). torch explains over a paragraph that mostly suggests
+    retrying with weights_only=False, which kdistill never does."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    refused = next((line for line in lines if "unsupported global" in line.lower()), None)
+    if refused is not None:
+        return refused, True
+    useful = [line for line in lines if not line.startswith(_TORCH_PREAMBLE)]
+    return (useful or lines or [type(exc).__name__])[0], False

@@ -1,19 +1,54 @@
-"""Metric sinks: every logged scalar goes to `metrics.jsonl`, one JSON object per line."""
+"""Metric sinks: every logged scalar goes to `metrics.jsonl`, one JSON object per line, and,
+when asked (`logging.tensorboard: true`), to TensorBoard event files as well."""
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
+from kdistill.errors import MissingDependencyError, TrainingError
+
+TENSORBOARD_INSTALL = "pip install -e '.[tensorboard]'"
+
+
+def require_tensorboard(where: str = "logging.tensorboard") -> Any:
+    """torch's `SummaryWriter` class; a MissingDependencyError naming `where` without the
+    `tensorboard` package (torch ships the writer but not the event-file protocol it needs)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MissingDependencyError(where, "tensorboard", TENSORBOARD_INSTALL) from None
+    return SummaryWriter
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's numeric values as TensorBoard tags `<split>/<key>` (`train/loss/kd`,
+    `val/accuracy`); `step` is the x axis, not a value, and booleans are not numbers here."""
+    split = record.get("split", "train")
+    return {f"{split}/{key}": float(value) for key, value in record.items()
+            if key not in ("step", "split") and isinstance(value, numbers.Real)
+            and not isinstance(value, bool)}
+
 
 class MetricsLogger:
-    """Appends records to a JSONL file (and keeps them in memory for the report)."""
+    """Appends records to a JSONL file (and keeps them in memory for the report).
 
-    def __init__(self, path: Path | None = None) -> None:
+    Args:
+        path: the JSONL file; None keeps the records in memory only.
+        tensorboard_dir: also write every numeric value to TensorBoard event files there, at
+            the record's `step`. The package is checked here, so a missing one fails before
+            training; the writer itself opens at the first record (see `log`).
+    """
+
+    def __init__(self, path: Path | None = None, *, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.tensorboard_dir = tensorboard_dir
+        self._writer_type = require_tensorboard() if tensorboard_dir is not None else None
+        self._writer: Any = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -22,8 +57,37 @@ class MetricsLogger:
                  for k, v in record.items()}
         self.records.append(clean)
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(clean) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(clean) + "\n")
+            except OSError as exc:  # a full disk: one line naming the file
+                raise TrainingError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+        if self._writer_type is not None:
+            self._tensorboard(record)
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        step = int(record.get("step", len(self.records)))
+        if self._writer is None:
+            # A resumed run logs again from just after its checkpoint: purge_step hides the
+            # events an interrupted attempt wrote from this step on, as the engine drops them
+            # from metrics.jsonl, so a curve never shows the same steps twice.
+            self._writer = self._writer_type(log_dir=str(self.tensorboard_dir), purge_step=step)
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, global_step=step)
+        # Flushed per record (the engine logs every `log_every` steps, not every step): a
+        # killed run keeps its curves, and nobody has to remember to close the logger.
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

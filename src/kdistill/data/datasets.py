@@ -335,6 +335,9 @@ def load_dataset(
     val_idx, train_idx = order[:n_val], order[n_val:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
+    if train_idx.numel() == 0:  # e.g. val_size 0.9999 rounds to the whole training set
+        raise ConfigError(f"{where}.val_size", f"{val_size!r} leaves no training samples of "
+                                               f"the {n} in '{name}'; hold out fewer")
 
     train_x, train_y = raw.train_x[train_idx], raw.train_y[train_idx]
     params = {"val_size": n_val, "split_seed": split_seed, "n_train": train_idx.numel()}

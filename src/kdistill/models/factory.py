@@ -5,7 +5,10 @@
 argument is a `ConfigError` naming `<where>.args`, never a bare TypeError), builds the model
 and optionally loads a state dict from `.safetensors` / `.pt` / `.pth`. The arch "custom"
 imports `target="package.module:Name"` (a class or a function) and is the only place where a
-recipe makes kdistill import code.
+recipe makes kdistill import code: a module path is imported only when the recipe says
+`arch: custom` and names it in `target` (an arch that looks like a module path is an unknown
+arch, and `target` beside any other arch is an error). Weights are read with safetensors or
+`torch.load(..., weights_only=True)`, so a weights file never runs code.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, load_failure
 from kdistill.models.hf import llama_student, pretrained_causal_lm
 from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
@@ -180,7 +183,15 @@ def _read_state_dict(path: Path, where: str) -> dict[str, Tensor]:
         else:
             state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise ConfigError(where, f"cannot read {path}: {type(e).__name__}: {e}") from e
+        reason, refused = load_failure(e)
+        if refused:  # weights_only=True met a pickled object: say so, never retry without it
+            raise ConfigError(where, f"refused {path}: it holds Python objects, not only tensors "
+                                     f"({reason}); kdistill loads weights only and never runs "
+                                     f"code from a file: save a plain state dict "
+                                     f"(torch.save(model.state_dict(), ...)) or .safetensors"
+                              ) from e
+        raise ConfigError(where, f"cannot read {path} (truncated or not a weights file?): "
+                                 f"{type(e).__name__}: {reason}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint that wraps the state dict
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

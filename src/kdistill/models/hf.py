@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,26 @@ def _transformers(where: str = "arch") -> Any:
         import transformers
     except ImportError:
         raise MissingDependencyError(where, "transformers", "pip install -e '.[llm]'") from None
+    quiet_progress_bars()
     return transformers
+
+
+def quiet_progress_bars() -> None:
+    """Turn off transformers' and the hub's tqdm bars ("Loading weights", "Converting and
+    de-quantizing GGUF tensors") unless both stdout and stderr are terminals: in CI logs and
+    pipes every redraw is a new line. The GGUF converter calls tqdm directly, not through
+    transformers' switch, so its module-level `tqdm` is replaced by a disabled one."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's bars
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support installed: no GGUF bar either
+        return
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
 
 
 def resolve_source(path: str, *, where: str) -> tuple[str, str | None]:
@@ -60,7 +80,9 @@ def load_tokenizer(path: str, *, where: str = "data.tokenizer") -> Any:
     directory, gguf = resolve_source(path, where=where)
     tf = _transformers()
     kwargs = {"gguf_file": gguf} if gguf else {}
-    return tf.AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    # trust_remote_code=False: a model directory's own Python files are never imported.
+    return tf.AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                            trust_remote_code=False, **kwargs)
 
 
 def _vocab_check(vocab: int, num_classes: int, where: str) -> None:
@@ -101,7 +123,7 @@ def _pretrained(path: str) -> tuple[Any, dict[str, Tensor]]:
     tf = _transformers()
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = tf.AutoModelForCausalLM.from_pretrained(
-        directory, local_files_only=True, dtype=torch.float32, **kwargs)
+        directory, local_files_only=True, trust_remote_code=False, dtype=torch.float32, **kwargs)
     return model.config, model.state_dict()
 
 

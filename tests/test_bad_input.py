@@ -1,0 +1,385 @@
+"""Bad input through the CLI entry point (`kdistill.cli.main`, in-process for speed).
+
+Every case must end in ONE line on stderr that names the field or file, exit code 2 for bad
+input (1 for a runtime failure), no traceback, and no finished checkpoint lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+from kdistill import cli
+from kdistill.checkpoint import load_checkpoint
+from kdistill.models.zoo import MLP
+
+# A tiny run: one teacher epoch, one student epoch of 20 steps, no baseline.
+QUICK = ["teacher.train.epochs=1", "train.epochs=1", "baseline=false"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def kdistill(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`kdistill(*args)` runs the console script's `main()` and returns its exit and output."""
+
+    def call(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["kdistill", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        out, err = capsys.readouterr()
+        code = info.value.code
+        return Result(code if isinstance(code, int) else 1, out, err)
+
+    return call
+
+
+def one_line(result: Result, code: int, *expected: str) -> str:
+    """The error line, after checking the exit code, that it is one line, with no traceback."""
+    assert result.code == code, result.err
+    assert "Traceback" not in result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def loadable(ckpt: Path) -> int:
+    """Load a checkpoint of the tiny student; return its step (fails if it is damaged)."""
+    _, state = load_checkpoint(ckpt, student=MLP((64,), 10, hidden=[16]), method=torch.nn.Module())
+    return int(state["step"])
+
+
+# --- the recipe: YAML, keys, types, ranges -------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("train: {epochs: 3\nmethod: [\n", ["r.yaml: invalid YAML at line 2"]),  # malformed
+    ("- a\n- b\n", ["r.yaml", "a recipe is a mapping"]),
+    ("nmae: x\n", ["r.yaml: nmae: unknown key"]),
+], ids=["malformed-yaml", "not-a-mapping", "unknown-key"])
+def test_bad_recipe_file(kdistill, tmp_path: Path, text: str, expected: list[str]) -> None:
+    one_line(kdistill("validate", str(write(tmp_path / "r.yaml", text))), 2, *expected)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("method.temprature=3", ["method.temprature: unknown key"]),
+    ("train.epochs=lots", ["train.epochs", "'lots'"]),  # wrong type
+    ("method.temperature=-2", ["method.temperature", "must be > 0"]),
+    ("method.alpha=1.5", ["method.alpha", "<= 1"]),
+    ("method.alpha=-0.1", ["method.alpha", ">= 0"]),
+    ("train.epochs", ["override", "key.path=value"]),  # no value
+], ids=["unknown-key", "wrong-type", "negative-temperature", "alpha-above-1",
+        "alpha-below-0", "override-without-value"])
+def test_bad_override(kdistill, tiny_recipe: Path, override: str, expected: list[str]) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), override), 2, *expected)
+
+
+def test_missing_recipe(kdistill, tmp_path: Path) -> None:
+    one_line(kdistill("run", str(tmp_path / "nope.yaml")), 2, "nope.yaml: recipe file not found")
+
+
+def test_debug_shows_the_traceback(kdistill, tmp_path: Path) -> None:
+    result = kdistill("--debug", "run", str(tmp_path / "nope.yaml"))
+    assert result.code == 2
+    assert "Traceback" in result.err and "nope.yaml: recipe file not found" in result.err
+
+
+# --- data and models -------------------------------------------------------------------------
+
+
+def test_empty_training_set(kdistill, tiny_recipe: Path) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), "data.val_size=0.9999"), 2,
+             "data.val_size", "leaves no training samples")
+
+
+def test_unknown_data_set(kdistill, tiny_recipe: Path) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), "data.name=digit"), 2,
+             "data.name", "did you mean 'digits'")
+
+
+def test_missing_teacher_weights(kdistill, tiny_recipe: Path, tmp_path: Path) -> None:
+    gone = tmp_path / "gone.safetensors"
+    one_line(kdistill("validate", str(tiny_recipe), f"teacher.model.weights={gone}"), 2,
+             "teacher.model.weights", "file not found", str(gone))
+
+
+def test_truncated_teacher_weights(kdistill, tiny_recipe: Path, tmp_path: Path) -> None:
+    path = tmp_path / "teacher.safetensors"
+    save_model(MLP((64,), 10, hidden=[64]), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    one_line(kdistill("validate", str(tiny_recipe), f"teacher.model.weights={path}"), 2,
+             "teacher.model.weights", str(path))
+
+
+def test_weights_of_another_model(kdistill, tiny_recipe: Path, tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"x": torch.zeros(3)}, path)
+    one_line(kdistill("validate", str(tiny_recipe), f"teacher.model.weights={path}"), 2,
+             "teacher.model.weights", "does not fit the model", "1 unexpected: x")
+
+
+class _Payload:
+    """Pickles to a call of os.mkdir: what a malicious weights file would run on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_weights_file_with_pickled_code_is_refused_not_run(
+    kdistill, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    path, marker = tmp_path / "evil.pt", tmp_path / "PWNED"
+    torch.save({"layers.0.linear.weight": _Payload(marker)}, path)
+    line = one_line(kdistill("validate", str(tiny_recipe), f"teacher.model.weights={path}"), 2,
+                    "teacher.model.weights", str(path), "never runs code")
+    assert "mkdir" in line  # the refused global is named
+    assert not marker.exists()
+
+
+USER_MODELS = """\
+import pathlib
+import torch
+
+pathlib.Path(__file__).with_name("IMPORTED").touch()  # evidence that this code ran
+
+
+class ThreeWay(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An importable `usermodels` module that leaves a file behind when imported."""
+    package = tmp_path / "user"
+    package.mkdir()
+    write(package / "usermodels.py", USER_MODELS)
+    monkeypatch.syspath_prepend(str(package))
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    return package / "IMPORTED"
+
+
+def test_teacher_student_class_count_mismatch(kdistill, tiny_recipe: Path, user_module: Path):
+    one_line(kdistill("validate", str(tiny_recipe), "teacher.model.arch=custom",
+                      "teacher.model.target=usermodels:ThreeWay", "teacher.model.args={}"), 2,
+             "teacher.model: outputs 3 classes but data 'digits' has 10")
+    assert user_module.exists()  # arch: custom is the explicit request to import it
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["teacher.model.arch=usermodels:ThreeWay"], "teacher.model.arch: unknown arch"),
+    (["teacher.model.target=usermodels:ThreeWay"],
+     "teacher.model.target: only used with arch 'custom'"),
+])
+def test_module_path_is_not_imported_without_arch_custom(
+    kdistill, tiny_recipe: Path, user_module: Path, args: list[str], expected: str
+) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), *args), 2, expected)
+    assert not user_module.exists() and "usermodels" not in sys.modules
+
+
+def test_unknown_layer_lists_the_closest_names(kdistill, tiny_recipe: Path) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), "method.name=fitnet",
+                      "method.student_layer=layers.0", "method.teacher_layer=layer.0"), 2,
+             "method.teacher_layer: no module named 'layer.0'", "closest: layers.0")
+
+
+def test_tensorboard_requested_but_not_installed(
+    kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    one_line(kdistill("validate", str(tiny_recipe), "logging.tensorboard=true"), 2,
+             "logging.tensorboard", "tensorboard is not installed", "pip install")
+
+
+# --- runtime: training, checkpoints, caches --------------------------------------------------
+
+
+def _ckpts(tiny_recipe: Path) -> Path:
+    return tiny_recipe.parent / "runs" / "tiny" / "seed-0" / "student" / "checkpoints"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(kdistill, tiny_recipe: Path) -> None:
+    # SGD with lr 1e30: step 0 is finite, its update makes every later loss NaN.
+    result = kdistill("run", str(tiny_recipe), *QUICK, "train.optimizer.name=sgd",
+                      "train.optimizer.lr=1e30", "train.checkpoint_every_steps=1")
+    one_line(result, 1, "non-finite loss at step 1", "term 'kd'", "last good checkpoint")
+    assert loadable(_ckpts(tiny_recipe) / "step-00000001") == 1
+    teacher = tiny_recipe.parent / "runs" / "tiny" / "teacher" / "model.safetensors"
+    assert teacher.is_file()  # the finished teacher stage is untouched
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Raise KeyboardInterrupt when the student stage logs `step` (a kill mid-training)."""
+    from kdistill.metrics import MetricsLogger
+
+    original = MetricsLogger.log
+
+    def log(self: MetricsLogger, record: dict) -> None:
+        if "student" in str(self.path) and record.get("step") == step:
+            raise KeyboardInterrupt
+        original(self, record)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+
+
+EVERY_5 = [*QUICK, "train.checkpoint_every_steps=5", "train.log_every=1"]
+
+
+def test_disk_full_on_checkpoint_write(
+    kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdistill.checkpoint as checkpoint
+
+    real_save = checkpoint.save_model
+
+    def save(model: torch.nn.Module, filename: str) -> None:
+        if ".tmp-step-00000010" in filename and "student" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(model, filename)
+
+    monkeypatch.setattr(checkpoint, "save_model", save)
+    result = kdistill("run", str(tiny_recipe), *EVERY_5)
+    ckpts = _ckpts(tiny_recipe)
+    one_line(result, 1, f"{ckpts / 'step-00000010' / 'student.safetensors'}: write failed",
+             "No space left on device", f"previous checkpoint {ckpts / 'step-00000005'} is intact")
+    assert loadable(ckpts / "step-00000005") == 5
+    assert not any(p.name.startswith(".tmp") for p in ckpts.iterdir())  # no half-written one
+    # With space again, the run resumes from it and finishes.
+    monkeypatch.setattr(checkpoint, "save_model", real_save)
+    result = kdistill("run", str(tiny_recipe), *EVERY_5)
+    assert result.code == 0, result.err
+    assert "resumed from step 5" in result.out
+
+
+def test_disk_full_on_the_final_model_keeps_the_checkpoint(
+    kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdistill.checkpoint as checkpoint
+
+    real_save = checkpoint.save_model
+
+    def save(model: torch.nn.Module, filename: str) -> None:
+        if "student/model.safetensors" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(model, filename)
+
+    monkeypatch.setattr(checkpoint, "save_model", save)
+    result = kdistill("run", str(tiny_recipe), *QUICK)
+    model = _ckpts(tiny_recipe).parent / "model.safetensors"
+    one_line(result, 1, f"{model}: write failed", "No space left on device")
+    assert loadable(_ckpts(tiny_recipe) / "step-00000020") == 20  # the finished training
+    monkeypatch.setattr(checkpoint, "save_model", real_save)
+    result = kdistill("run", str(tiny_recipe), *QUICK)
+    assert result.code == 0 and "resumed from step 20" in result.out, result.err
+
+
+@pytest.fixture
+def interrupted(kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A student stage killed at step 12: checkpoints at steps 5 and 10 are on disk."""
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 12)
+        assert kdistill("run", str(tiny_recipe), *EVERY_5).code == 130  # as after Ctrl-C
+    ckpts = _ckpts(tiny_recipe)
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000005", "step-00000010"]
+    return ckpts
+
+
+def test_truncated_checkpoint(kdistill, tiny_recipe: Path, interrupted: Path) -> None:
+    damaged = interrupted / "step-00000010" / "student.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(damaged),
+             f"delete {damaged.parent}")
+    # Doing what the message says resumes from the checkpoint before it.
+    for file in damaged.parent.iterdir():
+        file.unlink()
+    damaged.parent.rmdir()
+    result = kdistill("run", str(tiny_recipe), *EVERY_5)
+    assert result.code == 0 and "resumed from step 5" in result.out, result.err
+
+
+def test_tampered_checkpoint_with_pickled_code(
+    kdistill, tiny_recipe: Path, interrupted: Path
+) -> None:
+    marker = tiny_recipe.parent / "PWNED"
+    trainer = interrupted / "step-00000010" / "trainer.pt"
+    torch.save({"optimizer": _Payload(marker), "scheduler": {}, "rng": torch.zeros(1)}, trainer)
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(trainer), "mkdir")
+    assert not marker.exists()
+
+
+def test_tampered_checkpoint_state(kdistill, tiny_recipe: Path, interrupted: Path) -> None:
+    state = interrupted / "step-00000010" / "state.json"
+    state.write_text(json.dumps({"step": "ten"}))
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(state), "unreadable checkpoint")
+
+
+def test_truncated_stage_model(kdistill, tiny_recipe: Path) -> None:
+    assert kdistill("run", str(tiny_recipe), *QUICK).code == 0
+    model = tiny_recipe.parent / "runs" / "tiny" / "teacher" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-10])
+    one_line(kdistill("run", str(tiny_recipe), *QUICK), 2, str(model), "delete it")
+
+
+def test_stale_teacher_cache_is_rebuilt(kdistill, tiny_recipe: Path) -> None:
+    assert kdistill("run", str(tiny_recipe), *QUICK).code == 0
+    logits = tiny_recipe.parent / "runs" / "tiny" / "cache" / "teacher" / "logits.npy"
+    logits.write_bytes(logits.read_bytes()[:1000])  # torn by a crash or a full disk
+    result = kdistill("run", str(tiny_recipe), *QUICK)
+    assert result.code == 0, result.err
+    assert "stale teacher cache" in result.out
+    assert logits.stat().st_size > 1000
+
+
+def test_disk_full_while_writing_the_teacher_cache(
+    kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdistill.cache as cache
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache.np.lib.format, "open_memmap", full)
+    directory = tiny_recipe.parent / "runs" / "tiny" / "cache" / "teacher"
+    one_line(kdistill("run", str(tiny_recipe), *QUICK), 1, str(directory),
+             "No space left on device", "cache.enabled: false")
+
+
+def test_user_module_that_fails_to_import(kdistill, tiny_recipe: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its multi-line message is folded into the one line (errors.KDistillError.__str__).
+    write(tmp_path / "brokenmodels.py", "raise RuntimeError('first line\\nsecond line')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    one_line(kdistill("validate", str(tiny_recipe), "teacher.model.arch=custom",
+                      "teacher.model.target=brokenmodels:Net"), 2,
+             "teacher.model.target: cannot import module 'brokenmodels'",
+             "first line second line")
