@@ -4,11 +4,14 @@ under `torchrun -m kdistill run`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,53 @@ def test_torchrun_two_processes_match_one_process_end_to_end(tmp_path: Path) -> 
     rows_two = json.loads((tmp_path / "two" / "tiny" / "eval.json").read_text())
     assert rows_two["student"][0]["accuracy"] == pytest.approx(rows_one["student"][0]["accuracy"],
                                                                abs=0.01)
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line contains `marker` (Linux /proc)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+
+
+@pytest.mark.skipif(_torchrun() is None or not Path("/proc/self/cmdline").is_file(),
+                    reason="needs torchrun and Linux /proc")
+def test_torchrun_killed_mid_training_resumes_from_rank_0s_checkpoint(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE + "threads: 1\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(recipe), f"output_dir={tmp_path / 'runs'}", "train.epochs=8",
+            "train.checkpoint_every_steps=3", "baseline=false"]
+    cmd = [_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "kdistill", "run", *args]
+    ckpts = tmp_path / "runs" / "tiny" / "seed-0" / "student" / "checkpoints"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(ckpts.glob("step-*")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before its first student checkpoint"
+            time.sleep(0.05)
+    finally:
+        # torchrun puts its workers in their own process groups: SIGKILL every process of
+        # this run (launcher and both ranks) at once, as a machine failure would.
+        _kill_all(str(tmp_path / "runs"))
+        proc.wait()
+    assert any(ckpts.glob("step-*")), "no checkpoint within the time limit"
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "student: recipe changed" not in resumed.stdout
+    assert "resumed from step" in resumed.stdout, resumed.stdout
+    single = subprocess.run([sys.executable, "-m", "kdistill", "run", *args[:1],
+                             f"output_dir={tmp_path / 'one'}", *args[2:]], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    a = load_file(tmp_path / "one" / "tiny" / "seed-0" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "tiny" / "seed-0" / "student" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)

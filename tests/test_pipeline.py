@@ -18,7 +18,8 @@ def test_run_stages_cache_and_report(tiny_recipe: Path) -> None:
     cfg = load_config(tiny_recipe)
     result = run(cfg, echo=lines.append)
     run_dir = result.run_dir
-    for path in ("config.yaml", "report.md", "eval.json", "teacher/model.safetensors",
+    for path in ("config.yaml", "report.md", "report.html", "eval.json",
+                 "teacher/model.safetensors",
                  "cache/teacher/manifest.json", "seed-0/baseline/model.safetensors",
                  "seed-0/student/model.safetensors", "seed-0/student/metrics.jsonl"):
         assert (run_dir / path).is_file(), path
@@ -50,6 +51,22 @@ def test_run_stages_cache_and_report(tiny_recipe: Path) -> None:
     run(changed, echo=third.append)
     assert any("student: recipe changed" in line for line in third)
     assert any("baseline (seed 0): done earlier" in line for line in third)
+
+
+def test_tensorboard_event_files_per_stage_when_asked(tiny_recipe: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "teacher.train.epochs=1",
+                                    "logging.tensorboard=true"])
+    run(cfg, echo=lambda _: None)
+    for stage in ("teacher", "seed-0/student"):
+        events = EventAccumulator(str(cfg.run_dir / stage / "tensorboard"))
+        events.Reload()
+        assert "train/loss" in events.Tags()["scalars"], stage
+        assert "val/accuracy" in events.Tags()["scalars"], stage
+    off = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "name=no-tb"])
+    run(off, echo=lambda _: None)
+    assert not (off.run_dir / "seed-0/student/tensorboard").exists()
 
 
 def test_stale_cache_is_rebuilt_when_the_teacher_changes(tiny_recipe: Path) -> None:

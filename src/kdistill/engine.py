@@ -155,8 +155,10 @@ def train(
     if method.uses_teacher and teacher is None:
         raise ConfigError("method", f"method '{method.cfg.name}' needs a teacher")
     dist = distributed.info()
-    if not dist.main:  # rank 0 alone evaluates, logs and checkpoints
-        evaluate, logger, checkpoint_dir, echo, progress_bar = None, None, None, None, False
+    # Every rank resumes from the checkpoint; rank 0 alone evaluates, logs and writes them.
+    save_dir = checkpoint_dir if dist.main else None
+    if not dist.main:
+        evaluate, logger, echo, progress_bar = None, None, None, False
     logger = logger or MetricsLogger()
     accum = cfg.grad_accum
     steps_per_epoch = math.ceil(len(loader) / accum)
@@ -175,14 +177,14 @@ def train(
         echo(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch})")
 
     def checkpoint() -> None:
-        if checkpoint_dir is None:  # also every rank but 0
+        if save_dir is None:  # also every rank but 0
             return
         trainer_state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "rng": torch.get_rng_state(),
         }
-        save_checkpoint(checkpoint_dir, student=student, method=method,
+        save_checkpoint(save_dir, student=student, method=method,
                         trainer_state=trainer_state, state={"step": state.step,
                                                             "train_state": asdict(state)})
 

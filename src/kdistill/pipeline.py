@@ -121,7 +121,7 @@ def _finish_stage(stage_dir: Path, fingerprint: str, model: nn.Module) -> None:
 def _fit(
     model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
     cfg: TrainConfig, seed: int, stage_dir: Path, echo: Echo, where: str,
-    teacher_model: nn.Module | None = None,
+    teacher_model: nn.Module | None = None, tensorboard: bool = False,
 ) -> None:
     """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
     loader = build_train_loader(splits, cfg, seed=seed, where=where)
@@ -136,10 +136,11 @@ def _fit(
         scores = classification_scores(predict(model, splits.val_x), splits.val_y)
         return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
 
-    train(model, teacher, method, loader, optimizer, cfg, seed=seed, evaluate=evaluate,
-          logger=MetricsLogger(stage_dir / "metrics.jsonl"),
-          checkpoint_dir=stage_dir / "checkpoints", progress_bar=True,
-          echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
+    tb_dir = stage_dir / "tensorboard" if tensorboard else None  # opened on first log: rank 0
+    with MetricsLogger(stage_dir / "metrics.jsonl", tensorboard_dir=tb_dir) as logger:
+        train(model, teacher, method, loader, optimizer, cfg, seed=seed, evaluate=evaluate,
+              logger=logger, checkpoint_dir=stage_dir / "checkpoints", progress_bar=True,
+              echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
 
 
 def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, run_dir: Path,
@@ -165,7 +166,7 @@ def _teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, 
     else:
         echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
         _fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
-             echo, f"{where}.train")
+             echo, f"{where}.train", tensorboard=cfg.logging.tensorboard)
         distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     return freeze_teacher(model)
 
@@ -242,7 +243,8 @@ def _student_stage(
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
     _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
-         teacher_model=teacher_models[0] if teacher_models else None)
+         teacher_model=teacher_models[0] if teacher_models else None,
+         tensorboard=cfg.logging.tensorboard)
     distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     return model
 
@@ -363,6 +365,9 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     if samples:
         atomic_write_text(run_dir / "samples.json", json.dumps(samples, indent=2))
     write_report(run_dir, cfg, result.rows, samples=samples)
+    from kdistill.report.html import write_html_report  # matplotlib: ~0.6 s to import
+
+    write_html_report([run_dir])
     return result
 
 
