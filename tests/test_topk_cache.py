@@ -27,7 +27,7 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
-from kdistill.losses import kd_kl, shift_labels, topk_kd
+from kdistill.losses import densify_topk, kd_kl, shift_labels, token_kd, topk_kd
 from kdistill.methods import Outputs, build_method
 from kdistill.methods.token_kd import TokenKDConfig
 from kdistill.metrics import MetricsLogger
@@ -213,6 +213,36 @@ def test_topk_loss_equals_kd_kl_on_the_dense_teacher_it_stands_for(
         assert got[0] > 0
 
 
+@pytest.mark.parametrize(("kind", "missing"), [("reverse_kl", "uniform"), ("jsd", "uniform"),
+                                               ("jsd", "renormalize"), ("tv", "uniform"),
+                                               ("tv", "renormalize")])
+def test_densified_kinds_equal_token_kd_on_the_dense_teacher(kind: str, missing: str) -> None:
+    for k in (4, 13):  # k = V: the teacher itself, nothing missing
+        student, teacher, lp, idx = _problem(k)
+        dense = teacher if k == 13 else _dense_teacher(lp, idx, 13, missing)
+        got = _value_and_grad(partial(topk_kd, teacher_logprobs=lp, teacher_indices=idx,
+                                      kind=kind, beta=0.3, missing=missing,
+                                      temperature=1.7), student)
+        want = _value_and_grad(partial(token_kd, teacher_logits=dense, kind=kind, beta=0.3,
+                                       temperature=1.7), student)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert got[0] > 0
+
+
+def test_densify_topk_and_the_tail_floor_keep_reverse_kl_finite() -> None:
+    student, _, lp, idx = _problem(4)
+    for missing in ("renormalize", "uniform"):
+        p = densify_topk(lp, idx, 13, missing).softmax(-1)
+        torch.testing.assert_close(p.sum(-1), torch.ones(3, 5, dtype=p.dtype))
+        assert torch.equal(p.gt(0).sum(-1), torch.full((3, 5), 4 if missing == "renormalize"
+                                                       else 13))
+    # fp16-rounded values whose mass reaches 1: no tail left; reverse KL stays finite (floor).
+    over = lp - lp.logsumexp(-1, keepdim=True) + 1e-3
+    assert torch.isinf(densify_topk(over, idx, 13, "uniform")).any()
+    rkl = topk_kd(student, over, idx, kind="reverse_kl", missing="uniform")
+    assert torch.isfinite(rkl) and rkl > 0
+
+
 def test_modes_differ_only_by_the_tail_and_are_zero_at_their_own_teacher() -> None:
     student, _, lp, idx = _problem(4)
     ren, uni = (topk_kd(student, lp, idx, missing=m) for m in ("renormalize", "uniform"))
@@ -256,7 +286,9 @@ def test_bfloat16_inputs_are_computed_in_float32_and_bad_calls_raise() -> None:
     got = topk_kd(s16, lp16, idx.to(torch.uint8), missing="uniform")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, topk_kd(s16.float(), lp16.float(), idx, missing="uniform"))
-    with pytest.raises(ValueError, match="supports kind 'forward_kl' only"):
+    with pytest.raises(ValueError, match="supports kind"):
+        topk_kd(student, lp, idx, kind="hellinger")
+    with pytest.raises(ValueError, match="reverse KL against a renormalised top-k"):
         topk_kd(student, lp, idx, kind="reverse_kl")
     with pytest.raises(ValueError, match="missing must be"):
         topk_kd(student, lp, idx, missing="ignore")  # type: ignore[arg-type]
@@ -285,8 +317,12 @@ def test_token_kd_scores_next_tokens_against_the_topk_teacher() -> None:
         torch.testing.assert_close(terms["kd"], 0.25 * kd)
         dense = method.loss_terms(Outputs(student.float(), student.float()), batch, progress)
         torch.testing.assert_close(terms["ce"], dense["ce"])  # the CE part is unchanged
-    with pytest.raises(ConfigError, match=r"method\.kind.*'jsd'.*forward_kl"):
-        build_method(TokenKDConfig(kind="jsd")).loss_terms(out, batch, progress)
+    with pytest.raises(ConfigError, match=r"method\.topk_missing.*uniform"):
+        build_method(TokenKDConfig(kind="reverse_kl")).loss_terms(out, batch, progress)
+    jsd = build_method(TokenKDConfig(kind="jsd", beta=0.3)).loss_terms(out, batch, progress)
+    want = topk_kd(student.float(), lp.float(), idx, kind="jsd", beta=0.3,
+                   labels=shift_labels(ids))
+    torch.testing.assert_close(jsd["kd"], 0.5 * want)
 
 
 def _train_on(cache: TeacherCache, ids: Tensor, missing: str = "renormalize",

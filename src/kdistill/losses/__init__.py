@@ -21,7 +21,13 @@ from kdistill.losses.tokens import (
     token_normalizer,
     total_variation,
 )
-from kdistill.losses.topk import TOPK_KINDS, TopKMissing, topk_distill_loss, topk_kd
+from kdistill.losses.topk import (
+    TOPK_KINDS,
+    TopKMissing,
+    densify_topk,
+    topk_distill_loss,
+    topk_kd,
+)
 
 __all__ = [
     "TOPK_KINDS",
@@ -30,6 +36,7 @@ __all__ = [
     "TokenLoss",
     "TopKMissing",
     "chunked_token_distill_loss",
+    "densify_topk",
     "dist_loss",
     "dkd",
     "forward_kl",

@@ -27,10 +27,18 @@ Temperature (the cached values are at T = 1): the teacher at T is softmax(ℓ / 
   over-states the tail mass for T > 1 and under-states it for T < 1; it is exact at T = 1,
   for k ≥ V − 1, and for a teacher whose tail is really flat.
 
+Reverse KL, JSD(β) and TV need the teacher's probability of every token the student puts
+mass on, so for them the top-k teacher is first made dense (`densify_topk`: the vector ℓ
+above, (..., V), built per micro-batch; the cache on disk stays k values per token) and the
+dense `token_kd` runs on it. With "renormalize" the teacher is 0 outside its top-k, so reverse
+KL is infinite wherever the student is not: that pair is refused. With "uniform" the tail mass
+r is floored at `MIN_TAIL` (1e-6) for these kinds: fp16-rounded values often sum to 1 for a
+confident teacher, and a zero tail would make reverse KL infinite; the floor turns it into a
+large finite penalty (−log(1e-6 / (V − k)) ≈ 25 nats per unit of student mass at V = 49,152).
+
 Other conventions as in `kdistill.losses.tokens`: math in float32 (float64 if an input is
 float64), T² applied by default, masking by `labels != ignore_index` and `mask`, "mean" over
-the valid tokens or `normalizer`. Only forward KL is defined here: reverse KL, JSD and TV need
-the student's mass on tokens the teacher does not describe (see `TOPK_KINDS`).
+the valid tokens or `normalizer`.
 """
 
 from __future__ import annotations
@@ -49,13 +57,42 @@ from kdistill.losses.logits import (
     _prepare,
     hard_cross_entropy,
 )
-from kdistill.losses.tokens import TokenLoss, _kl_terms, check_alpha, token_valid_mask
+from kdistill.losses.tokens import (
+    TokenLoss,
+    _kl_terms,
+    check_alpha,
+    check_kind_and_beta,
+    token_kd,
+    token_valid_mask,
+)
 
-__all__ = ["TOPK_KINDS", "TopKMissing", "topk_distill_loss", "topk_kd"]
+__all__ = ["MIN_TAIL", "TOPK_KINDS", "TopKMissing", "densify_topk", "topk_distill_loss",
+           "topk_kd"]
 
 TopKMissing = Literal["renormalize", "uniform"]
 _MISSING: tuple[str, ...] = get_args(TopKMissing)
-TOPK_KINDS: tuple[str, ...] = ("forward_kl",)  # the token_kd kinds a top-k teacher supports
+# The token_kd kinds a top-k teacher supports: forward KL sparsely, the others densified.
+TOPK_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tv")
+MIN_TAIL = 1e-6  # the smallest tail mass r for the densified kinds (see the module docstring)
+
+
+def densify_topk(teacher_logprobs: Tensor, teacher_indices: Tensor, vocab: int,
+                 missing: TopKMissing, *, min_tail: float = 0.0) -> Tensor:
+    """The dense teacher "logits" ℓ (..., V) a top-k teacher stands for (module docstring):
+    the stored log-probabilities on the top-k ids; −inf elsewhere ("renormalize") or
+    log(r / (V − k)) with r = max(1 − Σ_S p_i, `min_tail`) ("uniform"). float32 (float64 for
+    float64 input); softmax(ℓ / T) is the teacher at temperature T."""
+    dtype = torch.float64 if teacher_logprobs.dtype == torch.float64 else torch.float32
+    lp = teacher_logprobs.to(dtype)
+    k = lp.shape[-1]
+    if missing == "renormalize" or k == vocab:
+        fill = lp.new_full((*lp.shape[:-1], 1), float("-inf"))
+    else:
+        covered = torch.logsumexp(lp, dim=-1, keepdim=True)
+        r = (-torch.expm1(covered)).clamp(min=min_tail)  # 0 (log: -inf) only if min_tail = 0
+        fill = torch.log(r) - math.log(vocab - k)
+    dense = fill.expand(*lp.shape[:-1], vocab).clone()
+    return dense.scatter_(-1, teacher_indices.long(), lp)
 
 
 def _check_topk(student: Tensor, logprobs: Tensor, indices: Tensor, kind: str,
@@ -63,11 +100,16 @@ def _check_topk(student: Tensor, logprobs: Tensor, indices: Tensor, kind: str,
     if kind not in TOPK_KINDS:
         raise ValueError(
             f"a top-k teacher supports kind {', '.join(map(repr, TOPK_KINDS))} only; got "
-            f"{kind!r} (it needs the teacher's full distribution: use dense teacher logits)"
+            f"{kind!r}"
         )
     if missing not in _MISSING:
         raise ValueError(f"missing must be one of {', '.join(map(repr, _MISSING))}; "
                          f"got {missing!r}")
+    if kind == "reverse_kl" and missing == "renormalize" and logprobs.shape[-1] < student.shape[-1]:
+        raise ValueError(
+            "reverse KL against a renormalised top-k teacher is infinite (the teacher is 0 "
+            "outside its top-k, the student is not): use missing='uniform'"
+        )
     _check_logits(student, "student_logits")
     _check_logits(logprobs, "teacher_logprobs")
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
@@ -90,6 +132,7 @@ def topk_kd(
     kind: str = "forward_kl",
     missing: TopKMissing = "renormalize",
     temperature: float | Tensor = 1.0,
+    beta: float = 0.5,
     labels: Tensor | None = None,
     ignore_index: int = -100,
     mask: Tensor | None = None,
@@ -97,18 +140,21 @@ def topk_kd(
     scale_by_t2: bool = True,
     normalizer: float | Tensor | None = None,
 ) -> Tensor:
-    """KL(teacher ‖ student) per token against a top-k teacher (Hinton, arXiv:1503.02531).
+    """A token-level divergence against a top-k teacher; KL(teacher ‖ student) by default.
 
-    See the module docstring for `missing` and for what temperature does to each mode.
+    See the module docstring for `missing`, for what temperature does to each mode, and for
+    the densified kinds (reverse KL, JSD(β), TV; `token_kd` on `densify_topk`).
 
     Args:
         student_logits: shape (..., V), e.g. (B, T, V).
         teacher_logprobs: (..., k), the teacher's log-softmax at T = 1 on its top-k tokens
             (any order; fp16/bf16 are computed in float32). Not detached here.
         teacher_indices: (..., k) integer vocabulary ids of those tokens, distinct per token.
-        kind: "forward_kl" only (`TOPK_KINDS`); others raise ValueError.
+        kind: one of `TOPK_KINDS`: "forward_kl" (sparse, exact), "reverse_kl" (needs
+            missing="uniform"), "jsd", "tv" (densified).
         missing: "renormalize" or "uniform", how the mass outside the top-k is treated.
         temperature: T > 0, a float or a scalar tensor.
+        beta: β of "jsd", in [0, 1].
         labels: optional integer targets, shape (...); `ignore_index` marks a skipped token.
         ignore_index: the label value that marks a position to skip.
         mask: optional bool, shape (...); True where the token counts (ANDed with labels).
@@ -123,6 +169,13 @@ def topk_kd(
     check_reduction(reduction)
     _check_topk(student_logits, teacher_logprobs, teacher_indices, kind, missing)
     _check_temperature(temperature)
+    if kind != "forward_kl":
+        check_kind_and_beta(kind, beta)
+        dense = densify_topk(teacher_logprobs, teacher_indices, student_logits.shape[-1],
+                             missing, min_tail=MIN_TAIL)
+        return token_kd(student_logits, dense, kind=kind, beta=beta, temperature=temperature,
+                        labels=labels, ignore_index=ignore_index, mask=mask,
+                        reduction=reduction, scale_by_t2=scale_by_t2, normalizer=normalizer)
     valid = token_valid_mask(labels, mask, student_logits.shape[:-1], ignore_index)
     vocab, k = student_logits.shape[-1], teacher_logprobs.shape[-1]
     dtype = _compute_dtype(student_logits, teacher_logprobs)
@@ -177,6 +230,7 @@ def topk_distill_loss(
     kind: str = "forward_kl",
     missing: TopKMissing = "renormalize",
     temperature: float | Tensor = 1.0,
+    beta: float = 0.5,
     ignore_index: int = -100,
     mask: Tensor | None = None,
     scale_by_t2: bool = True,
@@ -191,7 +245,7 @@ def topk_distill_loss(
     check_alpha(alpha)
     kd = topk_kd(
         student_logits, teacher_logprobs, teacher_indices, kind=kind, missing=missing,
-        temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask,
+        temperature=temperature, beta=beta, labels=labels, ignore_index=ignore_index, mask=mask,
         scale_by_t2=scale_by_t2, normalizer=normalizer,
     )
     ce = hard_cross_entropy(

@@ -36,11 +36,11 @@ class TokenKDConfig(MethodConfig):
     same loss and gradients `chunk_size` tokens at a time (about half the peak memory of the
     naive form at a 49k vocabulary; see benchmarks/bench_llm_loss.py).
 
-    With a top-k teacher cache (`Outputs.teacher_topk`), D is `kdistill.losses.topk_kd`:
-    forward KL only, the mass outside the teacher's top-k handled as `topk_missing` says
-    ("renormalize": the teacher renormalised on its top-k; "uniform": the missing mass spread
-    evenly over the other tokens). `chunk_size` is then ignored: the top-k loss has no
-    (B, T, V) teacher tensor to chunk.
+    With a top-k teacher cache (`Outputs.teacher_topk`), D is `kdistill.losses.topk_kd`, the
+    mass outside the teacher's top-k handled as `topk_missing` says ("renormalize": the
+    teacher renormalised on its top-k; "uniform": the missing mass spread evenly over the
+    other tokens): forward KL sparsely; reverse KL (uniform only), JSD and TV on the teacher
+    made dense per micro-batch. `chunk_size` is then ignored.
     """
 
     name: Literal["token_kd"] = "token_kd"
@@ -79,10 +79,14 @@ class TokenKD(Method):
                 raise ConfigError("method.kind", f"{self.cfg.kind!r} is not supported with a "
                                   f"top-k teacher cache (supported: {', '.join(TOPK_KINDS)}); "
                                   "use a dense cache (cache.topk: null) or another kind")
+            if self.cfg.kind == "reverse_kl" and self.cfg.topk_missing == "renormalize":
+                raise ConfigError("method.topk_missing", "reverse KL against a renormalised "
+                                  "top-k teacher is infinite (0 outside its top-k); set "
+                                  "method.topk_missing: uniform")
             logprobs, indices = out.teacher_topk
             res = topk_distill_loss(
                 out.student_logits, logprobs, indices, labels, alpha=s["alpha"],
-                kind=self.cfg.kind, missing=self.cfg.topk_missing,
+                kind=self.cfg.kind, missing=self.cfg.topk_missing, beta=self.cfg.beta,
                 temperature=s["temperature"], scale_by_t2=self.cfg.scale_by_t2)
             return {"kd": s["alpha"] * res.kd, "ce": (1 - s["alpha"]) * res.ce}
         assert out.teacher_logits is not None, "token_kd needs teacher outputs"
