@@ -64,23 +64,42 @@ def _fit(accum: int, out: Path | None = None) -> tuple[list[torch.Tensor], list[
     return [p.detach().clone() for p in student.parameters()], logger.records
 
 
+def _fit_crd() -> dict[str, torch.Tensor]:
+    """CRD with one set of negatives per batch (drawn alike on every rank): its memory banks
+    are per-sample state that DDP does not synchronise by itself."""
+    from .test_crd import _method
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 1, 12), torch.randint(0, 3, (40,))
+    method, student, teacher = _method(n=40, shared_negatives=True)
+    cfg = TrainConfig(epochs=1, lr_schedule=1.0)
+    opt = build_optimizer([*student.parameters(), *method.parameters()], cfg.optimizer)
+    train(student, OnlineTeacher(teacher), method, BatchLoader(x, y, batch_size=10, seed=0),
+          opt, cfg)
+    return {k: v.clone() for k, v in method.state_dict().items() if k.endswith("bank")}
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
     # Global batch 4 as one batch (each rank gets 2 rows), then as 2 accumulated batches of 2.
     results = {accum: _fit(accum) for accum in (1, 2)}
+    banks = _fit_crd()
     if rank == 0:
-        torch.save({a: (w, r) for a, (w, r) in results.items()}, out)
+        torch.save({"token": {a: (w, r) for a, (w, r) in results.items()}, "crd": banks}, out)
     distributed.shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_two_ranks_equal_one_process_with_token_weighting(tmp_path: Path) -> None:
+def test_two_ranks_equal_one_process_token_weighting_and_crd_banks(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    ddp = saved["token"]
     single, single_records = _fit(1)
+    for key, bank in _fit_crd().items():  # every rank's rows reached rank 0's banks
+        torch.testing.assert_close(saved["crd"][key], bank, atol=1e-5, rtol=1e-4, msg=key)
     for accum in (1, 2):
         weights, records = ddp[accum]
         for a, b in zip(single, weights, strict=True):

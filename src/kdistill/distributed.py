@@ -104,6 +104,19 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def all_gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order (ranks may hold
+    different row counts: `shard` sizes differ by one). For per-sample state that every rank
+    must update alike, such as CRD's memory banks. Unchanged without a process group."""
+    d = info()
+    if not d.enabled:
+        return tensors
+    gathered: list[object] = [None] * d.world
+    dist.all_gather_object(gathered, [t.detach().cpu() for t in tensors])
+    return tuple(torch.cat([parts[i] for parts in gathered], dim=0).to(t.device)  # type: ignore[index]
+                 for i, t in enumerate(tensors))
+
+
 def shard(batch: dict[str, Tensor], d: DistInfo) -> dict[str, Tensor]:
     """This rank's rows of a global batch: contiguous, sizes differing by at most one."""
     if not d.enabled:

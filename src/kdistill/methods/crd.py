@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.adapters import probe_shapes
 from kdistill.errors import ConfigError
 from kdistill.losses import hard_cross_entropy, kd_kl
@@ -133,6 +134,10 @@ class CRD(Method):
         # `where` instead of an `if` on the buffer avoids a host sync every step.
         with torch.no_grad():
             estimate = nce_normalizer(scores.detach(), temperature=tau, num_samples=n)
+            if distributed.info().enabled and not bool(self.z[side] > 0):
+                # The first batch is split over ranks: average the ranks' estimates, so Z is
+                # the global batch's (the sync happens once: Z is kept afterwards).
+                estimate = distributed.all_reduce_sum(estimate.clone()) / distributed.info().world
             z = torch.where(self.z[side] > 0, self.z[side], estimate)
             if self.training:
                 self.z[side] = z
@@ -158,7 +163,11 @@ class CRD(Method):
 
     @torch.no_grad()
     def update_banks(self, index: Tensor, emb_s: Tensor, emb_t: Tensor) -> None:
-        """Rows `index` <- normalise(m · row + (1 − m) · embedding), in both banks."""
+        """Rows `index` <- normalise(m · row + (1 − m) · embedding), in both banks.
+
+        Under DDP every rank applies every rank's rows, so the banks stay one global bank
+        (as in a single process with the same global batch), not one stale bank per rank."""
+        index, emb_s, emb_t = distributed.all_gather_rows(index, emb_s, emb_t)
         m = self.cfg.momentum
         for bank, emb in ((self.student_bank, emb_s), (self.teacher_bank, emb_t)):
             rows = bank.index_select(0, index).mul_(m).add_(emb.to(bank.dtype), alpha=1 - m)
