@@ -7,7 +7,8 @@ rank 0 alone writes files (stage markers, checkpoints, the teacher cache, metric
 while the others wait at a barrier. Without torchrun's environment nothing here does anything,
 so a single-process run is unchanged.
 
-Backend: gloo on CPU, nccl when CUDA is available (training on CPU today; see docs).
+Backend: gloo. kdistill trains on CPU today (no device placement yet), and nccl only moves
+CUDA tensors; when the engine places models on GPUs, nccl becomes the choice there.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ def init_from_env() -> DistInfo:
     if world <= 1 or not dist.is_available():
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="gloo")  # CPU tensors (see the module docstring)
     return info()
 
 
