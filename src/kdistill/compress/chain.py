@@ -104,7 +104,8 @@ class _Context:
 def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
               teacher: nn.Module, splits: DataSplits, run_dir: Path, train_cfg: TrainConfig,
               echo: Echo = print, kd: KDConfig | None = None, eval_cfg: EvalConfig | None = None,
-              seed: int | None = None) -> list[dict[str, Any]]:
+              seed: int | None = None, models: dict[str, nn.Module] | None = None,
+              row_prefix: str = "") -> list[dict[str, Any]]:
     """Run `stages` on a copy of `student`; one evaluation row per stage, in order.
 
     Args:
@@ -114,6 +115,9 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
         train_cfg: the run's training settings; stages set epochs and maybe the learning rate.
         kd: temperature and α of the KD loss (the run's kd method when it has one).
         seed: data order and calibration draw; default the run's first seed.
+        models: when given, receives a copy of the model after each stage, by stage name
+            (`"2-prune"`), e.g. to fork another chain from it.
+        row_prefix: prepended to each row's `stage` (several chains in one table).
     """
     if distributed.info().enabled:
         raise ConfigError("compress", "the compression chain runs in one process; run it "
@@ -155,7 +159,9 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
             path = save_safetensors(chain.model, stage_dir / "model.safetensors",
                                     quantized=chain.quantized is not None)
             row = _row(chain, ctx, chain.model, path.stat().st_size, teacher_logits, "torch")
-        row.update(stage=f"{i}-{stage.kind}", kind=stage.kind, what=_describe(stage),
+        if models is not None:
+            models[f"{i}-{stage.kind}"] = copy.deepcopy(chain.model)
+        row.update(stage=f"{row_prefix}{i}-{stage.kind}", kind=stage.kind, what=_describe(stage),
                    sparsity=prune.sparsity(chain.float_model), **info.get("row", {}))
         info.pop("row", None)
         atomic_write_text(stage_dir / "stage.json", json.dumps(info, indent=2))
