@@ -10,6 +10,7 @@ from torch import nn
 from kdistill.capture import resolve_modules, split_name
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
 from kdistill.data import DataSplits, load_dataset
+from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
@@ -24,6 +25,8 @@ GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
 def build_data(cfg: DataConfig) -> DataSplits:
     if cfg.name in CORPORA or cfg.name == GENERATED:
         return _build_text(cfg)
+    if cfg.name in FORTUNE_TASKS:
+        return _build_text_classes(cfg)
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
     val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
@@ -34,6 +37,23 @@ def build_data(cfg: DataConfig) -> DataSplits:
     if len(splits.val_x) == 0:
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
     return splits
+
+
+def _build_text_classes(cfg: DataConfig) -> DataSplits:
+    """A text-classification task: padded token ids (N, seq_len) and a category per text."""
+    if cfg.tokenizer is None:
+        raise ConfigError("data.tokenizer", f"text task '{cfg.name}' needs the tokenizer of "
+                                            f"the teacher, e.g. tokenizer: minilm")
+    for field, value in (("max_train_tokens", cfg.max_train_tokens),
+                         ("max_eval_tokens", cfg.max_eval_tokens)):
+        if value is not None:  # refuse a limit that would otherwise be ignored silently
+            raise ConfigError(f"data.{field}", f"counts tokens of a text corpus; for '{cfg.name}' "
+                                               f"use data.train_limit (texts)")
+    from kdistill.models.hf import load_tokenizer
+
+    return fortune_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
+                          val_size=cfg.val_size, test_size=cfg.test_size,
+                          split_seed=cfg.split_seed, train_limit=cfg.train_limit, where="data")
 
 
 def _build_text(cfg: DataConfig) -> DataSplits:

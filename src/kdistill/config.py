@@ -50,11 +50,15 @@ class DataConfig(_Strict):
     split_seed: int = 0
     train_limit: Annotated[int, Field(gt=0)] | None = None
     # Text corpora (causal-LM distillation): `name: stdlib_docs` or `fortunes`.
+    # Text classification (fortune categories): `name: fortunes5` or `fortunes43`.
     tokenizer: str | None = Field(
-        None, description="text corpora: the tokenizer of this model ('smollm2' or a path)")
-    seq_len: Annotated[int, Field(ge=2)] = Field(128, description="text: tokens per block")
+        None, description="text: the tokenizer of this model ('smollm2', 'minilm' or a path)")
+    seq_len: Annotated[int, Field(ge=2)] = Field(
+        128, description="text: tokens per block; text classification: tokens per text "
+        "(truncated, padded)")
     test_size: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.05, description="text: the fraction of documents held out for the test split")
+        0.05, description="text: the fraction of documents (classification: of texts, "
+        "stratified) held out for the test split")
     max_train_tokens: Annotated[int, Field(gt=0)] | None = None
     max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="text: at most this many tokens in each of validation and test")

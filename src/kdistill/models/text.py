@@ -1,0 +1,239 @@
+"""Text classifiers over padded token ids (N, T) int64: a TextCNN and BERT-style encoders.
+
+Every model here builds its own attention mask as `ids != pad_id`, so a batch is just the
+id tensor the data gives (`kdistill.data.fortune_classes`), and padding never changes a
+prediction (the tests check that a text padded to 32 or to 64 tokens gets the same logits).
+
+- `textcnn` (Kim 2014, arXiv:1408.5882): embeddings, 1-D convolutions of widths 3/4/5, ReLU,
+  max-pool over the windows that start on a real token, dropout, linear.
+- `hf_encoder_classifier`: a pretrained transformers encoder (`path: minilm` is
+  all-MiniLM-L6-v2), mean-pooled over real tokens (or its [CLS] token) + a linear head.
+- `hf_encoder_student`: the same architecture with fewer layers, initialised from a subset
+  of the pretrained layers (`layer_map`), DistilBERT / TinyBERT-style (arXiv:1910.01108,
+  1909.10351).
+
+Layers a distillation method can read (names for `capture`, as the `attn` and `fitnet`
+methods take them), with `bert` the transformers model inside the wrapper:
+- `bert.encoder.layer.<i>.attention.self[1]`: layer i's attention probabilities
+  (B, heads, T, T). The encoders run with eager attention, the implementation that returns
+  them (SDPA returns none), and the student's attention dropout is 0 so that what is
+  captured in training is a distribution.
+- `tokens.<k>`: the hidden states after layer k, `tokens.0` the embedding output (TinyBERT's
+  numbering), laid out channels-first as (B, hidden, T). The layout is the point: the
+  `fitnet` method's adapter for a (C, L) feature is a 1x1 convolution over C, which on
+  (hidden, T) is exactly TinyBERT's per-token linear map W_h; on (T, hidden) it would mix
+  positions. `tokens.<k>` are identity modules; they compute nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.errors import ConfigError
+from kdistill.models.hf import MINILM, _transformers, load_tokenizer, resolve_source
+from kdistill.models.zoo import _positive_int, _positive_ints, _probability
+
+
+def _ids(x: Tensor, arch: str) -> Tensor:
+    if x.is_floating_point():
+        raise TypeError(f"'{arch}' takes int64 token ids (N, T), not float inputs")
+    return x
+
+
+def _seq_len(input_shape: Sequence[int], arch: str) -> int:
+    if len(tuple(input_shape)) != 1:
+        raise ConfigError("arch", f"'{arch}' takes token ids (N, T); the data gives inputs of "
+                                  f"shape {tuple(input_shape)} (use a text task, e.g. "
+                                  f"data.name: fortunes5)")
+    return int(input_shape[0])
+
+
+class TextCNN(nn.Module):
+    """Embeddings -> Conv1d per width -> ReLU -> masked max over time -> dropout -> linear.
+
+    A window is pooled only if it starts on a real token: windows that start in the padding
+    would see only pad embeddings, and their (constant) response must not win the max.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, *, pad_id: int, embed_dim: int,
+                 widths: Sequence[int], channels: int, dropout: float) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, channels, w) for w in widths)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(channels * len(widths), num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = _ids(ids, "textcnn")
+        mask = ids != self.pad_id
+        # Zero the pad embeddings explicitly: padding_idx keeps them zero only at init.
+        x = (self.embed(ids) * mask.unsqueeze(-1)).transpose(1, 2)  # (B, E, T)
+        pooled = []
+        for conv in self.convs:
+            w = conv.kernel_size[0]
+            if x.shape[2] < w:  # fewer tokens than the width: pad the sequence with zeros
+                x = nn.functional.pad(x, (0, w - x.shape[2]))
+                mask = nn.functional.pad(mask, (0, w - mask.shape[1]))
+            h = torch.relu(conv(x))  # (B, C, T - w + 1)
+            starts = mask[:, : h.shape[2]].unsqueeze(1)
+            pooled.append(h.masked_fill(~starts, float("-inf")).amax(dim=2))
+        return self.head(self.drop(torch.cat(pooled, dim=1)))
+
+
+def textcnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    tokenizer: str = MINILM,
+    vocab_size: int | None = None,
+    pad_id: int | None = None,
+    embed_dim: int = 128,
+    widths: Sequence[int] = (3, 4, 5),
+    channels: int = 100,
+    dropout: float = 0.5,
+) -> TextCNN:
+    """A TextCNN (`arch: textcnn`) over the vocabulary of `tokenizer` (the data's tokenizer),
+    or of `vocab_size` ids with pad id `pad_id` when both are given (no tokenizer loaded)."""
+    _seq_len(input_shape, "textcnn")
+    if vocab_size is None or pad_id is None:
+        tok = load_tokenizer(tokenizer, where="args.tokenizer")
+        vocab_size = len(tok) if vocab_size is None else vocab_size
+        pad_id = tok.pad_token_id if pad_id is None else pad_id
+    vocab_size = _positive_int(vocab_size, "vocab_size")
+    if not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
+        raise ConfigError("args.pad_id", f"expected an id in [0, {vocab_size}), got {pad_id!r}")
+    return TextCNN(vocab_size, num_classes, pad_id=pad_id,
+                   embed_dim=_positive_int(embed_dim, "embed_dim"),
+                   widths=_positive_ints(widths, "widths"),
+                   channels=_positive_int(channels, "channels"),
+                   dropout=_probability(dropout, "dropout"))
+
+
+class EncoderClassifier(nn.Module):
+    """A transformers encoder + pooling + linear head: ids (B, T) -> logits (B, classes)."""
+
+    def __init__(self, bert: nn.Module, num_classes: int, *, pad_id: int, pooling: str,
+                 dropout: float) -> None:
+        super().__init__()
+        self.bert = bert
+        self.pad_id, self.pooling = pad_id, pooling
+        config = bert.config
+        self.tokens = nn.ModuleList(nn.Identity() for _ in range(config.num_hidden_layers + 1))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(config.hidden_size, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = _ids(ids, "hf_encoder")
+        mask = ids != self.pad_id
+        out = self.bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        for tap, h in zip(self.tokens, out.hidden_states, strict=True):
+            tap(h.transpose(1, 2))  # only for hooks: (B, hidden, T), see the module docstring
+        h = out.last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:  # the mean over real tokens, as sentence-transformers pools all-MiniLM-L6-v2
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return self.head(self.drop(pooled))
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained_encoder(path: str) -> tuple[Any, dict[str, Tensor]]:
+    """(config, state dict) of a pretrained encoder, loaded once per process (the teacher and
+    a student initialised from it both need them); callers build their own modules."""
+    directory, gguf = resolve_source(path, where="args.path")
+    if gguf is not None:
+        raise ConfigError("args.path", f"'{path}' is a GGUF causal LM, not an encoder")
+    tf = _transformers()
+    model = tf.AutoModel.from_pretrained(directory, local_files_only=True,
+                                         trust_remote_code=False, dtype=torch.float32)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+    return model.config, state
+
+
+def _encoder(config: Any, state: dict[str, Tensor] | None) -> nn.Module:
+    tf = _transformers()
+    model = tf.AutoModel.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # [CLS] tanh pooler: unused (we pool ourselves), not counted
+    if state is not None:
+        model.load_state_dict(state)  # copies: the module never shares the cached tensors
+    return model
+
+
+def _check_fits(config: Any, seq_len: int, pooling: str) -> None:
+    if pooling not in ("mean", "cls"):
+        raise ConfigError("args.pooling", f"expected 'mean' or 'cls', got {pooling!r}")
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError("arch", f"data.seq_len {seq_len} is longer than the encoder's "
+                                  f"{config.max_position_embeddings} positions")
+
+
+def hf_encoder_classifier(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    path: str = MINILM,
+    pooling: str = "mean",
+    dropout: float = 0.1,
+) -> EncoderClassifier:
+    """A pretrained encoder (`arch: hf_encoder_classifier`) with a new linear head."""
+    seq_len = _seq_len(input_shape, "hf_encoder_classifier")
+    config, state = _pretrained_encoder(path)
+    _check_fits(config, seq_len, pooling)
+    return EncoderClassifier(_encoder(config, state), num_classes, pad_id=config.pad_token_id,
+                             pooling=pooling, dropout=_probability(dropout, "dropout"))
+
+
+def hf_encoder_student(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    init_from: str = MINILM,
+    layers: int = 2,
+    layer_map: list[int] | None = None,
+    random_init: bool = False,
+    pooling: str = "mean",
+    dropout: float = 0.1,
+) -> EncoderClassifier:
+    """A `layers`-deep encoder of `init_from`'s width (`arch: hf_encoder_student`).
+
+    It copies `init_from`'s embeddings and its layers listed in `layer_map` (0-based; default
+    TinyBERT's uniform map, student layer m <- teacher layer (m + 1)·N/M − 1: [2, 5] for 2 of
+    6 layers). `random_init: true` keeps the architecture with random weights (to measure
+    what the copied layers are worth). Attention dropout is 0: the `attn` method reads the
+    student's attention probabilities in training, and dropout would break the rows' sums.
+    """
+    seq_len = _seq_len(input_shape, "hf_encoder_student")
+    source_config, state = _pretrained_encoder(init_from)
+    _check_fits(source_config, seq_len, pooling)
+    layers = _positive_int(layers, "layers")
+    n_src = source_config.num_hidden_layers
+    chosen = layer_map if layer_map is not None else [
+        (m + 1) * n_src // layers - 1 for m in range(layers)]
+    if (not isinstance(chosen, list) or len(chosen) != layers
+            or not all(isinstance(i, int) and 0 <= i < n_src for i in chosen)):
+        raise ConfigError("args.layer_map", f"needs {layers} layer indices in [0, {n_src}) "
+                                            f"(one per student layer); got {chosen!r}")
+    config = source_config.__class__(**{**source_config.to_dict(), "num_hidden_layers": layers,
+                                        "attention_probs_dropout_prob": 0.0})
+    own: dict[str, Tensor] | None = None
+    if not random_init:
+        own = {}
+        for key, value in state.items():
+            if key.startswith("encoder.layer."):
+                idx, rest = key.removeprefix("encoder.layer.").split(".", 1)
+                if int(idx) not in chosen:
+                    continue
+                for m in (m for m, src in enumerate(chosen) if src == int(idx)):
+                    own[f"encoder.layer.{m}.{rest}"] = value
+            else:
+                own[key] = value
+    return EncoderClassifier(_encoder(config, own), num_classes, pad_id=config.pad_token_id,
+                             pooling=pooling, dropout=_probability(dropout, "dropout"))
