@@ -120,6 +120,7 @@ def test_onnx_output_equals_pytorch(arch: str, tmp_path: Path, digits: DataSplit
     model = (MLP(digits.input_shape, 10, hidden=[16]) if arch == "mlp"
              else SmallCNN(digits.input_shape, 10, channels=[4], hidden=8)).eval()
     path = export_onnx(model, digits.test_x[:2], tmp_path / "m.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     runner, check = check_onnx(path, model, digits.test_x[:50], rtol=1e-5)
     assert check["onnx_rel_diff"] < 1e-5 and check["onnx_agreement"] == 1.0
     # A dynamic batch axis: batch 1 and batch 7 both run.
@@ -136,6 +137,8 @@ def test_int8_onnx_matches_the_int8_torch_model(method: str, tmp_path: Path,
     path = export_onnx(q, digits.test_x[:2], tmp_path / "q.onnx", quantized=method,
                        float_model=trained)
     _runner, check = check_onnx(path, q, digits.test_x, rtol=0.05)
+    # One self-contained file: no fp32 side graph or external weights left behind.
+    assert [p.name for p in tmp_path.iterdir()] == ["q.onnx"]
     assert check["onnx_agreement"] > 0.97
     import onnx
 

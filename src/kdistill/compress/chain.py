@@ -286,6 +286,7 @@ def _export(chain: _Chain, stage: ExportStage, ctx: _Context, stage_dir: Path,
         info["files"] = files
         return row
     x = ctx.splits.test_x
+    (stage_dir / "model.onnx.data").unlink(missing_ok=True)  # an earlier run's side file
     path = export_onnx(chain.model, x[:2], stage_dir / "model.onnx", quantized=chain.quantized,
                        float_model=chain.float_model, opset=stage.opset)
     rtol = stage.rtol or (INT8_RTOL if chain.quantized else FP32_RTOL)

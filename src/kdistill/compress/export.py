@@ -75,25 +75,29 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, *, quantized: str
     if source is None:
         raise ValueError("dynamic int8 export needs float_model, the model it was quantized from")
     source.eval()
+    # Dynamic int8: the fp32 graph goes to a side file that onnxruntime then quantizes.
+    target = path.with_name(path.stem + ".fp32.onnx") if quantized == "dynamic" else path
+    # One self-contained file unless protobuf's 2 GB limit forces weights into a side file.
+    weight_bytes = sum(t.numel() * t.element_size() for t in source.state_dict().values()
+                       if isinstance(t, Tensor))
     with _quiet_exporter(), torch.no_grad():
         if quantized in ("static", "qat"):
-            torch.onnx.export(source, (example,), str(path), dynamo=False,
+            torch.onnx.export(source, (example,), str(target), dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               **names)
         else:
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(source, (example,), str(path), dynamo=True,
-                              dynamic_shapes=({0: batch},), **names)
+            torch.onnx.export(source, (example,), str(target), dynamo=True,
+                              dynamic_shapes=({0: batch},),
+                              external_data=weight_bytes > 1_500_000_000, **names)
     if quantized == "dynamic":
         from onnxruntime.quantization import QuantType
         from onnxruntime.quantization import quantize_dynamic as ort_dynamic
 
-        fp32 = path.with_name(path.stem + ".fp32.onnx")
-        path.replace(fp32)
         with _quiet_exporter():
-            ort_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
-        fp32.unlink()
-        fp32.with_name(fp32.name + ".data").unlink(missing_ok=True)
+            ort_dynamic(str(target), str(path), weight_type=QuantType.QInt8)
+        target.unlink()
+        target.with_name(target.name + ".data").unlink(missing_ok=True)
     return path
 
 
