@@ -177,7 +177,9 @@ def test_chain_end_to_end(tmp_path: Path, digits: DataSplits, trained: nn.Module
         info = json.loads((tmp_path / "compress" / f"{i}-{kind}" / "stage.json").read_text())
         assert info["stage"]["kind"] == kind
     assert (tmp_path / "compress" / "3-export" / "model.onnx").is_file()
-    assert (tmp_path / "compress" / "0-prune" / "metrics.jsonl").is_file()
+    for r in (1, 2):  # each pruning round's fine-tuning logged on its own
+        metrics = tmp_path / "compress" / "0-prune" / f"round-{r}" / "metrics.jsonl"
+        assert any('"loss/kd"' in line for line in metrics.read_text().splitlines())
     assert set(models) == {"0-prune", "1-distill", "2-quantize", "3-export"}
     table = chain_table(rows)
     assert table.count("\n") == 2 + len(rows) and "onnxruntime" in table

@@ -144,7 +144,8 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
     for i, stage in enumerate(parsed):
         stage_dir = run_dir / "compress" / f"{i}-{stage.kind}"
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run redoes the stage
+        for old in stage_dir.rglob("metrics.jsonl"):  # a re-run redoes the stage
+            old.unlink()
         echo(f"compress {i}-{stage.kind}: {_describe(stage)}")
         info: dict[str, Any] = {"stage": stage.model_dump(mode="json")}
         if isinstance(stage, PruneStage):
@@ -219,9 +220,10 @@ def _prune(chain: _Chain, stage: PruneStage, ctx: _Context, stage_dir: Path) -> 
         ctx.echo(f"  round {r + 1}/{stage.rounds}: {json.dumps(done)}, "
                  f"{count_parameters(model):,} params")
         if stage.finetune_epochs:
+            # One directory per round: the engine starts a fresh run's metrics.jsonl over.
             done["val_accuracy"] = _finetune(chain, ctx, epochs=stage.finetune_epochs,
                                              lr=stage.lr, teacher=stage.teacher,
-                                             stage_dir=stage_dir)
+                                             stage_dir=stage_dir / f"round-{r + 1}")
         rounds.append(done)
     if stage.method == "magnitude":
         chain.masks = {name: m.weight_mask.clone() for name, m in model.named_modules()
