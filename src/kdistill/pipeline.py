@@ -127,7 +127,8 @@ def _fit(
     loader = build_train_loader(splits, cfg, seed=seed, where=where)
     # Adapters (and per-sample buffers) exist before the optimizer is built.
     method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(splits.train_x))
-    optimizer = build_optimizer([*model.parameters(), *method.parameters()], cfg.optimizer)
+    optimizer = build_optimizer([*model.parameters(), *method.optimizer_parameters()],
+                                cfg.optimizer)
 
     def evaluate() -> dict[str, float]:
         if splits.task == "causal_lm":

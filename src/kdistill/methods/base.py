@@ -85,6 +85,13 @@ class Method(nn.Module):
         seeded RNG); every other method returns `batch` unchanged."""
         return batch
 
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """What the student's optimizer trains besides the student: the adapters, by default
+        all of `parameters()`. A method with a network trained against the student (a
+        data-free generator) leaves it out here and steps it with its own optimizer; it stays
+        in `state_dict()`, so checkpoints still carry it."""
+        return list(self.parameters())
+
     def batch_items(self, batch: Batch) -> int:
         """How many items `loss_terms`' means run over: the engine weights each micro-batch of
         an accumulation window by its share of the window's items, so the step's loss is the
