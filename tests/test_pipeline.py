@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdistill import load_config, run
+from kdistill.errors import ConfigError
 from kdistill.metrics import read_metrics
 
 
@@ -234,3 +235,23 @@ def test_a_torn_stage_marker_redoes_the_stage(tiny_recipe: Path) -> None:
     lines: list[str] = []
     run(cfg, echo=lines.append)
     assert any("student: recipe changed" in line for line in lines)
+
+
+def test_compress_stages_run_after_distillation_into_the_report(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, [
+        "train.epochs=1", "baseline=false", "teacher.train.epochs=1",
+        "compress=[{kind: prune, method: structured, amount: 0.5, finetune_epochs: 1},"
+        " {kind: quantize, method: dynamic}, {kind: export, formats: [onnx]}]"])
+    run(cfg, echo=lambda _: None)
+    chain = json.loads((cfg.run_dir / "compress" / "eval.json").read_text())
+    assert [r["stage"].split("-", 1)[-1] for r in chain][:2] == ["prune", "quantize"]
+    assert chain[0]["params"] < 1210  # the pruned MLP is really smaller than the 16-wide one
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "## Compression chain" in report and "distilled student" in report
+    assert "Compression chain (test set)" in (cfg.run_dir / "report.html").read_text()
+    with pytest.raises(ConfigError, match="compress"):
+        # Text (causal LM) data: refused before the teacher stage, not after training.
+        run(load_config(tiny_recipe, [
+            "data={name: stdlib_docs, tokenizer: smollm2, val_size: 0.05, test_size: 0.05}",
+            "method.name=token_kd", "compress=[{kind: quantize, method: dynamic}]"]),
+            echo=lambda _: None)

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from kdistill.compress.config import KINDS as COMPRESS_KINDS
+from kdistill.compress.config import CompressStage, check_order
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
 from kdistill.methods.kd import KDConfig
@@ -198,6 +200,9 @@ class RunConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    compress: list[CompressStage] = Field(
+        [], description="stages after distillation, run on the first seed's distilled student "
+        "and evaluated into the report: prune, distill, quantize, export (kdistill.compress)")
 
     @model_validator(mode="before")
     @classmethod
@@ -220,11 +225,18 @@ class RunConfig(_Strict):
                     f"{where}.train: the teacher would be an untrained network; give "
                     f"{where}.train, {where}.model.weights, or a pretrained arch"
                 )
-        if self.cache.topk is not None and (
-                self.method.name != "token_kd" or getattr(self.method, "kind", "") != "forward_kl"
-                or self.more_teachers):
+        if self.cache.topk is not None and (self.method.name != "token_kd"
+                                            or self.more_teachers):
             raise ValueError("cache.topk: a top-k teacher cache feeds method token_kd with "
-                             "kind forward_kl and one teacher; set cache.topk: null otherwise")
+                             "one teacher; set cache.topk: null otherwise")
+        if (self.cache.topk is not None and getattr(self.method, "kind", "") == "reverse_kl"
+                and getattr(self.method, "topk_missing", "") == "renormalize"):
+            raise ValueError("method.topk_missing: reverse KL against a renormalised top-k "
+                             "teacher is infinite (0 outside its top-k); use uniform")
+        try:
+            check_order(self.compress)
+        except ConfigError as e:
+            raise ValueError(f"{e.where}: {e.message}") from None
         if self.more_teachers and not METHODS[self.method.name].multi_teacher:
             raise ValueError(f"more_teachers: method '{self.method.name}' learns from one "
                              "teacher; use a multi-teacher method such as multi_kd")
@@ -268,7 +280,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts union tags in the location ("method.kd.temperature", "....float"):
     # drop them so the path matches what the user wrote in the recipe.
-    tags = set(METHODS) | {"constant", "linear", "cosine", "step", "warmup", "float", "int"}
+    tags = set(METHODS) | {"constant", "linear", "cosine", "step", "warmup", "float", "int",
+                           *COMPRESS_KINDS}
     last = len(loc) - 1
     parts = [str(p) for i, p in enumerate(loc)
              if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"

@@ -44,6 +44,7 @@ from kdistill.checkpoint import atomic_write_text, load_weights, save_model_atom
 from kdistill.config import RunConfig, TeacherConfig, TrainConfig, dump_config
 from kdistill.data import DataSplits
 from kdistill.engine import train
+from kdistill.errors import ConfigError
 from kdistill.evaluate import classification_scores, model_report, predict
 from kdistill.evaluate_lm import (
     greedy_continuations,
@@ -285,6 +286,10 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
         echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
              f"{len(splits.test_x)} test, {splits.num_classes} classes")
     check_task(build_method(cfg.method), splits)  # e.g. kd on text: say so before training
+    if cfg.compress and (splits.task != "classification" or distributed.info().enabled):
+        # Say so before training, not after: the chain needs one process and class labels.
+        raise ConfigError("compress", "the compression chain runs on classification data in "
+                          "one process (without torchrun); remove `compress:` or run it so")
     check_vocabulary(cfg)
     teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
     teacher_models = [
@@ -365,7 +370,19 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     samples = _lm_samples(cfg, splits, models) if lm and cfg.eval.samples else []
     if samples:
         atomic_write_text(run_dir / "samples.json", json.dumps(samples, indent=2))
-    write_report(run_dir, cfg, result.rows, samples=samples)
+    chain: list[dict[str, Any]] = []
+    if cfg.compress:  # prune / distill / quantize / export the first seed's distilled student
+        from kdistill.compress import run_chain
+        from kdistill.methods.kd import KDConfig
+
+        echo(f"compress: {len(cfg.compress)} stage(s) on the seed-{cfg.train.seeds[0]} student")
+        kd = cfg.method if isinstance(cfg.method, KDConfig) else KDConfig()
+        chain = [{**result.rows["student"][0], "stage": "distilled student", "what": "",
+                  "runtime": "torch"},
+                 *run_chain(cfg.compress, student=models["student"][0], teacher=teacher_model,
+                            splits=splits, run_dir=run_dir, train_cfg=cfg.train, echo=echo,
+                            kd=kd, eval_cfg=cfg.eval, seed=cfg.train.seeds[0])]
+    write_report(run_dir, cfg, result.rows, samples=samples, compress=chain)
     from kdistill.report.html import write_html_report  # matplotlib: ~0.6 s to import
 
     write_html_report([run_dir])

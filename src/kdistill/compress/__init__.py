@@ -1,28 +1,26 @@
 """Compression after distillation: pruning, int8 quantization, ONNX/safetensors export, and
-`run_chain`, which runs a recipe's `compress:` stages and evaluates each one."""
+`run_chain`, which runs a recipe's `compress:` stages and evaluates each one.
 
-from kdistill.compress.chain import run_chain
-from kdistill.compress.config import (
-    CompressStage,
-    DistillStage,
-    ExportStage,
-    PruneStage,
-    QuantizeStage,
-    parse_stages,
-)
-from kdistill.compress.export import ExportError, OnnxModel, export_onnx
-from kdistill.compress.finetune import chain_table
+Names are imported lazily: `kdistill.config` imports `kdistill.compress.config` for the
+recipe's `compress:` field, and the chain (engine, quantization, onnx) must not load then.
+"""
 
-__all__ = [
-    "CompressStage",
-    "DistillStage",
-    "ExportError",
-    "ExportStage",
-    "OnnxModel",
-    "PruneStage",
-    "QuantizeStage",
-    "chain_table",
-    "export_onnx",
-    "parse_stages",
-    "run_chain",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "run_chain": "chain",
+    "CompressStage": "config", "DistillStage": "config", "ExportStage": "config",
+    "PruneStage": "config", "QuantizeStage": "config", "parse_stages": "config",
+    "ExportError": "export", "OnnxModel": "export", "export_onnx": "export",
+    "chain_table": "finetune",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'kdistill.compress' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"kdistill.compress.{_WHERE[name]}"), name)

@@ -253,6 +253,21 @@ def _samples_section(run: RunData) -> str:
     return "\n".join(parts)
 
 
+def _compress_section(run: RunData) -> str:
+    """The compression chain's rows (`compress/eval.json`, one per stage), if it ran."""
+    path = run.path / "compress" / "eval.json"
+    if not path.is_file():
+        return '<p class="note">No compression chain in this run.</p>'
+    table = [["stage", "what", "runs in", "test acc %", "params", "non-zero", "bytes",
+              "latency ms (batch 1)", "samples/s"]]
+    for r in json.loads(path.read_text(encoding="utf-8")):
+        table.append([str(r.get("stage", "")), str(r.get("what", "")), str(r.get("runtime", "")),
+                      f"{100 * r['accuracy']:.2f}", f"{r['params']:,}",
+                      f"{r.get('nonzero_params', r['params']):,}", f"{r['bytes']:,}",
+                      f"{r['latency_ms']:.4f}", f"{r['throughput']:,.0f}"])
+    return _table(table, labels=3)
+
+
 def _get(config: dict[str, Any], *keys: str) -> str:
     """A nested recipe value for the page's header, '?' where the recipe lacks it."""
     value: Any = config
@@ -304,6 +319,11 @@ def render(runs: list[RunData]) -> str:
     if any(run.samples for run in runs):
         sections += ["<h2>Greedy continuations (test split)</h2>",
                      _per_run([r for r in runs if r.samples], _samples_section)]
+    if any((r.path / "compress" / "eval.json").is_file() for r in runs):
+        sections += ["<h2>Compression chain (test set)</h2>",
+                     '<p class="note">Each stage applied to the first seed\'s distilled student '
+                     "(the summary's row), measured as it runs (torch or onnxruntime).</p>",
+                     _per_run(runs, _compress_section)]
     sections += ["<h2>Recipe (resolved)</h2>",
                  _per_run(runs, lambda run: f"<pre>{_e(run.config_text)}</pre>")]
     body = "\n".join(sections)

@@ -110,8 +110,17 @@ def _samples_markdown(samples: list[dict[str, str]]) -> str:
     return "\n\n".join(parts)
 
 
+def _chain_table(rows: list[dict[str, Any]]) -> str:
+    from kdistill.compress import chain_table  # the chain's own table, one row per stage
+
+    return chain_table(rows).rstrip()
+
+
 def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]], *,
-                 samples: list[dict[str, str]] | None = None) -> Path:
+                 samples: list[dict[str, str]] | None = None,
+                 compress: list[dict[str, Any]] | None = None) -> Path:
+    """`report.md`: the summary table, the verdict, per-seed rows, LM samples, the compression
+    chain's rows (one per stage, the distilled student first) and the resolved recipe."""
     lm = _is_lm(rows)
     per_seed = (["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
                 if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
@@ -130,6 +139,7 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
         "## Per seed",
         "\n".join(per_seed),
         *([_samples_markdown(samples)] if samples else []),
+        *(["## Compression chain (test set)", _chain_table(compress)] if compress else []),
         "## Recipe (resolved)",
         "```yaml\n" + dump_config(cfg).rstrip() + "\n```",
     ])
