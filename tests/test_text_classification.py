@@ -147,8 +147,19 @@ def test_textcnn_ignores_padding(tokenizer) -> None:  # type: ignore[no-untyped-
                               "channels": 4}).eval()
     texts = ["hi", "a somewhat longer text about computers and their bugs"]
     short, long = _padded(tokenizer, texts, 16), _padded(tokenizer, texts, 40)
+    text = texts[1]
+    exact = _padded(tokenizer, [text], len(tokenizer(text)["input_ids"]))  # no padding at all
+    assert (exact != 0).all()
     with torch.no_grad():
         torch.testing.assert_close(model(short), model(long))
+        torch.testing.assert_close(model(exact), model(long[1:]))
+        # Windows that start in the padding must not win the max-pool: make every real window
+        # respond below what an all-padding window gives (the bias).
+        model.embed.weight.abs_()
+        for conv in model.convs:
+            conv.weight.fill_(-0.1)
+            conv.bias.fill_(1.0)
+        torch.testing.assert_close(model(exact), model(long[1:]))
     assert sum(p.numel() for p in model.parameters()) == (
         len(tokenizer) * 8 + sum(8 * 4 * w + 4 for w in (3, 4, 5)) + 12 * 3 + 3)
     with pytest.raises(TypeError, match="token ids"):
@@ -198,6 +209,14 @@ def test_student_copies_the_mapped_layers(tmp_path: Path) -> None:
                          args={"init_from": path, "layers": 2, "random_init": True})
     assert not torch.equal(random.state_dict()["bert.encoder.layer.0.output.dense.weight"],
                            t["bert.encoder.layer.1.output.dense.weight"])
+    cnn = build_model("textcnn", input_shape=(8,), num_classes=2,
+                      args={"vocab_size": 100, "pad_id": 0, "embed_dim": 32,
+                            "init_embeddings": path})
+    assert torch.equal(cnn.embed.weight, t["bert.embeddings.word_embeddings.weight"])
+    with pytest.raises(ConfigError, match=r"args\.init_embeddings"):
+        build_model("textcnn", input_shape=(8,), num_classes=2,
+                    args={"vocab_size": 100, "pad_id": 0, "embed_dim": 16,
+                          "init_embeddings": path})
     with pytest.raises(ConfigError, match="token ids"):
         build_model("textcnn", input_shape=(1, 8, 8), num_classes=2,
                     args={"vocab_size": 10, "pad_id": 0})

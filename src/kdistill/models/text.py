@@ -57,7 +57,8 @@ class TextCNN(nn.Module):
     """Embeddings -> Conv1d per width -> ReLU -> masked max over time -> dropout -> linear.
 
     A window is pooled only if it starts on a real token: windows that start in the padding
-    would see only pad embeddings, and their (constant) response must not win the max.
+    would see only pad embeddings, and their (constant) response must not win the max. Each
+    sequence is zero-extended by w - 1 columns so that the last real tokens start windows too.
     """
 
     def __init__(self, vocab_size: int, num_classes: int, *, pad_id: int, embed_dim: int,
@@ -74,14 +75,13 @@ class TextCNN(nn.Module):
         mask = ids != self.pad_id
         # Zero the pad embeddings explicitly: padding_idx keeps them zero only at init.
         x = (self.embed(ids) * mask.unsqueeze(-1)).transpose(1, 2)  # (B, E, T)
+        starts = mask.unsqueeze(1)  # (B, 1, T): one window starts on every position
         pooled = []
         for conv in self.convs:
-            w = conv.kernel_size[0]
-            if x.shape[2] < w:  # fewer tokens than the width: pad the sequence with zeros
-                x = nn.functional.pad(x, (0, w - x.shape[2]))
-                mask = nn.functional.pad(mask, (0, w - mask.shape[1]))
-            h = torch.relu(conv(x))  # (B, C, T - w + 1)
-            starts = mask[:, : h.shape[2]].unsqueeze(1)
+            # w - 1 zero columns at the end: every real token, the last ones included, starts
+            # a window, whether the batch holds padding after it or not (so a text gets the
+            # same logits at any padded length).
+            h = torch.relu(conv(nn.functional.pad(x, (0, conv.kernel_size[0] - 1))))  # (B,C,T)
             pooled.append(h.masked_fill(~starts, float("-inf")).amax(dim=2))
         return self.head(self.drop(torch.cat(pooled, dim=1)))
 
@@ -97,9 +97,12 @@ def textcnn(
     widths: Sequence[int] = (3, 4, 5),
     channels: int = 100,
     dropout: float = 0.5,
+    init_embeddings: str | None = None,
 ) -> TextCNN:
     """A TextCNN (`arch: textcnn`) over the vocabulary of `tokenizer` (the data's tokenizer),
-    or of `vocab_size` ids with pad id `pad_id` when both are given (no tokenizer loaded)."""
+    or of `vocab_size` ids with pad id `pad_id` when both are given (no tokenizer loaded).
+    `init_embeddings: minilm` (or an encoder directory) starts from that encoder's word
+    embeddings (Kim 2014's "static/non-static" pretrained vectors); embed_dim must match."""
     _seq_len(input_shape, "textcnn")
     if vocab_size is None or pad_id is None:
         tok = load_tokenizer(tokenizer, where="args.tokenizer")
@@ -108,11 +111,23 @@ def textcnn(
     vocab_size = _positive_int(vocab_size, "vocab_size")
     if not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
         raise ConfigError("args.pad_id", f"expected an id in [0, {vocab_size}), got {pad_id!r}")
-    return TextCNN(vocab_size, num_classes, pad_id=pad_id,
-                   embed_dim=_positive_int(embed_dim, "embed_dim"),
-                   widths=_positive_ints(widths, "widths"),
-                   channels=_positive_int(channels, "channels"),
-                   dropout=_probability(dropout, "dropout"))
+    model = TextCNN(vocab_size, num_classes, pad_id=pad_id,
+                    embed_dim=_positive_int(embed_dim, "embed_dim"),
+                    widths=_positive_ints(widths, "widths"),
+                    channels=_positive_int(channels, "channels"),
+                    dropout=_probability(dropout, "dropout"))
+    if init_embeddings is not None:
+        _, state = _pretrained_encoder(init_embeddings)
+        table = state.get("embeddings.word_embeddings.weight")
+        if table is None or tuple(table.shape) != tuple(model.embed.weight.shape):
+            got = None if table is None else tuple(table.shape)
+            raise ConfigError("args.init_embeddings", f"'{init_embeddings}' has word embeddings "
+                                                      f"{got}; this TextCNN needs "
+                                                      f"{tuple(model.embed.weight.shape)} (set "
+                                                      f"embed_dim and the tokenizer to match)")
+        with torch.no_grad():
+            model.embed.weight.copy_(table)
+    return model
 
 
 class EncoderClassifier(nn.Module):
