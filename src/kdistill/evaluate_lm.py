@@ -113,3 +113,30 @@ def greedy_continuations(model: nn.Module, prompts: Tensor, *, new_tokens: int) 
         return ids[:, prompts.shape[1]:]
     finally:
         model.train(was_training)
+
+
+def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
+               models: dict[str, list[nn.Module]], *, count: int, new_tokens: int) -> list[
+    dict[str, str]
+]:
+    """Greedy continuations of the first `count` test prompts by every model (its first seed),
+    decoded: what the perplexity numbers look like as text. The prompt is a row's untrained
+    prefix (a chat prompt of generated data) or, for packed text, its first `new_tokens`."""
+    from kdistill.models.hf import load_tokenizer
+
+    assert tokenizer_name is not None, "LM samples need the data's tokenizer"
+    tokenizer = load_tokenizer(tokenizer_name)
+    prompts = []
+    for ids, labels in zip(test_x[:count], test_y, strict=False):
+        trained = (labels != -100).nonzero()
+        start = int(trained[0]) if len(trained) and labels[0] == -100 else new_tokens
+        prompts.append(ids[: max(start, 1)])
+    rows: list[dict[str, str]] = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True)} for p in prompts]
+    for role, trained_models in models.items():
+        if trained_models:
+            for row, prompt in zip(rows, prompts, strict=True):
+                out = greedy_continuations(trained_models[0], prompt[None],
+                                           new_tokens=new_tokens)[0]
+                row[role] = tokenizer.decode(out, skip_special_tokens=True)
+    return rows

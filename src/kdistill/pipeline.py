@@ -47,8 +47,8 @@ from kdistill.engine import train
 from kdistill.errors import ConfigError
 from kdistill.evaluate import classification_scores, model_report, predict
 from kdistill.evaluate_lm import (
-    greedy_continuations,
     lm_report,
+    lm_samples,
     lm_scores,
     next_token_predictions,
 )
@@ -367,7 +367,9 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
             row["seed"] = None if is_teacher else cfg.train.seeds[i]
             result.rows[role].append(row)
     atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))
-    samples = _lm_samples(cfg, splits, models) if lm and cfg.eval.samples else []
+    samples = (lm_samples(cfg.data.tokenizer, splits.test_x, splits.test_y, models,
+                          count=cfg.eval.samples, new_tokens=cfg.eval.sample_tokens)
+               if lm and cfg.eval.samples else [])
     if samples:
         atomic_write_text(run_dir / "samples.json", json.dumps(samples, indent=2))
     chain: list[dict[str, Any]] = []
@@ -387,29 +389,3 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
 
     write_html_report([run_dir])
     return result
-
-
-def _lm_samples(cfg: RunConfig, splits: DataSplits, models: dict[str, list[nn.Module]]) -> list[
-    dict[str, str]
-]:
-    """Greedy continuations of the first test prompts by every model (first seed), decoded:
-    what the perplexity numbers look like as text. The prompt is a row's untrained prefix
-    (a chat prompt of generated data) or, for packed text, its first `sample_tokens` tokens."""
-    from kdistill.models.hf import load_tokenizer
-
-    assert cfg.data.tokenizer is not None
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    n = cfg.eval.sample_tokens
-    prompts = []
-    for ids, labels in zip(splits.test_x[: cfg.eval.samples], splits.test_y, strict=False):
-        trained = (labels != -100).nonzero()
-        start = int(trained[0]) if len(trained) and labels[0] == -100 else n
-        prompts.append(ids[: max(start, 1)])
-    rows: list[dict[str, str]] = [
-        {"prompt": tokenizer.decode(p, skip_special_tokens=True)} for p in prompts]
-    for role, trained_models in models.items():
-        if trained_models:
-            for row, prompt in zip(rows, prompts, strict=True):
-                out = greedy_continuations(trained_models[0], prompt[None], new_tokens=n)[0]
-                row[role] = tokenizer.decode(out, skip_special_tokens=True)
-    return rows
