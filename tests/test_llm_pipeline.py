@@ -125,8 +125,12 @@ def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Pa
     assert manifest["format"] == "topk" and manifest["topk"] == 8
     assert manifest["fields"]["topk_indices"]["dtype"] == "uint16"  # 600 tokens > uint8
     assert result.rows["student"][0]["perplexity"] > 1
+    load_config(recipe, ["cache.topk=8", "method.kind=jsd"])  # densified per micro-batch
+    with pytest.raises(ConfigError, match=r"method\.topk_missing: reverse KL"):
+        load_config(recipe, ["cache.topk=8", "method.kind=reverse_kl"])
+    load_config(recipe, ["cache.topk=8", "method.kind=reverse_kl", "method.topk_missing=uniform"])
     with pytest.raises(ConfigError, match=r"cache\.topk: a top-k teacher cache feeds"):
-        load_config(recipe, ["cache.topk=8", "method.kind=jsd"])
+        load_config(recipe, ["cache.topk=8", "method={name: kd}"])
 
 
 def test_limits_that_would_be_ignored_on_text_are_refused(tmp_path: Path,
