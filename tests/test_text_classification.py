@@ -220,3 +220,16 @@ def test_student_copies_the_mapped_layers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="token ids"):
         build_model("textcnn", input_shape=(1, 8, 8), num_classes=2,
                     args={"vocab_size": 10, "pad_id": 0})
+
+
+TEXT_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("text-*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", TEXT_RECIPES, ids=[p.stem for p in TEXT_RECIPES])
+def test_text_recipes_build_with_the_real_minilm(recipe: Path) -> None:
+    from kdistill.build import validate
+    from kdistill.config import load_config
+
+    assert len(recipe.read_text().splitlines()) < 40
+    splits = validate(load_config(recipe))  # adapters and attention pairs probed too
+    assert splits.num_classes == 5 and splits.input_shape == (64,)
