@@ -66,6 +66,8 @@ EXAMPLES: dict[str, dict] = {
     "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
     "token_kd": {"kind": "jsd", "beta": 0.3, "alpha": 0.7},
     "gkd": {"lmbda": 0.5, "beta": 0.5, "alpha": 0.9, "prompt_tokens": 4},
+    "dafl": {"generator_width": 8, "latent_dim": 4, "alpha": 0.9, "replay_size": 8},
+    "dfad": {"generator_width": 8, "latent_dim": 4, "generator_every": 1},
 }
 # Methods that need other nets than the tiny CNNs: name -> (student, teacher).
 NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
@@ -94,7 +96,7 @@ def test_method_contract(name: str) -> None:
     method.setup(student, teacher_net if method.uses_teacher else None, x[:2],
                  num_samples=len(x))
     loader = BatchLoader(x, y, batch_size=16, seed=0)
-    opt = build_optimizer([*student.parameters(), *method.parameters()],
+    opt = build_optimizer([*student.parameters(), *method.optimizer_parameters()],
                           TrainConfig().optimizer)
     logger = MetricsLogger()
     teacher = OnlineTeacher(teacher_net) if method.uses_teacher else None
@@ -103,7 +105,8 @@ def test_method_contract(name: str) -> None:
     assert all(math.isfinite(r["loss"]) for r in logger.records)
     assert all(r["loss"] > 0 for r in logger.records)
     assert all(p.grad is None for p in teacher_net.parameters())
-    assert all(p.grad is not None for p in method.parameters())  # every adapter trained
+    # Every adapter trained (a data-free generator has its own optimizer, so it is left out).
+    assert all(p.grad is not None for p in method.optimizer_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     assert _hooks(student) == 0 and _hooks(teacher_net) == 0
     assert METHODS[name].paper

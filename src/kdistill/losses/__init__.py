@@ -7,6 +7,13 @@ re-exported here the same way.
 
 from kdistill.losses._reduce import Reduction, reduce_loss
 from kdistill.losses.chunked import chunked_token_distill_loss, fused_linear_token_distill_loss
+from kdistill.losses.datafree import (
+    activation_loss,
+    bn_statistics_loss,
+    class_balance_loss,
+    l1_discrepancy,
+    one_hot_loss,
+)
 from kdistill.losses.logit_variants import dist_loss, dkd
 from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
 from kdistill.losses.tokens import (
@@ -35,7 +42,10 @@ __all__ = [
     "TokenKDKind",
     "TokenLoss",
     "TopKMissing",
+    "activation_loss",
+    "bn_statistics_loss",
     "chunked_token_distill_loss",
+    "class_balance_loss",
     "densify_topk",
     "dist_loss",
     "dkd",
@@ -44,6 +54,8 @@ __all__ = [
     "generalized_jsd",
     "hard_cross_entropy",
     "kd_kl",
+    "l1_discrepancy",
+    "one_hot_loss",
     "reduce_loss",
     "reverse_kl",
     "shift_labels",

@@ -7,6 +7,7 @@ from kdistill.methods.attn import AttentionDistill
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.methods.ce import CE
 from kdistill.methods.crd import CRD
+from kdistill.methods.datafree import DAFL, DFAD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
 from kdistill.methods.fitnet import FitNet
@@ -35,6 +36,8 @@ METHODS: dict[str, type[Method]] = {
     "multi_kd": MultiKD,
     "token_kd": TokenKD,
     "gkd": GKD,
+    "dafl": DAFL,
+    "dfad": DFAD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]
