@@ -52,7 +52,8 @@ class _DataFreeConfig(MethodConfig):
     generator_width: int = Field(128, ge=2, description="channels of the generator's first "
                                  "conv (images) or hidden units (flat inputs)")
     generator_lr: float = Field(0.2, gt=0, description="Adam learning rate of the generator")
-    generator_betas: tuple[float, float] = (0.5, 0.999)
+    generator_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam's betas "
+                                                 "for the generator (DCGAN's 0.5)")
     generator_steps: int = Field(1, ge=0, description="generator updates per student step "
                                  "(0: a fixed generator)")
     generator_every: int = Field(1, ge=1, description="update the generator on every n-th "
@@ -76,8 +77,8 @@ class DAFLConfig(_DataFreeConfig):
     is 5/ln 10 ≈ 2.17 on the natural-log entropy used here, KD at T = 1."""
 
     name: Literal["dafl"] = "dafl"
-    one_hot_weight: float = Field(1.0, ge=0)
-    activation_weight: float = Field(0.1, ge=0)
+    one_hot_weight: float = Field(1.0, ge=0, description="the teacher-confidence term")
+    activation_weight: float = Field(0.1, ge=0, description="the feature-activation term")
     balance_weight: float = Field(round(5 / math.log(10), 4), ge=0,
                                   description="the information-entropy (class balance) term")
     feature_layer: str | None = Field(None, description="teacher module whose output the "
@@ -95,7 +96,8 @@ class DFADConfig(_DataFreeConfig):
     generator_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the generator")
     generator_every: int = Field(5, ge=1, description="update the generator on every n-th "
                                  "student step only")
-    student_loss: Literal["l1", "kd"] = "l1"
+    student_loss: Literal["l1", "kd"] = Field("l1", description="l1: the paper's logit L1; "
+                                              "kd: temperature/alpha as in dafl")
 
 
 class Synthesizer(nn.Module):
