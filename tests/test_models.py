@@ -50,8 +50,10 @@ def not_a_model():
 
 
 def test_every_arch_has_a_case():
-    # Causal LMs take token ids: tests/test_hf_models.py covers them.
-    assert set(CASES) | {"custom", "hf_causal_lm", "llama"} == set(MODELS)
+    # Token-id models: tests/test_hf_models.py (causal LMs) and tests/test_text_classification.py
+    # (text classifiers) cover them.
+    assert set(CASES) | {"custom", "hf_causal_lm", "llama", "textcnn", "hf_encoder_classifier",
+                         "hf_encoder_student"} == set(MODELS)
 
 
 @pytest.mark.parametrize(
