@@ -255,3 +255,12 @@ def test_compress_stages_run_after_distillation_into_the_report(tiny_recipe: Pat
             "data={name: stdlib_docs, tokenizer: smollm2, val_size: 0.05, test_size: 0.05}",
             "method.name=token_kd", "compress=[{kind: quantize, method: dynamic}]"]),
             echo=lambda _: None)
+
+
+def test_a_data_free_run_saves_its_generated_samples_into_the_report(tiny_recipe: Path) -> None:
+    cfg = load_config(tiny_recipe, ["train.epochs=1", "baseline=false", "teacher.train.epochs=1",
+                                    "method={name: dafl}"])
+    run(cfg, echo=lambda _: None)
+    grid = cfg.run_dir / "seed-0" / "student" / "generated-samples.png"
+    assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"
+    assert "What the method made" in (cfg.run_dir / "report.html").read_text()

@@ -247,6 +247,7 @@ def _student_stage(
     _fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
          teacher_model=teacher_models[0] if teacher_models else None,
          tensorboard=cfg.logging.tensorboard)
+    distributed.on_main(lambda: method.save_artifacts(stage_dir))  # e.g. generated samples
     distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
     return model
 

@@ -9,6 +9,7 @@ inherits from another: they compose the pure functions in `kdistill.losses`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -84,6 +85,11 @@ class Method(nn.Module):
         student's own continuations here (sampled without gradients, under the engine's
         seeded RNG); every other method returns `batch` unchanged."""
         return batch
+
+    def save_artifacts(self, stage_dir: Path) -> list[Path]:
+        """Files that show what the method learned, written into the finished stage's
+        directory for the report (e.g. a data-free generator's samples); none by default."""
+        return []
 
     def optimizer_parameters(self) -> list[nn.Parameter]:
         """What the student's optimizer trains besides the student: the adapters, by default

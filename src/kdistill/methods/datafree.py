@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -262,6 +263,13 @@ def _kd_terms(out: Outputs, batch: Batch, temperature: float, alpha: float) -> d
     return {"kd": alpha * kd, "ce": (1.0 - alpha) * ce}
 
 
+def _sample_grid(synth: Synthesizer, stage_dir: Path) -> list[Path]:
+    """The generator's samples, one row per teacher class: what the student learned from."""
+    from kdistill.models.generator import save_sample_grid
+
+    return [save_sample_grid(synth.generator, synth.teacher, stage_dir / "generated-samples.png")]
+
+
 class DAFL(Method):
     """Data-free learning: a generator trained for confident, active, class-balanced teacher
     outputs; the student learns the teacher's outputs on its samples."""
@@ -274,6 +282,9 @@ class DAFL(Method):
     def __init__(self, cfg: DAFLConfig) -> None:
         super().__init__(cfg)
         self.synth = Synthesizer(cfg)
+
+    def save_artifacts(self, stage_dir: Path) -> list[Path]:
+        return _sample_grid(self.synth, stage_dir)
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
               num_samples: int | None = None) -> None:
@@ -319,6 +330,9 @@ class DFAD(Method):
     def __init__(self, cfg: DFADConfig) -> None:
         super().__init__(cfg)
         self.synth = Synthesizer(cfg)
+
+    def save_artifacts(self, stage_dir: Path) -> list[Path]:
+        return _sample_grid(self.synth, stage_dir)
 
     def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
               num_samples: int | None = None) -> None:

@@ -7,6 +7,7 @@ every stage, samples.json), so it works on old runs and on runs from another mac
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -253,6 +254,19 @@ def _samples_section(run: RunData) -> str:
     return "\n".join(parts)
 
 
+def _artifact_pngs(run: RunData) -> list[Path]:
+    """Images the methods left in finished student stages (e.g. data-free samples)."""
+    return sorted(run.path.glob("seed-*/student*/*.png"))
+
+
+def _artifact_section(run: RunData) -> str:
+    parts = []
+    for png in _artifact_pngs(run):
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f"<h4>{_e(png.relative_to(run.path))}</h4>" + _img(uri, png.stem, ""))
+    return "\n".join(parts) or '<p class="note">None.</p>'
+
+
 def _compress_section(run: RunData) -> str:
     """The compression chain's rows (`compress/eval.json`, one per stage), if it ran."""
     path = run.path / "compress" / "eval.json"
@@ -319,6 +333,11 @@ def render(runs: list[RunData]) -> str:
     if any(run.samples for run in runs):
         sections += ["<h2>Greedy continuations (test split)</h2>",
                      _per_run([r for r in runs if r.samples], _samples_section)]
+    if any(_artifact_pngs(r) for r in runs):
+        sections += ["<h2>What the method made</h2>",
+                     '<p class="note">Images a method saved in its finished stage, such as the '
+                     "samples a data-free generator produced, one row per teacher class.</p>",
+                     _per_run(runs, _artifact_section)]
     if any((r.path / "compress" / "eval.json").is_file() for r in runs):
         sections += ["<h2>Compression chain (test set)</h2>",
                      '<p class="note">Each stage applied to the first seed\'s distilled student '
