@@ -87,6 +87,8 @@ def test_module_names_are_readable_and_stable():
     cnn = dict(build_model("cnn", input_shape=(1, 28, 28), num_classes=10).named_modules())
     assert {"features.0", "features.1", "fc", "head"} <= set(cnn)
     lenet = build_model("lenet5", input_shape=(1, 28, 28), num_classes=10)
+    half = build_model("lenet5", input_shape=(1, 28, 28), num_classes=10, args={"width": 0.5})
+    assert half.features.conv1.out_channels == 3 and half.head.in_features == 42  # DAFL's half
     assert {"features.conv2", "fc", "head"} <= {n for n, _ in lenet.named_modules()}
     assert count_parameters(lenet) == 61706  # the classic LeNet-5 size on 28×28 (padded) inputs
     teacher = build_model(
@@ -146,7 +148,8 @@ def test_ccexam_missing_says_how_to_install(monkeypatch):
         ("mlp", {"args": {"hidden": [8], "dropout": 1.5}}, "student.args.dropout", "[0, 1)"),
         ("mlp", {"args": {"hidden": [8], "num_classes": 3}}, "student.args", "comes from the data"),
         ("cnn", {"args": {"channels": []}}, "student.args.channels", "non-empty"),
-        ("lenet5", {"args": {"width": 2}}, "student.args", "takes no arguments"),
+        ("lenet5", {"args": {"widht": 2}}, "student.args", "did you mean 'width'"),
+        ("lenet5", {"args": {"width": 0}}, "student.args.width", "positive channel multiplier"),
         ("cnn1d", {}, "student.arch", "expects signals"),
         ("cnn", {"input_shape": (40,)}, "student.arch", "expects image inputs"),
         ("ccexam_mnist_cnn", {"input_shape": (1, 8, 8)}, "student.arch", "(1, 28, 28)"),

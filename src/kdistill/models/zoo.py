@@ -162,11 +162,17 @@ class LeNet5(nn.Module):
     A 32×32 input gets the classic geometry; smaller inputs are padded by 2 in the first conv
     (28×28 then gives the classic 16×5×5 = 400 features) and in the second when the map is too
     small for a 5×5 kernel (8×8 digits). Hook `features` for the last maps, `fc` for the
-    84 penultimate features.
+    84 penultimate features. `width` scales every layer's channels/units (0.5: DAFL's
+    "LeNet-5-half" student, 3-8-60-42).
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, *,
+                 width: float = 1.0) -> None:
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+            raise ConfigError("args.width", f"expected a positive channel multiplier (0.5: "
+                              f"half width), got {width!r}")
+        c1, c2, f1, f2 = (max(1, round(n * width)) for n in (6, 16, 120, 84))
         c, h, w = _image_shape(input_shape, "lenet5")
         size = min(h, w)
         pad1 = 2 if size < 32 else 0
@@ -174,10 +180,10 @@ class LeNet5(nn.Module):
         pad2 = 2 if size < 5 else 0
         self.features = nn.Sequential(
             OrderedDict(
-                conv1=nn.Conv2d(c, 6, 5, padding=pad1),
+                conv1=nn.Conv2d(c, c1, 5, padding=pad1),
                 relu1=nn.ReLU(),
                 pool1=nn.MaxPool2d(2, ceil_mode=True),
-                conv2=nn.Conv2d(6, 16, 5, padding=pad2),
+                conv2=nn.Conv2d(c1, c2, 5, padding=pad2),
                 relu2=nn.ReLU(),
                 pool2=nn.MaxPool2d(2, ceil_mode=True),
             )
@@ -185,13 +191,13 @@ class LeNet5(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Sequential(
             OrderedDict(
-                fc1=nn.Linear(_flat_size(self.features, (c, h, w)), 120),
+                fc1=nn.Linear(_flat_size(self.features, (c, h, w)), f1),
                 relu1=nn.ReLU(),
-                fc2=nn.Linear(120, 84),
+                fc2=nn.Linear(f1, f2),
                 relu2=nn.ReLU(),
             )
         )
-        self.head = nn.Linear(84, num_classes)
+        self.head = nn.Linear(f2, num_classes)
         self._shape = (c, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
