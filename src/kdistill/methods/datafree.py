@@ -263,35 +263,44 @@ def _kd_terms(out: Outputs, batch: Batch, temperature: float, alpha: float) -> d
     return {"kd": alpha * kd, "ce": (1.0 - alpha) * ce}
 
 
-def _sample_grid(synth: Synthesizer, stage_dir: Path) -> list[Path]:
-    """The generator's samples, one row per teacher class: what the student learned from."""
-    from kdistill.models.generator import save_sample_grid
+class _DataFree(Method):
+    """What both data-free methods share: the synthesizer (generator, its optimizer, replay),
+    set up from the teacher; the generator outside the student's optimizer; logged scalars;
+    the sample grid as the stage's artifact."""
 
-    return [save_sample_grid(synth.generator, synth.teacher, stage_dir / "generated-samples.png")]
+    on_policy = True
+    cfg: _DataFreeConfig
+
+    def __init__(self, cfg: _DataFreeConfig) -> None:
+        super().__init__(cfg)
+        self.synth = Synthesizer(cfg)
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
+              num_samples: int | None = None) -> None:
+        self.synth.build(teacher, example, self.cfg.name)
+
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        return []  # the generator has its own optimizer and objective
+
+    def scalars(self, progress: Progress) -> dict[str, float]:
+        return {"temperature": value_at(self.cfg.temperature, progress),
+                "alpha": value_at(self.cfg.alpha, progress), **self.synth.last}
+
+    def save_artifacts(self, stage_dir: Path) -> list[Path]:
+        """The generator's samples, one row per teacher class: what the student learned from."""
+        from kdistill.models.generator import save_sample_grid
+
+        return [save_sample_grid(self.synth.generator, self.synth.teacher,
+                                 stage_dir / "generated-samples.png")]
 
 
-class DAFL(Method):
+class DAFL(_DataFree):
     """Data-free learning: a generator trained for confident, active, class-balanced teacher
     outputs; the student learns the teacher's outputs on its samples."""
 
     config_type = DAFLConfig
-    on_policy = True
     paper = "Chen et al. 2019, Data-Free Learning of Student Networks (arXiv:1904.01186)"
     cfg: DAFLConfig
-
-    def __init__(self, cfg: DAFLConfig) -> None:
-        super().__init__(cfg)
-        self.synth = Synthesizer(cfg)
-
-    def save_artifacts(self, stage_dir: Path) -> list[Path]:
-        return _sample_grid(self.synth, stage_dir)
-
-    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
-              num_samples: int | None = None) -> None:
-        self.synth.build(teacher, example, "dafl")
-
-    def optimizer_parameters(self) -> list[nn.Parameter]:
-        return []  # the generator has its own optimizer and objective
 
     def _generator_terms(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         c = self.cfg
@@ -308,38 +317,19 @@ class DAFL(Method):
     def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
         return self.synth.synthesize(batch, progress, self._generator_terms)
 
-    def scalars(self, progress: Progress) -> dict[str, float]:
-        return {"temperature": value_at(self.cfg.temperature, progress),
-                "alpha": value_at(self.cfg.alpha, progress), **self.synth.last}
-
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         self.synth.remember(out, batch)
         return _kd_terms(out, batch, value_at(self.cfg.temperature, progress),
                          value_at(self.cfg.alpha, progress))
 
 
-class DFAD(Method):
+class DFAD(_DataFree):
     """Data-free adversarial distillation: the generator maximises the teacher-student L1
     discrepancy on its samples, the student minimises it."""
 
     config_type = DFADConfig
-    on_policy = True
     paper = "Fang et al. 2019, Data-Free Adversarial Distillation (arXiv:1912.11006)"
     cfg: DFADConfig
-
-    def __init__(self, cfg: DFADConfig) -> None:
-        super().__init__(cfg)
-        self.synth = Synthesizer(cfg)
-
-    def save_artifacts(self, stage_dir: Path) -> list[Path]:
-        return _sample_grid(self.synth, stage_dir)
-
-    def setup(self, student: nn.Module, teacher: nn.Module | None, example: Tensor, *,
-              num_samples: int | None = None) -> None:
-        self.synth.build(teacher, example, "dfad")
-
-    def optimizer_parameters(self) -> list[nn.Parameter]:
-        return []  # the generator is the student's adversary: never in its optimizer
 
     def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
         def generator_terms(x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -350,10 +340,6 @@ class DFAD(Method):
             return terms, logits
 
         return self.synth.synthesize(batch, progress, generator_terms)
-
-    def scalars(self, progress: Progress) -> dict[str, float]:
-        return {"temperature": value_at(self.cfg.temperature, progress),
-                "alpha": value_at(self.cfg.alpha, progress), **self.synth.last}
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         self.synth.remember(out, batch)
