@@ -34,7 +34,7 @@ def _accuracy(rows: dict[str, list[dict[str, Any]]], role: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/work/bench-runs"))
+    parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--skip-real", action="store_true", help="no kd-on-real-data run")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2")
