@@ -21,7 +21,7 @@ from pydantic import (
 
 from kdistill.compress.config import KINDS as COMPRESS_KINDS
 from kdistill.compress.config import CompressStage, check_order
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, more_errors, pydantic_message
 from kdistill.methods import METHODS
 from kdistill.methods.kd import KDConfig
 from kdistill.schedules import Schedule, check_range
@@ -296,19 +296,11 @@ def validation_error(exc: ValidationError, source: str) -> ConfigError:
     kinds = {"constant", "linear", "cosine", "step", "warmup"}
     first = next((e for e in errors if kinds & {str(p) for p in e["loc"]}), errors[0])
     where = _format_loc(first["loc"])
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        msg = "unknown key"
-    elif kind == "union_tag_invalid":
-        msg = f"unknown method; expected one of: {', '.join(sorted(METHODS))}"
-    else:
-        msg = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict) and "(got" not in msg:
-            msg += f" (got {first['input']!r})"
+    msg = pydantic_message(first, {
+        "union_tag_invalid": f"unknown method; expected one of: {', '.join(sorted(METHODS))}"})
     if not first["loc"] and ": " in msg:  # whole-recipe checks name their field first
         where, msg = msg.split(": ", 1)
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return ConfigError(f"{source}: {where}", msg + more)
+    return ConfigError(f"{source}: {where}", msg + more_errors(errors))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class KDistillError(Exception):
     """Base class: a failure with a message meant for the user. Exit code 1 (runtime)."""
@@ -58,3 +61,23 @@ def load_failure(exc: BaseException) -> tuple[str, bool]:
         return refused, True
     useful = [line for line in lines if not line.startswith(_TORCH_PREAMBLE)]
     return (useful or lines or [type(exc).__name__])[0], False
+
+
+def pydantic_message(error: Mapping[str, Any], own: Mapping[str, str] | None = None) -> str:
+    """One pydantic error as the user-facing text after its field: the caller's own text for
+    an error type (`own`, e.g. an unknown union tag), "unknown key", or pydantic's message
+    with the offending value."""
+    kind = error["type"]
+    if own and kind in own:
+        return own[kind]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], dict) and "(got" not in msg:
+        msg += f" (got {error['input']!r})"
+    return msg
+
+
+def more_errors(errors: list[Any]) -> str:
+    """" (and N more error(s))" after the first of several validation errors."""
+    return f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""

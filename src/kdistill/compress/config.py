@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, more_errors, pydantic_message
 
 TeacherChoice = Literal["teacher", "input"]
 
@@ -115,19 +115,10 @@ def stage_error(exc: ValidationError, where: str = "compress") -> ConfigError:
     # Pydantic puts the union tag ("prune") into the location; the recipe doesn't have it.
     loc = [str(p) for i, p in enumerate(first["loc"]) if not (i == 1 and str(p) in KINDS)]
     field = ".".join([where, *loc])
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        msg = "unknown key"
-    elif kind == "union_tag_invalid":
-        msg = f"unknown stage kind; expected one of: {', '.join(KINDS)}"
-    elif kind == "union_tag_not_found":
-        msg = f"each stage needs a kind: one of {', '.join(KINDS)}"
-    else:
-        msg = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict) and "(got" not in msg:
-            msg += f" (got {first['input']!r})"
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return ConfigError(field, msg + more)
+    msg = pydantic_message(first, {
+        "union_tag_invalid": f"unknown stage kind; expected one of: {', '.join(KINDS)}",
+        "union_tag_not_found": f"each stage needs a kind: one of {', '.join(KINDS)}"})
+    return ConfigError(field, msg + more_errors(errors))
 
 
 def check_order(stages: list[Any], *, where: str = "compress") -> None:
