@@ -112,6 +112,11 @@ def test_a_teacher_with_another_tokenizer_points_to_sequence_level_kd(
                                      f"{tmp_path / 'other'}}}}}", "teacher.train=null"])
     with pytest.raises(ConfigError, match=r"teacher.model: .*another tokenizer.*sequence-level"):
         validate(other_cfg)
+    # A student initialised from a pretrained LM inherits its embedding rows: same check.
+    student_cfg = load_config(recipe, [f"student.model={{arch: llama, args: {{init_from: "
+                                       f"{tmp_path / 'other'}}}}}"])
+    with pytest.raises(ConfigError, match=r"student.model.args.init_from: .*another tokenizer"):
+        validate(student_cfg)
 
 
 def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Path) -> None:

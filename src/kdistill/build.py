@@ -159,12 +159,19 @@ def check_vocabulary(cfg: RunConfig) -> None:
     specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
              *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]
     for where, spec in specs:
-        path = spec.args.get("path", "smollm2") if spec.arch == "hf_causal_lm" else None
+        # A pretrained LM's own tokenizer; a llama student initialised from a pretrained LM
+        # inherits that LM's embedding rows, so its tokenizer must match as well.
+        field, path = "path", spec.args.get("path", "smollm2")
+        if spec.arch == "llama":
+            field, path = "init_from", spec.args.get("init_from")
+        elif spec.arch != "hf_causal_lm":
+            path = None
         if path is None or path == cfg.data.tokenizer:
             continue
-        if load_tokenizer(path, where=f"{where}.args.path").get_vocab() != load_tokenizer(
+        if load_tokenizer(path, where=f"{where}.args.{field}").get_vocab() != load_tokenizer(
                 cfg.data.tokenizer).get_vocab():
-            raise ConfigError(where, f"'{path}' uses another tokenizer than the data "
+            raise ConfigError(f"{where}.args.{field}" if field == "init_from" else where,
+                              f"'{path}' uses another tokenizer than the data "
                                      f"('{cfg.data.tokenizer}'): token-level KD compares "
                                      f"distributions over one vocabulary. Use the same "
                                      f"tokenizer, or sequence-level KD (train the student on "
