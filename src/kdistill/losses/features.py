@@ -20,6 +20,7 @@ from kdistill.losses._reduce import Reduction, check_reduction, reduce_loss
 __all__ = [
     "attention_map",
     "attention_transfer",
+    "hidden_mse",
     "hint_mse",
     "pkt",
     "rkd_angle",
@@ -90,6 +91,41 @@ def hint_mse(
     dtype = _compute_dtype(student_feat, teacher_feat)
     per_item = (_flat(student_feat, dtype) - _flat(teacher_feat, dtype)).pow(2).mean(dim=1)
     return reduce_loss(per_item, reduction=reduction)
+
+
+def hidden_mse(
+    student_feat: Tensor, teacher_feat: Tensor, *, mask: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Per-position hidden-state MSE, padded positions left out (TinyBERT's L_hidn).
+
+    Jiao et al., "TinyBERT: Distilling BERT for Natural Language Understanding"
+    (arXiv:1909.10351), eq. 8: MSE(H_s·W_h, H_t), here with a padding mask.
+
+    Args:
+        student_feat: channels-first states (B, C, *P), e.g. token states (B, hidden, T),
+            already projected to the teacher's width by the method's adapter.
+        teacher_feat: the same shape. Not detached here.
+        mask: optional bool (B, *P), True = a real position (token); padded positions
+            contribute neither value nor gradient.
+        reduction: "mean" over the valid positions of the batch, "sum", or "none" (the
+            per-position values (B, *P), 0 at masked positions).
+
+    Convention: each position's value is the mean over the C channels of (s − t)², so
+    without a mask "mean" equals `F.mse_loss` (and `hint_mse`); with one it is that mean
+    over real tokens only, whatever the padding length.
+    """
+    check_reduction(reduction)
+    _check_pair(student_feat, teacher_feat, ("student_feat", "teacher_feat"), min_dim=2)
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(
+            f"hidden_mse needs student and teacher features of the same shape; got student "
+            f"{tuple(student_feat.shape)} and teacher {tuple(teacher_feat.shape)} "
+            f"(project the student with the method's adapter first)"
+        )
+    dtype = _compute_dtype(student_feat, teacher_feat)
+    per_pos = (student_feat.to(dtype) - teacher_feat.to(dtype)).pow(2).mean(dim=1)
+    return reduce_loss(per_pos, mask=mask, reduction=reduction)
 
 
 def attention_map(feat: Tensor, *, p: float = 2) -> Tensor:

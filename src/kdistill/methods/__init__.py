@@ -18,6 +18,7 @@ from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
 from kdistill.methods.self_distill import SelfDistill
 from kdistill.methods.sp import SP
+from kdistill.methods.tinybert import TinyBERT
 from kdistill.methods.token_kd import TokenKD
 
 METHODS: dict[str, type[Method]] = {
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "at": AT,
     "sp": SP,
     "attn": AttentionDistill,
+    "tinybert": TinyBERT,
     "rkd": RKD,
     "pkt": PKT,
     "crd": CRD,
