@@ -14,6 +14,8 @@ from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
+from kdistill.data.translation import LANGUAGES as TRANSLATION
+from kdistill.data.translation import translation_splits
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS, Method, build_method
 from kdistill.metrics import require_tensorboard
@@ -23,6 +25,8 @@ GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
+    if cfg.name in TRANSLATION:
+        return _build_translation(cfg)
     if cfg.name in CORPORA or cfg.name == GENERATED:
         return _build_text(cfg)
     if cfg.name in FORTUNE_TASKS:
@@ -37,6 +41,19 @@ def build_data(cfg: DataConfig) -> DataSplits:
     if len(splits.val_x) == 0:
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
     return splits
+
+
+def _build_translation(cfg: DataConfig) -> DataSplits:
+    """Message pairs from the gettext catalogs, packed (N, 2, seq_len) with a joint BPE."""
+    for field, value in (("tokenizer", cfg.tokenizer), ("max_train_tokens", cfg.max_train_tokens),
+                         ("max_eval_tokens", cfg.max_eval_tokens), ("path", cfg.path)):
+        if value is not None:  # refuse a setting that would otherwise be ignored silently
+            raise ConfigError(f"data.{field}", f"not used by '{cfg.name}' (it trains its own "
+                                               f"BPE: data.vocab_size; data.train_limit caps "
+                                               f"the training pairs)")
+    return translation_splits(cfg.name, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
+                              val_size=cfg.val_size, test_size=cfg.test_size,
+                              split_seed=cfg.split_seed, train_limit=cfg.train_limit)
 
 
 def _build_text_classes(cfg: DataConfig) -> DataSplits:
@@ -108,10 +125,10 @@ def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if splits.task == "causal_lm":
+    if splits.task in ("causal_lm", "seq2seq"):
         if not isinstance(out, torch.Tensor) or out.dim() != 3:
-            raise ConfigError(where, "a causal LM must return logits of shape (batch, tokens, "
-                                     "vocabulary)")
+            raise ConfigError(where, f"a {splits.task} model must return logits of shape "
+                                     "(batch, tokens, vocabulary)")
         if out.shape[-1] < splits.num_classes:
             raise ConfigError(where, f"outputs {out.shape[-1]} vocabulary entries but the "
                                      f"tokenizer has {splits.num_classes}")
