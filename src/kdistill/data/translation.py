@@ -51,7 +51,8 @@ LOCALE_DIR = Path("/usr/share/locale")
 LANGUAGES = {"gettext_en_de": "de", "gettext_en_fr": "fr"}
 
 # `_File` / `&Open`: an accelerator marker before a letter, at a word start. `&&` is a literal
-# ampersand in Qt; `snake_case` keeps its underscore (not at a word start).
+# ampersand in Qt; `snake_case` keeps its underscore (not at a word start), and so does a
+# mid-word mnemonic such as GTK's "ö_ffnen": telling the two apart would need a word list.
 _ACCEL = re.compile(r"(?<![\w&])[_&](?=\w)")
 
 
@@ -192,6 +193,9 @@ def translation_splits(
         pairs = read_pairs(name, where=f"{where}.name")
     # A cheap bound before tokenising: a message with more words than tokens cannot fit.
     pairs = [(s, t) for s, t in pairs if max(len(s.split()), len(t.split())) <= seq_len - 2]
+    if len(pairs) < 3:
+        raise ConfigError(f"{where}.seq_len", f"{len(pairs)} message pair(s) have at most "
+                                              f"{seq_len - 2} words a side; raise seq_len")
     order = list(range(len(pairs)))
     random.Random(split_seed).shuffle(order)  # pairs are unique by source: split by message
     n_test = _count(test_size, len(order), f"{where}.test_size")
