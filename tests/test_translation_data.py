@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -179,3 +180,18 @@ def test_real_catalogs_give_thousands_of_pairs() -> None:
     pairs = read_pairs("gettext_en_de")
     assert len(pairs) > 5000
     assert len({s for s, _ in pairs}) == len(pairs)
+
+
+def test_settings_translation_data_does_not_use_are_refused() -> None:
+    from kdistill.build import build_data, check_task
+    from kdistill.config import DataConfig
+    from kdistill.methods import build_method
+    from kdistill.methods.cross_attn import CrossAttnConfig
+
+    with pytest.raises(ConfigError, match=r"data\.tokenizer: not used by 'gettext_en_de'"):
+        build_data(DataConfig(name="gettext_en_de", tokenizer="smollm2"))
+    s = _splits()
+    method = build_method(CrossAttnConfig(pairs=[("a", "b")]))
+    check_task(method, s)  # seq2seq data: fine
+    with pytest.raises(ConfigError, match="'cross_attn' is for seq2seq data"):
+        check_task(method, dataclasses.replace(s, task="classification"))
