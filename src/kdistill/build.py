@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from kdistill.capture import resolve_modules, split_name
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
-from kdistill.data import DataSplits, load_dataset
+from kdistill.data import DATASETS, DataSplits, load_dataset
 from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.data.sft import sft_splits
@@ -31,6 +32,12 @@ def build_data(cfg: DataConfig) -> DataSplits:
         return _build_text(cfg)
     if cfg.name in FORTUNE_TASKS:
         return _build_text_classes(cfg)
+    if cfg.name not in DATASETS:  # every kind of data a recipe can name, not only images
+        known = [*DATASETS, *FORTUNE_TASKS, *CORPORA, GENERATED, *TRANSLATION]
+        close = difflib.get_close_matches(cfg.name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError("data.name", f"unknown data set {cfg.name!r}{hint}; expected one of: "
+                                       f"{', '.join(known)}")
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
     val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
