@@ -8,7 +8,7 @@ into the repository. What `translation_splits` does, in order:
    message wins, on every machine with the same catalogs). Skip the header (empty msgid),
    plural entries (tuple keys: they need a plural rule, not a sentence) and context entries
    (`ctxt\\x04msgid`: the same English with several meanings). A catalog that gettext cannot
-   parse (e.g. a non-UTF-8 header) is skipped and counted.
+   parse (e.g. a non-UTF-8 header, net-tools' German one on this project's image) is skipped.
 2. Normalise both sides (`normalise`): remove GTK/Qt accelerator markers (`_File`, `&File`:
    keyboard hints, not text), collapse whitespace (help texts carry newlines and column
    alignment that a sentence model cannot and need not reproduce).
@@ -62,17 +62,15 @@ def normalise(text: str) -> str:
 
 
 @functools.cache
-def _read_catalogs(directory: Path) -> tuple[tuple[tuple[str, str], ...], int]:
-    """(source, target) pairs, first catalog wins, and how many catalogs failed to parse."""
+def _read_catalogs(directory: Path) -> tuple[tuple[str, str], ...]:
+    """(source, target) pairs of every catalog in `directory`; the first catalog wins."""
     pairs: dict[str, str] = {}
-    failed = 0
     for path in sorted(directory.glob("*.mo")):
         try:
             with path.open("rb") as f:
                 catalog = gettext.GNUTranslations(f)._catalog  # type: ignore[attr-defined]
         except (OSError, UnicodeDecodeError, ValueError):
-            failed += 1
-            continue
+            continue  # unreadable or another charset: not worth guessing encodings for
         for key, value in catalog.items():
             if not isinstance(key, str) or not key or "\x04" in key:
                 continue  # plural entry, header, or message with context
@@ -82,7 +80,7 @@ def _read_catalogs(directory: Path) -> tuple[tuple[tuple[str, str], ...], int]:
             if not (any(c.isalpha() for c in src) and any(c.isalpha() for c in tgt)):
                 continue
             pairs[src] = tgt
-    return tuple(pairs.items()), failed
+    return tuple(pairs.items())
 
 
 def read_pairs(name: str, *, root: Path = LOCALE_DIR, where: str = "data.name") -> list[
@@ -97,8 +95,7 @@ def read_pairs(name: str, *, root: Path = LOCALE_DIR, where: str = "data.name") 
         raise ConfigError(where, f"no gettext catalogs for language '{LANGUAGES[name]}' in "
                                  f"{directory} (install packages with translations, e.g. "
                                  f"`apt-get install coreutils-l10n` or any *-l10n package)")
-    pairs, _failed = _read_catalogs(directory)
-    return list(pairs)
+    return list(_read_catalogs(directory))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> str:
