@@ -245,7 +245,8 @@ def hf_seq2seq(input_shape: tuple[int, ...], num_classes: int, *, path: str) -> 
         raise MissingDependencyError("args.path", "transformers",
                                      "pip install 'kdistill[llm]'") from None
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True,
+                                                      trust_remote_code=False)
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError("args.path", f"cannot load an encoder-decoder from {path!r}: "
