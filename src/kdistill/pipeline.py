@@ -52,6 +52,7 @@ from kdistill.evaluate_lm import (
     lm_scores,
     next_token_predictions,
 )
+from kdistill.evaluate_seq2seq import seq2seq_report, translation_samples
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
@@ -66,6 +67,7 @@ from kdistill.teachers import (
 )
 
 Echo = Callable[[str], None]
+TOKEN_TASKS = ("causal_lm", "seq2seq")  # logits (B, T, V), labels (B, T), shifted
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _fit(
                                 cfg.optimizer)
 
     def evaluate() -> dict[str, float]:
-        if splits.task == "causal_lm":
+        if splits.task in TOKEN_TASKS:  # teacher-forced per-token figures
             scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
             return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
         scores = classification_scores(predict(model, splits.val_x), splits.val_y)
@@ -184,10 +186,11 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
     why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
            if cfg.train.augment != "none" else "on-policy: the teacher scores the student's "
            "samples" if method.on_policy else None)
-    if why is None and (layers or splits.task == "causal_lm"):
-        # Causal LMs: one logit vector per token, (T, V) per sample (or its top k).
-        logits_shape = ((splits.input_shape[0], splits.num_classes)
-                        if splits.task == "causal_lm" else splits.num_classes)
+    if why is None and (layers or splits.task in TOKEN_TASKS):
+        # Causal LMs and seq2seq decoders: one logit vector per label token, (T, V) per
+        # sample (or its top k).
+        logits_shape = ((*splits.train_y.shape[1:], splits.num_classes)
+                        if splits.task in TOKEN_TASKS else splits.num_classes)
         size = cache_bytes(len(splits.train_x), logits_shape,
                            feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
                            topk=cfg.cache.topk)
@@ -279,7 +282,13 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.on_main(lambda: atomic_write_text(run_dir / "config.yaml", dump_config(cfg)))
     splits = build_data(cfg.data)
-    if splits.task == "causal_lm":
+    if splits.task == "seq2seq":
+        echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
+             f"{len(splits.test_x)} test sentence pairs, {splits.input_shape[1]} tokens per "
+             f"side, joint BPE vocabulary {splits.num_classes:,}")
+        distributed.on_main(lambda: atomic_write_text(run_dir / "tokenizer.json",
+                                                      splits.tokenizer_json or ""))
+    elif splits.task == "causal_lm":
         echo(f"data: {splits.name}: {splits.train_x.numel():,} train / {splits.val_x.numel():,} "
              f"val / {splits.test_x.numel():,} test tokens in blocks of {splits.input_shape[0]}, "
              f"vocabulary {splits.num_classes:,}")
@@ -305,7 +314,11 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     build_network(cfg.student.model, splits, where="student.model")
     # Hashed once: a pretrained LM teacher is hundreds of MB, and every seed's stage uses it.
     teacher_prints = [fingerprint_model(m) for m in teacher_models]
-    sources = [_teacher_source(cfg, splits, m, run_dir / "cache" / role, echo, fp)
+    # The data the distilled student trains on: the method may make it from the trained
+    # teacher (sequence-level KD: its translations); the baseline keeps the original.
+    kd_splits = distributed.on_main(lambda: build_method(cfg.method).prepare_data(
+        splits, teacher_model, run_dir / "cache" / "method", echo))
+    sources = [_teacher_source(cfg, kd_splits, m, run_dir / "cache" / role, echo, fp)
                for m, role, fp in zip(teacher_models, teacher_roles, teacher_prints, strict=True)]
     teacher: Teacher | None = sources[0]
     if len(sources) > 1:
@@ -323,28 +336,29 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
         source, source_models, source_prints = teacher, teacher_models, teacher_prints
         for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
             before = source.forwards if source is not None else 0
-            model = _student_stage(role, cfg, splits, seed, run_dir, source, echo, source_models,
-                                   source_prints)
+            model = _student_stage(role, cfg, kd_splits, seed, run_dir, source, echo,
+                                   source_models, source_prints)
             models[role].append(model)
             # Sources are shared across seeds and count cumulatively: add this stage's calls.
             forwards += (source.forwards - before) if source is not None else 0
             if role != roles[-1]:
                 source_models = [freeze_teacher(copy.deepcopy(model))]
                 source_prints = [fingerprint_model(source_models[0])]
-                source = _teacher_source(cfg, splits, source_models[0],
+                source = _teacher_source(cfg, kd_splits, source_models[0],
                                          run_dir / f"seed-{seed}" / role / "cache", echo,
                                          source_prints[0])
 
     if not distributed.info().main:
         return RunResult(run_dir=run_dir, teacher_forwards=forwards)
     echo("evaluate: test set, size and speed")
-    lm = splits.task == "causal_lm"
+    lm = splits.task in TOKEN_TASKS
     lm_batch = min(cfg.eval.batch_size, cfg.train.batch_size)
     if lm:  # the teacher's next-token argmax, not (N, T, V) logits
         teacher_logits = next_token_predictions(teacher_model, splits.test_x, batch_size=lm_batch)
     else:
         teacher_logits = predict(teacher_model, splits.test_x, batch_size=cfg.eval.batch_size)
     result = RunResult(run_dir=run_dir, teacher_forwards=forwards)
+    hypotheses: dict[str, list[str]] = {}
     for role, trained in models.items():
         if not trained:  # e.g. baseline: false
             continue
@@ -353,7 +367,13 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
             is_teacher = role in teacher_roles
             seed_dir = run_dir / role if is_teacher else (
                 run_dir / f"seed-{cfg.train.seeds[i]}" / role)
-            if lm:
+            if splits.task == "seq2seq":  # BLEU / chrF of its translations, and speed
+                row, translations = seq2seq_report(
+                    model, seed_dir / "model.safetensors", splits, teacher_predictions=None
+                    if is_teacher else teacher_logits, beam=cfg.eval.beam,
+                    length_penalty=cfg.eval.length_penalty, batch_size=lm_batch)
+                hypotheses.setdefault(role, translations)  # the first seed's, for samples
+            elif lm:
                 row = lm_report(model, seed_dir / "model.safetensors", splits.test_x,
                                 splits.test_y, teacher_predictions=None if is_teacher else
                                 teacher_logits, batch_size=lm_batch,
@@ -368,8 +388,9 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
             row["seed"] = None if is_teacher else cfg.train.seeds[i]
             result.rows[role].append(row)
     atomic_write_text(run_dir / "eval.json", json.dumps(result.rows, indent=2))
-    samples = (lm_samples(cfg.data.tokenizer, splits.test_x, splits.test_y, models,
-                          count=cfg.eval.samples, new_tokens=cfg.eval.sample_tokens)
+    samples = (translation_samples(splits, hypotheses, count=cfg.eval.samples) if hypotheses
+               else lm_samples(cfg.data.tokenizer, splits.test_x, splits.test_y, models,
+                               count=cfg.eval.samples, new_tokens=cfg.eval.sample_tokens)
                if lm and cfg.eval.samples else [])
     if samples:
         atomic_write_text(run_dir / "samples.json", json.dumps(samples, indent=2))

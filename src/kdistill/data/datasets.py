@@ -55,6 +55,12 @@ class DataSplits:
     `task: "causal_lm"` (text corpora): inputs are (N, T) int64 token ids, labels the same
     (N, T) ids with -100 at positions that are not trained on (padding); the loss shifts them
     (position t predicts label t + 1). `num_classes` is then the vocabulary size.
+
+    `task: "seq2seq"` (translation, `kdistill.data.translation`): inputs are (N, 2, L) int64,
+    row 0 the source ids + EOS, row 1 the decoder input BOS y1 .. yn EOS, both PAD(0)-padded;
+    labels (N, L) are row 1 with -100 at BOS and padding, shifted like causal LMs (decoder
+    position t predicts label t + 1). `tokenizer_json` is the tokenizer that made the ids (to
+    decode outputs) and `references` the test split's raw target texts (for BLEU / chrF).
     """
 
     name: str
@@ -67,7 +73,9 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, ...]
     fingerprint: str
-    task: str = "classification"  # or "causal_lm"
+    task: str = "classification"  # or "causal_lm", "seq2seq"
+    tokenizer_json: str | None = None
+    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits

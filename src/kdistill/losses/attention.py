@@ -40,6 +40,7 @@ def attention_probs_loss(
     kind: Literal["kl", "mse"] = "kl",
     heads: Literal["mean", "match"] = "mean",
     mask: Tensor | None = None,
+    query_mask: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
     """Distance between student and teacher attention distributions, one per query row.
@@ -60,6 +61,9 @@ def attention_probs_loss(
         mask: optional bool key-padding mask of shape (B, Lk), True = valid token. Padded
             keys are left out of every row and, since it is self-attention (Lq == Lk is
             required then), padded query rows are left out of the average.
+        query_mask: optional bool (B, Lq), True = a query row that counts; for
+            cross-attention (Lq != Lk), where `mask` cannot be used: the decoder's padded
+            target rows. Combined with `mask` (both must hold) when both are given.
         reduction: "mean" over the (batch, head, valid query) rows, "sum" over them, or
             "none": the per-row values of shape (B, H', Lq), H' = 1 for "mean" heads and
             H_s for "match", 0 at padded rows.
@@ -112,6 +116,13 @@ def attention_probs_loss(
             )
         key_mask = mask[:, None, None, :]  # (B, 1, 1, Lk), broadcast over heads and queries
         row_mask = mask[:, None, :].expand(b, s.shape[1], lq)  # (B, H', Lq)
+
+    if query_mask is not None:
+        if query_mask.dtype != torch.bool or query_mask.shape != (b, lq):
+            raise ValueError(f"query_mask must be a bool tensor of shape (B, Lq) = {(b, lq)}; "
+                             f"got {query_mask.dtype} of shape {tuple(query_mask.shape)}")
+        rows = query_mask[:, None, :].expand(b, s.shape[1], lq)
+        row_mask = rows if row_mask is None else row_mask & rows
 
     if kind == "kl":
         # torch.where, not a multiplication by the mask: a padded key's NaN/inf never leaks.

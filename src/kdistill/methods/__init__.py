@@ -7,6 +7,7 @@ from kdistill.methods.attn import AttentionDistill
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.methods.ce import CE
 from kdistill.methods.crd import CRD
+from kdistill.methods.cross_attn import CrossAttentionDistill
 from kdistill.methods.datafree import DAFL, DFAD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
@@ -17,6 +18,7 @@ from kdistill.methods.multi_kd import MultiKD
 from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
 from kdistill.methods.self_distill import SelfDistill
+from kdistill.methods.seq_kd import SeqKD
 from kdistill.methods.sp import SP
 from kdistill.methods.tinybert import TinyBERT
 from kdistill.methods.token_kd import TokenKD
@@ -38,6 +40,8 @@ METHODS: dict[str, type[Method]] = {
     "multi_kd": MultiKD,
     "token_kd": TokenKD,
     "gkd": GKD,
+    "seq_kd": SeqKD,
+    "cross_attn": CrossAttentionDistill,
     "dafl": DAFL,
     "dfad": DFAD,
 }

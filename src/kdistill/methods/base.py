@@ -8,14 +8,18 @@ inherits from another: they compose the pure functions in `kdistill.losses`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from kdistill.schedules import Progress
+
+if TYPE_CHECKING:  # data imports nothing from methods, but keep the method contract light
+    from kdistill.data import DataSplits
 
 Batch = dict[str, Tensor]
 """A batch: `index` (B,) sample ids into the training set, `input` (B, ...), `label` (B,)."""
@@ -76,6 +80,19 @@ class Method(nn.Module):
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         """Named, already-weighted scalar loss terms; the engine sums them."""
         raise NotImplementedError
+
+    # True when `loss_terms` accepts `Outputs.teacher_topk` (a top-k teacher cache).
+    reads_topk: ClassVar[bool] = False
+
+    def prepare_data(self, splits: DataSplits, teacher: nn.Module, directory: Path,
+                     echo: Callable[[str], None]) -> DataSplits:
+        """The data the distilled student trains on, made once from the trained teacher before
+        the teacher cache (which is then built on it) and every seed's distillation stage; the
+        baseline keeps the original. Sequence-level KD (arXiv:1606.07947) replaces the training
+        targets with the teacher's beam-search outputs here. `directory` is the method's own
+        place in the run directory for what it computes (written atomically, keyed by teacher
+        and data so a changed teacher redoes it). The default: the data as it is."""
+        return splits
 
     # True when `prepare_batch` makes new inputs: the teacher must then run online.
     on_policy: ClassVar[bool] = False

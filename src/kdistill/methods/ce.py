@@ -28,7 +28,7 @@ class CE(Method):
 
     config_type = CEConfig
     uses_teacher = False
-    tasks = ("classification", "causal_lm")
+    tasks = ("classification", "causal_lm", "seq2seq")
     paper = "supervised baseline (no teacher)"
     cfg: CEConfig
 
@@ -38,7 +38,7 @@ class CE(Method):
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         labels = batch["label"]
-        if labels.dim() == 2:  # causal LM: next-token targets
+        if labels.dim() == 2:  # causal LM / seq2seq decoder: next-token targets
             labels = shift_labels(labels)
         ce = hard_cross_entropy(out.student_logits, labels,
                                 label_smoothing=self.cfg.label_smoothing)

@@ -59,7 +59,8 @@ class TokenKD(Method):
     """Match the teacher's next-token distribution at every position, plus next-token CE."""
 
     config_type = TokenKDConfig
-    tasks = ("causal_lm",)
+    tasks = ("causal_lm", "seq2seq")  # seq2seq: word-level KD (Kim & Rush, 1606.07947)
+    reads_topk = True
     paper = ("Hinton et al. 2015 (arXiv:1503.02531); MiniLLM (arXiv:2306.08543); "
              "GKD (arXiv:2306.13649)")
     cfg: TokenKDConfig

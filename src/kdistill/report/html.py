@@ -60,7 +60,15 @@ class RunData:
 
     @property
     def metric(self) -> str:
-        """The quality figure plotted: accuracy, or perplexity for a causal LM."""
+        """The test quality figure plotted: accuracy, perplexity for a causal LM, BLEU for
+        translation."""
+        if any("bleu" in r for seeds in self.rows.values() for r in seeds):
+            return "bleu"
+        return self.val_metric
+
+    @property
+    def val_metric(self) -> str:
+        """The figure logged per validation epoch (translation: teacher-forced perplexity)."""
         return "perplexity" if self.lm else "accuracy"
 
 
@@ -213,11 +221,11 @@ def _loss_section(run: RunData) -> str:
 
 
 def _val_section(run: RunData) -> str:
-    teacher = [r[run.metric] for r in run.rows.get("teacher", [])
-               if r.get(run.metric) is not None]
+    metric = run.val_metric
+    teacher = [r[metric] for r in run.rows.get("teacher", []) if r.get(metric) is not None]
     reference = {"teacher (test set)": statistics.mean(teacher)} if teacher else None
-    uri = plots.val_curves(curves(run, "val"), run.metric, reference=reference)
-    return _img(uri, f"validation {run.metric} per epoch of {run.name}",
+    uri = plots.val_curves(curves(run, "val"), metric, reference=reference)
+    return _img(uri, f"validation {metric} per epoch of {run.name}",
                 "No validation records: the run evaluated no epoch (train.eval_every_epochs).")
 
 
@@ -302,8 +310,8 @@ def render(runs: list[RunData]) -> str:
                          f"<code>{_e(data)}</code>, teacher <code>{_e(arch['teacher'])}</code>, "
                          f"student <code>{_e(arch['student'])}</code>, method "
                          f"<code>{_e(method)}</code></li>")
-    metric_name = ("accuracy" if all(not r.lm for r in runs) else
-                   "perplexity" if all(r.lm for r in runs) else "accuracy or perplexity")
+    metric_name = " or ".join(sorted({r.val_metric for r in runs}))
+    test_metric = " or ".join(sorted({r.metric for r in runs}))
     # One Pareto figure per quality metric: accuracy and perplexity share no axis.
     paretos = [plots.pareto({r.name: r.rows for r in runs if r.metric == m}, m)
                for m in sorted({r.metric for r in runs})]
@@ -320,7 +328,7 @@ def render(runs: list[RunData]) -> str:
         _per_run(runs, _loss_section),
         f"<h2>Validation {_e(metric_name)} per epoch</h2>",
         _per_run(runs, _val_section),
-        f"<h2>Pareto view: test {_e(metric_name)} vs parameters and latency</h2>",
+        f"<h2>Pareto view: test {_e(test_metric)} vs parameters and latency</h2>",
         '<p class="note">Mean ± std over seeds; the dashed line joins the models that no other '
         "is both smaller (faster) and better than.</p>",
         *(_img(uri, "quality against size and latency", "No size or latency in eval.json.")
@@ -331,7 +339,9 @@ def render(runs: list[RunData]) -> str:
         _per_run(runs, _gap_section),
     ]
     if any(run.samples for run in runs):
-        sections += ["<h2>Greedy continuations (test split)</h2>",
+        title = ("Beam translations" if all(r.metric == "bleu" for r in runs if r.samples)
+                 else "Greedy continuations")
+        sections += [f"<h2>{title} (test split)</h2>",
                      _per_run([r for r in runs if r.samples], _samples_section)]
     if any(_artifact_pngs(r) for r in runs):
         sections += ["<h2>What the method made</h2>",

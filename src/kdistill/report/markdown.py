@@ -30,6 +30,20 @@ LM_COLUMNS: list[tuple[str, str, str, float]] = [
     ("latency_ms", "latency 1 block ms", "{:.1f}", 1.0),
     ("throughput", "tokens/s", "{:,.0f}", 1.0),
 ]
+# Translation: corpus BLEU / chrF (sacrebleu) of beam and greedy outputs on the test split.
+SEQ2SEQ_COLUMNS: list[tuple[str, str, str, float]] = [
+    ("bleu", "BLEU (beam)", "{:.2f}", 1.0),
+    ("chrf", "chrF (beam)", "{:.2f}", 1.0),
+    ("bleu_greedy", "BLEU (greedy)", "{:.2f}", 1.0),
+    ("chrf_greedy", "chrF (greedy)", "{:.2f}", 1.0),
+    ("perplexity", "test perplexity", "{:.2f}", 1.0),
+    ("agreement", "agree w/ teacher %", "{:.2f}", 100.0),
+    ("params", "params", "{:,.0f}", 1.0),
+    ("bytes", "size KiB", "{:,.1f}", 1 / 1024),
+    ("latency_ms", "greedy ms/sentence b1", "{:.1f}", 1.0),
+    ("throughput", "greedy sentences/s", "{:,.1f}", 1.0),
+    ("beam_throughput", "beam sentences/s", "{:,.1f}", 1.0),
+]
 ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
          "student": "distilled student"}
 
@@ -53,9 +67,14 @@ def _is_lm(rows: dict[str, list[dict[str, Any]]]) -> bool:
     return any("perplexity" in r for runs in rows.values() for r in runs)
 
 
+def _is_seq2seq(rows: dict[str, list[dict[str, Any]]]) -> bool:
+    return any("bleu" in r for runs in rows.values() for r in runs)
+
+
 def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
-    columns = LM_COLUMNS if _is_lm(rows) else COLUMNS
+    columns = (SEQ2SEQ_COLUMNS if _is_seq2seq(rows) else LM_COLUMNS if _is_lm(rows)
+               else COLUMNS)
     table = [["model", "seeds", *(header for _, header, _, _ in columns)]]
     for role in rows:
         label = _label(role)
@@ -82,6 +101,12 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     base, student = rows.get("baseline") or [], rows.get(last[0]) or []
     if not base or not student:
         return ""
+    if _is_seq2seq(rows):
+        b = statistics.mean(r["bleu"] for r in base)
+        s = statistics.mean(r["bleu"] for r in student)
+        return (f"The {_label(last[0])} reaches a test BLEU of {s:.2f} against {b:.2f} for "
+                f"the same student trained alone (beam search, mean over {len(student)} "
+                f"seed(s)).")
     if _is_lm(rows):
         b = statistics.mean(r["perplexity"] for r in base)
         s = statistics.mean(r["perplexity"] for r in student)
@@ -100,7 +125,9 @@ def _samples_markdown(samples: list[dict[str, str]]) -> str:
     def cell(text: str) -> str:  # one table row: no newlines or pipes
         return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
-    parts = ["## Greedy continuations (test split)"]
+    translation = any("→ reference:" in sample.get("prompt", "") for sample in samples)
+    parts = ["## Beam translations (test split)" if translation
+             else "## Greedy continuations (test split)"]
     for i, sample in enumerate(samples, 1):
         lines = [f"**Prompt {i}:** {cell(sample['prompt'])}", "",
                  "| model | continuation |", "|---|---|"]
@@ -121,13 +148,15 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
                  compress: list[dict[str, Any]] | None = None) -> Path:
     """`report.md`: the summary table, the verdict, per-seed rows, LM samples, the compression
     chain's rows (one per stage, the distilled student first) and the resolved recipe."""
-    lm = _is_lm(rows)
-    per_seed = (["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
+    lm, seq2seq = _is_lm(rows), _is_seq2seq(rows)
+    per_seed = (["| model | seed | BLEU | chrF |", "|---|---|---|---|"] if seq2seq else
+                ["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
                 if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
     for role in rows:
         for r in rows[role] if not role.startswith("teacher") else []:
-            last = f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}" if lm else (
-                f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
+            last = (f"{r['bleu']:.2f} | {r['chrf']:.2f}" if seq2seq else
+                    f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}" if lm else
+                    f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
             per_seed.append(f"| {_label(role)} | {r['seed']} | {last} |")
     text = "\n\n".join([
         f"# kdistill report: {cfg.name}",

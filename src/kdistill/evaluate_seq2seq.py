@@ -1,0 +1,85 @@
+"""Evaluation of translation (seq2seq) models: BLEU and chrF of beam and greedy outputs on the
+test split against the raw reference texts (sacrebleu), teacher-forced perplexity and
+next-token agreement with the teacher, size, and decoding speed in sentences per second."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from kdistill.data import DataSplits
+from kdistill.data.translation import TextCodec
+from kdistill.decode import translate
+from kdistill.errors import MissingDependencyError
+from kdistill.evaluate_lm import lm_scores
+from kdistill.models import count_parameters
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """sacrebleu's corpus BLEU (13a tokenisation) and chrF (character 6-grams, β = 2), 0..100."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise MissingDependencyError("data.name", "sacrebleu (BLEU / chrF)",
+                                     "pip install 'kdistill[translate]'") from None
+    return {"bleu": float(sacrebleu.corpus_bleu(hypotheses, [references]).score),
+            "chrf": float(sacrebleu.corpus_chrf(hypotheses, [references]).score)}
+
+
+def _timed_translate(model: nn.Module, src: Tensor, **kwargs: Any) -> tuple[Tensor, float]:
+    start = time.perf_counter()
+    ids = translate(model, src, **kwargs)
+    return ids, time.perf_counter() - start
+
+
+def seq2seq_report(model: nn.Module, weights_path: Path, splits: DataSplits, *,
+                   teacher_predictions: Tensor | None, beam: int, length_penalty: float,
+                   batch_size: int, latency_sentences: int = 32) -> tuple[dict[str, Any],
+                                                                           list[str]]:
+    """One model's report row and its beam translations of the test sources.
+
+    Row keys: bleu, chrf (beam `beam`), bleu_greedy, chrf_greedy; nll, perplexity, accuracy,
+    agreement (teacher-forced next token, as for causal LMs); params, bytes; latency_ms (greedy,
+    one sentence at a time, median over `latency_sentences` sentences), throughput (greedy
+    sentences/s at `batch_size`), beam_throughput (beam sentences/s at `batch_size`)."""
+    assert splits.tokenizer_json is not None, "seq2seq data carries its tokenizer"
+    codec = TextCodec(splits.tokenizer_json)
+    src, refs = splits.test_x[:, 0], list(splits.references)
+    max_len = splits.test_x.shape[-1] - 1
+    row: dict[str, Any] = lm_scores(model, splits.test_x, splits.test_y, batch_size=batch_size,
+                                    teacher_predictions=teacher_predictions)
+    beam_ids, beam_s = _timed_translate(model, src, beam=beam, max_len=max_len,
+                                        length_penalty=length_penalty, batch_size=batch_size)
+    greedy_ids, greedy_s = _timed_translate(model, src, beam=1, max_len=max_len,
+                                            batch_size=batch_size)
+    hyps = [codec.decode(r) for r in beam_ids]
+    row.update(corpus_scores(hyps, refs))
+    greedy = corpus_scores([codec.decode(r) for r in greedy_ids], refs)
+    row.update({"bleu_greedy": greedy["bleu"], "chrf_greedy": greedy["chrf"], "beam": beam})
+    one = []
+    for i in range(min(latency_sentences, len(src))):
+        one.append(_timed_translate(model, src[i : i + 1], beam=1, max_len=max_len)[1])
+    row["latency_ms"] = statistics.median(one) * 1e3 if one else float("nan")
+    row["throughput"] = len(src) / greedy_s
+    row["beam_throughput"] = len(src) / beam_s
+    row["params"] = count_parameters(model)
+    row["bytes"] = weights_path.stat().st_size
+    return row, hyps
+
+
+def translation_samples(splits: DataSplits, hypotheses: dict[str, list[str]], *,
+                        count: int) -> list[dict[str, str]]:
+    """The first `count` test sentences: source and reference as the prompt, then each role's
+    beam translation (its first seed), in the report's samples format."""
+    assert splits.tokenizer_json is not None
+    codec = TextCodec(splits.tokenizer_json)
+    rows = []
+    for i in range(min(count, len(splits.references))):
+        source = codec.decode(splits.test_x[i, 0])
+        rows.append({"prompt": f"{source} → reference: {splits.references[i]}",
+                     **{role: hyps[i] for role, hyps in hypotheses.items()}})
+    return rows
