@@ -10,6 +10,7 @@ from kdistill.methods.crd import CRD
 from kdistill.methods.datafree import DAFL, DFAD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
+from kdistill.methods.embed_kd import EmbedKD
 from kdistill.methods.fitnet import FitNet
 from kdistill.methods.gkd import GKD
 from kdistill.methods.kd import KD
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Method]] = {
     "gkd": GKD,
     "dafl": DAFL,
     "dfad": DFAD,
+    "embed_kd": EmbedKD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]

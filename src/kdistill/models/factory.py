@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, load_failure
 from kdistill.models.hf import llama_student, pretrained_causal_lm
+from kdistill.models.sentence import hf_sentence_encoder, hf_sentence_student
 from kdistill.models.text import hf_encoder_classifier, hf_encoder_student, textcnn
 from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
@@ -52,6 +53,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "textcnn": textcnn,
     "hf_encoder_classifier": hf_encoder_classifier,
     "hf_encoder_student": hf_encoder_student,
+    "hf_sentence_encoder": hf_sentence_encoder,
+    "hf_sentence_student": hf_sentence_student,
     CUSTOM: _custom,
 }
 

@@ -22,7 +22,7 @@ import yaml
 from kdistill.checkpoint import atomic_write_text
 from kdistill.errors import ConfigError
 from kdistill.report import plots
-from kdistill.report.markdown import _label, summary_table
+from kdistill.report.markdown import _is_embedding, _label, summary_table
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -59,9 +59,15 @@ class RunData:
         return any("perplexity" in r for seeds in self.rows.values() for r in seeds)
 
     @property
+    def embedding(self) -> bool:
+        """General distillation: encoders scored by agreement, probe and fine-tuning."""
+        return _is_embedding(self.rows)
+
+    @property
     def metric(self) -> str:
-        """The quality figure plotted: accuracy, or perplexity for a causal LM."""
-        return "perplexity" if self.lm else "accuracy"
+        """The quality figure plotted: accuracy, perplexity for a causal LM, or the cosine
+        agreement with the teacher for a sentence encoder."""
+        return "perplexity" if self.lm else "cosine" if self.embedding else "accuracy"
 
 
 def load_run(path: Path) -> RunData:
@@ -222,8 +228,9 @@ def _val_section(run: RunData) -> str:
 
 
 def _gap_section(run: RunData) -> str:
-    if run.lm:
-        return '<p class="note">A language model: no classes to compare.</p>'
+    if run.lm or run.embedding:
+        return ('<p class="note">No classes of its own to compare (a language model or a '
+                "sentence encoder).</p>")
     gaps = class_gaps(run.rows)
     if not gaps:
         return ('<p class="note">No per-class accuracy to compare: eval.json has no '
@@ -302,8 +309,8 @@ def render(runs: list[RunData]) -> str:
                          f"<code>{_e(data)}</code>, teacher <code>{_e(arch['teacher'])}</code>, "
                          f"student <code>{_e(arch['student'])}</code>, method "
                          f"<code>{_e(method)}</code></li>")
-    metric_name = ("accuracy" if all(not r.lm for r in runs) else
-                   "perplexity" if all(r.lm for r in runs) else "accuracy or perplexity")
+    metrics = sorted({r.metric for r in runs})
+    metric_name = metrics[0] if len(metrics) == 1 else " or ".join(metrics)
     # One Pareto figure per quality metric: accuracy and perplexity share no axis.
     paretos = [plots.pareto({r.name: r.rows for r in runs if r.metric == m}, m)
                for m in sorted({r.metric for r in runs})]

@@ -30,8 +30,20 @@ LM_COLUMNS: list[tuple[str, str, str, float]] = [
     ("latency_ms", "latency 1 block ms", "{:.1f}", 1.0),
     ("throughput", "tokens/s", "{:,.0f}", 1.0),
 ]
+# General distillation (`kdistill.transfer`): agreement on held-out unlabelled text, a linear
+# probe on frozen embeddings and the accuracy after fine-tuning on the labelled task.
+EMBED_COLUMNS: list[tuple[str, str, str, float]] = [
+    ("cosine", "cos w/ teacher (held-out)", "{:.4f}", 1.0),
+    ("probe_accuracy", "linear probe acc %", "{:.2f}", 100.0),
+    ("finetune_accuracy", "fine-tuned acc %", "{:.2f}", 100.0),
+    ("params", "params", "{:,.0f}", 1.0),
+    ("bytes", "size KiB", "{:,.1f}", 1 / 1024),
+    ("latency_ms", "latency b1 ms", "{:.3f}", 1.0),
+    ("throughput", "throughput /s", "{:,.0f}", 1.0),
+]
 ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
-         "student": "distilled student"}
+         "student": "distilled student",
+         "untrained": "student before distillation (its initialisation)"}
 
 
 def _label(role: str) -> str:
@@ -53,9 +65,15 @@ def _is_lm(rows: dict[str, list[dict[str, Any]]]) -> bool:
     return any("perplexity" in r for runs in rows.values() for r in runs)
 
 
+def _is_embedding(rows: dict[str, list[dict[str, Any]]]) -> bool:
+    return "untrained" in rows or any("probe_accuracy" in r for runs in rows.values()
+                                      for r in runs)
+
+
 def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
-    columns = LM_COLUMNS if _is_lm(rows) else COLUMNS
+    columns = (LM_COLUMNS if _is_lm(rows) else EMBED_COLUMNS if _is_embedding(rows)
+               else COLUMNS)
     table = [["model", "seeds", *(header for _, header, _, _ in columns)]]
     for role in rows:
         label = _label(role)
@@ -80,6 +98,8 @@ def to_markdown(table: list[list[str]]) -> str:
 def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     last = [role for role in rows if role.startswith("student")][-1:] or ["student"]
     base, student = rows.get("baseline") or [], rows.get(last[0]) or []
+    if _is_embedding(rows):
+        return _embedding_verdict(rows)
     if not base or not student:
         return ""
     if _is_lm(rows):
@@ -93,6 +113,22 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     who = _label(last[0])
     return (f"The {who} makes {abs(b - s):.1f} {word} test errors than the same "
             f"student trained alone ({s:.1f} vs {b:.1f}, mean over {len(student)} seed(s)).")
+
+
+def _embedding_verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Distilled vs undistilled student (same initialisation), on what both rows hold."""
+    student, untrained = rows.get("student") or [], rows.get("untrained") or []
+    parts = []
+    for key, what in (("probe_accuracy", "linear-probe"), ("finetune_accuracy", "fine-tuned")):
+        s = [r[key] for r in student if r.get(key) is not None]
+        u = [r[key] for r in untrained if r.get(key) is not None]
+        if s and u:
+            parts.append(f"{what} test accuracy {100 * statistics.mean(s):.2f} % against "
+                         f"{100 * statistics.mean(u):.2f} % before distillation")
+    if not parts:
+        return ""
+    return (f"The distilled student reaches a {'; a '.join(parts)} (same initialisation, "
+            f"mean over {len(student)} seed(s)).")
 
 
 def _samples_markdown(samples: list[dict[str, str]]) -> str:
@@ -121,13 +157,21 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
                  compress: list[dict[str, Any]] | None = None) -> Path:
     """`report.md`: the summary table, the verdict, per-seed rows, LM samples, the compression
     chain's rows (one per stage, the distilled student first) and the resolved recipe."""
-    lm = _is_lm(rows)
+    lm, embedding = _is_lm(rows), _is_embedding(rows)
     per_seed = (["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
-                if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
+                if lm else ["| model | seed | cos w/ teacher | probe acc % | fine-tuned acc % |",
+                            "|---|---|---|---|---|"] if embedding
+                else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
+
+    def pct(r: dict[str, Any], key: str) -> str:
+        return "–" if r.get(key) is None else f"{100 * r[key]:.2f}"
+
     for role in rows:
         for r in rows[role] if not role.startswith("teacher") else []:
             last = f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}" if lm else (
-                f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
+                f"{r.get('cosine', float('nan')):.4f} | {pct(r, 'probe_accuracy')} | "
+                f"{pct(r, 'finetune_accuracy')}" if embedding
+                else f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
             per_seed.append(f"| {_label(role)} | {r['seed']} | {last} |")
     text = "\n\n".join([
         f"# kdistill report: {cfg.name}",
