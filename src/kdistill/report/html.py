@@ -228,9 +228,10 @@ def _val_section(run: RunData) -> str:
 
 
 def _gap_section(run: RunData) -> str:
-    if run.lm or run.embedding:
-        return ('<p class="note">No classes of its own to compare (a language model or a '
-                "sentence encoder).</p>")
+    if run.lm:
+        return '<p class="note">A language model: no classes to compare.</p>'
+    if run.embedding:
+        return '<p class="note">A sentence encoder: no classes to compare.</p>'
     gaps = class_gaps(run.rows)
     if not gaps:
         return ('<p class="note">No per-class accuracy to compare: eval.json has no '
