@@ -333,6 +333,10 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
         # Say so before training, not after: the chain needs one process and class labels.
         raise ConfigError("compress", "the compression chain runs on classification data in "
                           "one process (without torchrun); remove `compress:` or run it so")
+    if cfg.transfer and cfg.transfer.finetune and distributed.info().enabled:
+        # Fine-tuning happens in the evaluate stage, which rank 0 runs alone.
+        raise ConfigError("transfer.finetune", "fine-tuning runs in one process (without "
+                          "torchrun); set transfer.finetune: null or run it so")
     check_vocabulary(cfg)
     teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
     teacher_models = [
@@ -343,10 +347,10 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
             strict=True)
     ]
     teacher_model = teacher_models[0]
-    if splits.task == "embedding":  # no labels: held-out texts are scored against the teacher
-        splits = with_teacher_targets(splits, teacher_model, batch_size=cfg.eval.batch_size)
     # Fail fast on a mismatched student before any expensive work.
     build_network(cfg.student.model, splits, where="student.model")
+    if splits.task == "embedding":  # no labels: held-out texts are scored against the teacher
+        splits = with_teacher_targets(splits, teacher_model, batch_size=cfg.eval.batch_size)
     # Hashed once: a pretrained LM teacher is hundreds of MB, and every seed's stage uses it.
     teacher_prints = [fingerprint_model(m) for m in teacher_models]
     sources = [_teacher_source(cfg, splits, m, run_dir / "cache" / role, echo, fp)
