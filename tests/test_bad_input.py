@@ -95,6 +95,20 @@ def test_bad_override(kdistill, tiny_recipe: Path, override: str, expected: list
     one_line(kdistill("validate", str(tiny_recipe), override), 2, *expected)
 
 
+GENERAL = Path(__file__).resolve().parents[1] / "recipes" / "general-minilm.yaml"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("baseline=true", ["baseline: unlabelled text has no labels", "baseline: false"]),
+    ("method.name=kd", ["method: 'kd' is for classification data", "embed_kd"]),
+    ("transfer.task=fortunes7", ["transfer.task", "fortunes5"]),
+    ("student.model.args.hidden=128", ["student.model.args.hidden", "random_init: true"]),
+], ids=["general-baseline", "general-wrong-method", "general-unknown-task",
+        "general-narrow-copy"])
+def test_bad_general_recipe(kdistill, override: str, expected: list[str]) -> None:
+    one_line(kdistill("validate", str(GENERAL), override), 2, *expected)
+
+
 def test_missing_recipe(kdistill, tmp_path: Path) -> None:
     one_line(kdistill("run", str(tmp_path / "nope.yaml")), 2, "nope.yaml: recipe file not found")
 

@@ -98,6 +98,7 @@ EXAMPLES: dict[str, dict] = {
     "cross_attn": {"pairs": [["decoder.0.cross_attn.probs", "decoder.1.cross_attn.probs"]]},
     "dafl": {"generator_width": 8, "latent_dim": 4, "alpha": 0.9, "replay_size": 8},
     "dfad": {"generator_width": 8, "latent_dim": 4, "generator_every": 1},
+    "embed_kd": {"mse_weight": 1.0, "cos_weight": 0.5},  # (B, 10) "embeddings" -> (B, 12)
 }
 # Methods that need other nets than the tiny CNNs: name -> (student, teacher).
 NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
@@ -105,7 +106,10 @@ NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
         "token_kd": lambda: (_llama(0, 8), _llama(1, 16)),
         "gkd": lambda: (_llama(0, 8), _llama(1, 16)),
         "seq_kd": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
-        "cross_attn": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2))}
+        "cross_attn": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
+        # A wider teacher output: the method's projection (an adapter) must get gradients.
+        "embed_kd": lambda: (_net(0, (3, 6)),
+                             nn.Sequential(*list(_net(1))[:-1], nn.Linear(8 * 64, 12)))}
 
 
 def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,9 +51,10 @@ def not_a_model():
 
 def test_every_arch_has_a_case():
     # Token-id models: tests/test_hf_models.py (causal LMs) and tests/test_text_classification.py
-    # (text classifiers) cover them.
+    # (text classifiers) and tests/test_general_distill.py (sentence encoders) cover them.
     assert set(CASES) | {"custom", "hf_causal_lm", "llama", "textcnn", "hf_encoder_classifier",
-                         "hf_encoder_student"} == set(MODELS)
+                         "hf_encoder_student", "hf_sentence_encoder",
+                         "hf_sentence_student"} == set(MODELS)
 
 
 @pytest.mark.parametrize(

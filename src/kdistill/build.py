@@ -9,9 +9,17 @@ import torch
 from torch import nn
 
 from kdistill.capture import resolve_modules, split_name
-from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, RunConfig, TrainConfig
+from kdistill.config import (
+    DataConfig,
+    ModelSpec,
+    OptimizerConfig,
+    RunConfig,
+    TrainConfig,
+    TransferConfig,
+)
 from kdistill.data import DATASETS, DataSplits, load_dataset
 from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
+from kdistill.data.general_text import EMBEDDING, GENERAL_TEXT, general_splits, held_out_texts
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.data.sft import sft_splits
 from kdistill.data.text import CORPORA, lm_splits
@@ -25,9 +33,13 @@ from kdistill.models import build_model
 GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
 
 
-def build_data(cfg: DataConfig) -> DataSplits:
+def build_data(cfg: DataConfig, *, transfer: TransferConfig | None = None) -> DataSplits:
+    """The recipe's data; `transfer` (general distillation) names the labelled task whose
+    held-out texts must stay out of the unlabelled corpus."""
     if cfg.name in TRANSLATION:
         return _build_translation(cfg)
+    if cfg.name == GENERAL_TEXT:
+        return _build_general(cfg, transfer)
     if cfg.name in CORPORA or cfg.name == GENERATED:
         return _build_text(cfg)
     if cfg.name in FORTUNE_TASKS:
@@ -78,6 +90,45 @@ def _build_text_classes(cfg: DataConfig) -> DataSplits:
     return fortune_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
                           val_size=cfg.val_size, test_size=cfg.test_size,
                           split_seed=cfg.split_seed, train_limit=cfg.train_limit, where="data")
+
+
+def _text_only(cfg: DataConfig) -> None:
+    if cfg.tokenizer is None:
+        raise ConfigError("data.tokenizer", f"text data '{cfg.name}' needs the tokenizer of "
+                                            f"the teacher, e.g. tokenizer: minilm")
+    for field, value in (("max_train_tokens", cfg.max_train_tokens),
+                         ("max_eval_tokens", cfg.max_eval_tokens)):
+        if value is not None:  # refuse a limit that would otherwise be ignored silently
+            raise ConfigError(f"data.{field}", f"counts tokens of a text corpus; for '{cfg.name}' "
+                                               f"use data.train_limit (texts)")
+
+
+def _build_general(cfg: DataConfig, transfer: TransferConfig | None) -> DataSplits:
+    """Unlabelled sentences (task "embedding"), without the transfer task's held-out texts."""
+    _text_only(cfg)
+    from kdistill.models.hf import load_tokenizer
+
+    exclude: set[str] = set()
+    if transfer is not None:
+        exclude = held_out_texts(transfer.task, val_size=transfer.val_size,
+                                 test_size=transfer.test_size, split_seed=cfg.split_seed)
+    return general_splits(load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
+                          val_size=cfg.val_size, test_size=cfg.test_size,
+                          split_seed=cfg.split_seed, train_limit=cfg.train_limit,
+                          exclude=exclude, where="data")
+
+
+def build_transfer_data(cfg: RunConfig) -> DataSplits | None:
+    """The labelled task that evaluates a general encoder (`transfer`), tokenised like the
+    unlabelled text; None without `transfer`."""
+    if cfg.transfer is None or cfg.data.tokenizer is None:
+        return None
+    from kdistill.models.hf import load_tokenizer
+
+    t = cfg.transfer
+    return fortune_splits(t.task, load_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
+                          val_size=t.val_size, test_size=t.test_size,
+                          split_seed=cfg.data.split_seed, where="transfer")
 
 
 def _build_text(cfg: DataConfig) -> DataSplits:
@@ -139,6 +190,11 @@ def check_outputs(model: nn.Module, splits: DataSplits, *, where: str) -> None:
         if out.shape[-1] < splits.num_classes:
             raise ConfigError(where, f"outputs {out.shape[-1]} vocabulary entries but the "
                                      f"tokenizer has {splits.num_classes}")
+        return
+    if splits.task == EMBEDDING:  # no classes: any width (the method projects the student's)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point():
+            raise ConfigError(where, "a sentence encoder must return embeddings of shape "
+                                     "(batch, width), e.g. arch: hf_sentence_student")
         return
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ConfigError(where, "the model must return logits of shape (batch, classes)")
@@ -231,7 +287,8 @@ def validate(cfg: RunConfig) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs)."""
     if cfg.logging.tensorboard:
         require_tensorboard()  # a missing optional sink is reported before any real work
-    splits = build_data(cfg.data)
+    splits = build_data(cfg.data, transfer=cfg.transfer)
+    build_transfer_data(cfg)  # the evaluation task's split must exist too
     check_vocabulary(cfg)  # before loading any model: the clearer error
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")

@@ -21,6 +21,7 @@ from pydantic import (
 
 from kdistill.compress.config import KINDS as COMPRESS_KINDS
 from kdistill.compress.config import CompressStage, check_order
+from kdistill.data.general_text import GENERAL_TEXT
 from kdistill.errors import ConfigError, more_errors, pydantic_message
 from kdistill.methods import METHODS
 from kdistill.methods.kd import KDConfig
@@ -32,7 +33,7 @@ class _Strict(BaseModel):
 
 
 # Archs that are pretrained by construction (their weights come with them).
-PRETRAINED_ARCHS = ("hf_causal_lm", "hf_seq2seq")
+PRETRAINED_ARCHS = ("hf_causal_lm", "hf_seq2seq", "hf_sentence_encoder")
 
 
 class ModelSpec(_Strict):
@@ -53,6 +54,7 @@ class DataConfig(_Strict):
     train_limit: Annotated[int, Field(gt=0)] | None = None
     # Text corpora (causal-LM distillation): `name: stdlib_docs` or `fortunes`.
     # Text classification (fortune categories): `name: fortunes5` or `fortunes43`.
+    # Unlabelled sentences for general distillation of an encoder: `name: general_text`.
     tokenizer: str | None = Field(
         None, description="text: the tokenizer of this model ('smollm2', 'minilm' or a path)")
     seq_len: Annotated[int, Field(ge=2)] = Field(
@@ -168,6 +170,28 @@ class EvalConfig(_Strict):
         1.0, description="translation: beam score / length^length_penalty picks the output")
 
 
+class TransferConfig(_Strict):
+    """How a general (task-agnostic) encoder is evaluated on a labelled task (`data.name:
+    general_text`): a linear probe on frozen embeddings, then optionally fine-tuning.
+
+    The task is split with `data.split_seed` and `data.seq_len`; its validation and test texts
+    are removed from the unlabelled training text (no leakage)."""
+
+    task: Literal["fortunes5", "fortunes43"] = "fortunes5"
+    val_size: Annotated[float, Field(gt=0)] = Field(
+        0.1, description="the task's validation split: a fraction (< 1) or a count")
+    test_size: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="the task's test split (stratified fraction of its texts)")
+    probe_c: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="inverse L2 strength of the logistic-regression probe (sklearn C) "
+        "on the L2-normalised, frozen embeddings")
+    finetune: TrainConfig | None = Field(
+        None, description="fine-tune each encoder (distilled, and its undistilled "
+        "initialisation) + a linear head with CE on the task, this budget; null: probe only")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="dropout before the fine-tuning head")
+
+
 class LoggingConfig(_Strict):
     """Metric sinks besides `metrics.jsonl`, which every stage always writes."""
 
@@ -208,6 +232,9 @@ class RunConfig(_Strict):
     )
     cache: CacheConfig = CacheConfig()
     eval: EvalConfig = EvalConfig()
+    transfer: TransferConfig | None = Field(
+        None, description="general distillation (data.name: general_text): the labelled task "
+        "that evaluates the encoder without and with fine-tuning (`kdistill.transfer`)")
     logging: LoggingConfig = LoggingConfig()
     compress: list[CompressStage] = Field(
         [], description="stages after distillation, run on the first seed's distilled student "
@@ -250,6 +277,23 @@ class RunConfig(_Strict):
         if self.more_teachers and not METHODS[self.method.name].multi_teacher:
             raise ValueError(f"more_teachers: method '{self.method.name}' learns from one "
                              "teacher; use a multi-teacher method such as multi_kd")
+        return self
+
+    @model_validator(mode="after")
+    def _general_distillation(self) -> RunConfig:
+        general = self.data.name == GENERAL_TEXT
+        if self.transfer is not None and not general:
+            raise ValueError(f"transfer: evaluates a general encoder; it needs data.name: "
+                             f"{GENERAL_TEXT} (got {self.data.name})")
+        if general and self.baseline:
+            raise ValueError("baseline: unlabelled text has no labels to train a baseline on; "
+                             "the reference is the same student before distillation (its "
+                             "initialisation, evaluated anyway): set baseline: false")
+        for field, used in (("compress", self.compress), ("generations", self.generations > 1),
+                            ("more_teachers", self.more_teachers)):
+            if general and used:
+                raise ValueError(f"{field}: general distillation runs one teacher, one "
+                                 "generation and no compression chain")
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from kdistill.build import (
     build_network,
     build_optimizer,
     build_train_loader,
+    build_transfer_data,
     check_task,
     check_vocabulary,
 )
@@ -64,6 +65,13 @@ from kdistill.teachers import (
     OnlineTeacher,
     Teacher,
     freeze_teacher,
+)
+from kdistill.transfer import (
+    EncoderWithHead,
+    embedding_scores,
+    evaluate_encoders,
+    with_head,
+    with_teacher_targets,
 )
 
 Echo = Callable[[str], None]
@@ -134,6 +142,8 @@ def _fit(
                                 cfg.optimizer)
 
     def evaluate() -> dict[str, float]:
+        if splits.task == "embedding":  # held-out "labels": the teacher's embeddings
+            return embedding_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
         if splits.task in TOKEN_TASKS:  # teacher-forced per-token figures
             scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
             return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
@@ -188,9 +198,11 @@ def _teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_
            "samples" if method.on_policy else None)
     if why is None and (layers or splits.task in TOKEN_TASKS):
         # Causal LMs and seq2seq decoders: one logit vector per label token, (T, V) per
-        # sample (or its top k).
-        logits_shape = ((*splits.train_y.shape[1:], splits.num_classes)
-                        if splits.task in TOKEN_TASKS else splits.num_classes)
+        # sample (or its top k); a sentence encoder: its embedding.
+        logits_shape: int | tuple[int, ...] = (
+            (*splits.train_y.shape[1:], splits.num_classes) if splits.task in TOKEN_TASKS
+            else tuple(predict(model, splits.train_x[:1]).shape[1:])
+            if splits.task == "embedding" else splits.num_classes)
         size = cache_bytes(len(splits.train_x), logits_shape,
                            feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
                            topk=cfg.cache.topk)
@@ -255,6 +267,35 @@ def _student_stage(
     return model
 
 
+def _finetune_stage(role: str, encoder: nn.Module, cfg: RunConfig, task: DataSplits, seed: int,
+                    run_dir: Path, echo: Echo) -> EncoderWithHead:
+    """General distillation: a copy of `encoder` + a new linear head trained with CE on the
+    transfer task (`transfer.finetune`), as a fingerprinted, resumable stage."""
+    assert cfg.transfer is not None and cfg.transfer.finetune is not None
+    ft = cfg.transfer.finetune
+    stage_dir = run_dir / f"seed-{seed}" / f"finetune-{role}"
+    fingerprint = _fingerprint(fingerprint_model(encoder), task.fingerprint, _training(ft), seed,
+                               cfg.transfer.model_dump(mode="json"))
+    torch.manual_seed(seed)  # the head's initial weights: the same for every encoder of a seed
+    model = with_head(copy.deepcopy(encoder), task.num_classes, task.train_x,
+                      dropout=cfg.transfer.dropout)
+    if distributed.on_main(lambda: _stage_done(stage_dir, fingerprint, echo)):
+        load_weights(model, stage_dir / "model.safetensors")
+        echo(f"finetune-{role} (seed {seed}): done earlier, loaded")
+        return model
+    echo(f"finetune-{role} (seed {seed}): {ft.epochs} epoch(s) with a new head on '{task.name}'")
+    _fit(model, None, build_method(CEConfig()), task, ft, seed, stage_dir, echo,
+         "transfer.finetune", tensorboard=cfg.logging.tensorboard)
+    distributed.on_main(lambda: _finish_stage(stage_dir, fingerprint, model))
+    return model
+
+
+def _initial_student(cfg: RunConfig, splits: DataSplits, seed: int) -> nn.Module:
+    """The student exactly as `_student_stage` initialises it for `seed`."""
+    torch.manual_seed(seed)
+    return build_network(cfg.student.model, splits, where="student.model")
+
+
 def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     """Run every stage of a recipe and write `report.md`; returns the evaluated rows.
 
@@ -281,7 +322,7 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.on_main(lambda: atomic_write_text(run_dir / "config.yaml", dump_config(cfg)))
-    splits = build_data(cfg.data)
+    splits = build_data(cfg.data, transfer=cfg.transfer)
     if splits.task == "seq2seq":
         echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
              f"{len(splits.test_x)} test sentence pairs, {splits.input_shape[1]} tokens per "
@@ -294,12 +335,17 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
              f"vocabulary {splits.num_classes:,}")
     else:
         echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
-             f"{len(splits.test_x)} test, {splits.num_classes} classes")
+             f"{len(splits.test_x)} test, " + ("unlabelled texts" if splits.task == "embedding"
+                                               else f"{splits.num_classes} classes"))
     check_task(build_method(cfg.method), splits)  # e.g. kd on text: say so before training
     if cfg.compress and (splits.task != "classification" or distributed.info().enabled):
         # Say so before training, not after: the chain needs one process and class labels.
         raise ConfigError("compress", "the compression chain runs on classification data in "
                           "one process (without torchrun); remove `compress:` or run it so")
+    if cfg.transfer and cfg.transfer.finetune and distributed.info().enabled:
+        # Fine-tuning happens in the evaluate stage, which rank 0 runs alone.
+        raise ConfigError("transfer.finetune", "fine-tuning runs in one process (without "
+                          "torchrun); set transfer.finetune: null or run it so")
     check_vocabulary(cfg)
     teacher_roles = ["teacher", *(f"teacher-{k + 2}" for k in range(len(cfg.more_teachers)))]
     teacher_models = [
@@ -312,6 +358,8 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     teacher_model = teacher_models[0]
     # Fail fast on a mismatched student before any expensive work.
     build_network(cfg.student.model, splits, where="student.model")
+    if splits.task == "embedding":  # no labels: held-out texts are scored against the teacher
+        splits = with_teacher_targets(splits, teacher_model, batch_size=cfg.eval.batch_size)
     # Hashed once: a pretrained LM teacher is hundreds of MB, and every seed's stage uses it.
     teacher_prints = [fingerprint_model(m) for m in teacher_models]
     # The data the distilled student trains on: the method may make it from the trained
@@ -351,6 +399,25 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     if not distributed.info().main:
         return RunResult(run_dir=run_dir, teacher_forwards=forwards)
     echo("evaluate: test set, size and speed")
+    if splits.task == "embedding":  # no classes: agreement, probe, fine-tuning (transfer.py)
+        task = build_transfer_data(cfg)
+        finetune = None
+        if task is not None and cfg.transfer is not None and cfg.transfer.finetune is not None:
+            def finetune(role: str, model: nn.Module, seed: int) -> nn.Module:
+                return _finetune_stage(role, model, cfg, task, seed, run_dir, echo)
+        rows = evaluate_encoders(
+            splits=splits, task=task, transfer=cfg.transfer, eval_cfg=cfg.eval,
+            teacher=teacher_model, teacher_weights=run_dir / "teacher" / "model.safetensors",
+            students=models["student"], seeds=cfg.train.seeds,
+            student_weights=lambda seed: run_dir / f"seed-{seed}" / "student" / "model.safetensors",
+            untrained=lambda seed: _initial_student(cfg, splits, seed), finetune=finetune,
+            echo=echo)
+        atomic_write_text(run_dir / "eval.json", json.dumps(rows, indent=2))
+        write_report(run_dir, cfg, rows)
+        from kdistill.report.html import write_html_report
+
+        write_html_report([run_dir])
+        return RunResult(run_dir=run_dir, rows=rows, teacher_forwards=forwards)
     lm = splits.task in TOKEN_TASKS
     lm_batch = min(cfg.eval.batch_size, cfg.train.batch_size)
     if lm:  # the teacher's next-token argmax, not (N, T, V) logits

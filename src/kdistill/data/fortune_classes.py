@@ -115,6 +115,30 @@ def _count(size: float, n: int, field: str) -> int:
     return int(size)
 
 
+def split_texts(task: str, *, val_size: float, test_size: float, split_seed: int,
+                where: str = "data") -> tuple[dict[str, tuple[str, ...]], list[str], Tensor,
+                                              tuple[Tensor, Tensor, Tensor]]:
+    """(categories, texts, labels (N,), (train, val, test) indices) of a fortune task: the
+    split `fortune_splits` tokenises, also used to keep its held-out texts out of the
+    unlabelled corpus of general distillation (`kdistill.data.general_text`)."""
+    if task not in FORTUNE_TASKS:
+        raise ConfigError(f"{where}.name", f"unknown fortune task {task!r}; expected one of: "
+                                           f"{', '.join(FORTUNE_TASKS)}")
+    categories = fortune_categories(task, where=f"{where}.name")
+    texts = [t for texts in categories.values() for t in texts]
+    labels = torch.tensor([k for k, ts in enumerate(categories.values()) for _ in ts],
+                          dtype=torch.int64)
+    n = len(texts)
+    n_test = _count(test_size, n, f"{where}.test_size")
+    n_val = _count(val_size, n, f"{where}.val_size")
+    if n_test + n_val >= n:
+        raise ConfigError(f"{where}.val_size", f"validation ({n_val}) + test ({n_test}) leave no "
+                                               f"training texts of the {n} in '{task}'")
+    order = stratified_order(labels, seed=int(split_seed))
+    split = (order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test])
+    return categories, texts, labels, split
+
+
 def fortune_splits(
     task: str,
     tokenizer: Any,
@@ -137,25 +161,12 @@ def fortune_splits(
         train_limit: keep only the first N (stratified) training texts.
         where: the recipe section naming fields in errors.
     """
-    if task not in FORTUNE_TASKS:
-        raise ConfigError(f"{where}.name", f"unknown fortune task {task!r}; expected one of: "
-                                           f"{', '.join(FORTUNE_TASKS)}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 3:
         raise ConfigError(f"{where}.seq_len", f"needs room for [CLS], a token and [SEP] (>= 3), "
                                               f"got {seq_len!r}")
-    categories = fortune_categories(task, where=f"{where}.name")
-    texts = [t for texts in categories.values() for t in texts]
-    labels = torch.tensor([k for k, ts in enumerate(categories.values()) for _ in ts],
-                          dtype=torch.int64)
-    n = len(texts)
-    n_test = _count(test_size, n, f"{where}.test_size")
-    n_val = _count(val_size, n, f"{where}.val_size")
-    if n_test + n_val >= n:
-        raise ConfigError(f"{where}.val_size", f"validation ({n_val}) + test ({n_test}) leave no "
-                                               f"training texts of the {n} in '{task}'")
-    order = stratified_order(labels, seed=int(split_seed))
-    test_idx, val_idx = order[:n_test], order[n_test:n_test + n_val]
-    train_idx = order[n_test + n_val:]
+    categories, texts, labels, (train_idx, val_idx, test_idx) = split_texts(
+        task, val_size=val_size, test_size=test_size, split_seed=split_seed, where=where)
+    n_val, n_test = len(val_idx), len(test_idx)
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
 

@@ -14,6 +14,7 @@ from kdistill.losses.datafree import (
     l1_discrepancy,
     one_hot_loss,
 )
+from kdistill.losses.embedding import cosine_distance, embedding_mse, token_hidden_mse
 from kdistill.losses.logit_variants import dist_loss, dkd
 from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
 from kdistill.losses.tokens import (
@@ -46,9 +47,11 @@ __all__ = [
     "bn_statistics_loss",
     "chunked_token_distill_loss",
     "class_balance_loss",
+    "cosine_distance",
     "densify_topk",
     "dist_loss",
     "dkd",
+    "embedding_mse",
     "forward_kl",
     "fused_linear_token_distill_loss",
     "generalized_jsd",
@@ -61,6 +64,7 @@ __all__ = [
     "shift_labels",
     "soft_cross_entropy",
     "token_distill_loss",
+    "token_hidden_mse",
     "token_kd",
     "token_normalizer",
     "topk_distill_loss",

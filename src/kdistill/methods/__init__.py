@@ -11,6 +11,7 @@ from kdistill.methods.cross_attn import CrossAttentionDistill
 from kdistill.methods.datafree import DAFL, DFAD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
+from kdistill.methods.embed_kd import EmbedKD
 from kdistill.methods.fitnet import FitNet
 from kdistill.methods.gkd import GKD
 from kdistill.methods.kd import KD
@@ -44,6 +45,7 @@ METHODS: dict[str, type[Method]] = {
     "cross_attn": CrossAttentionDistill,
     "dafl": DAFL,
     "dfad": DFAD,
+    "embed_kd": EmbedKD,
 }
 
 __all__ = ["METHODS", "Batch", "Method", "MethodConfig", "Outputs", "build_method"]

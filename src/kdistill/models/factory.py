@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, load_failure
 from kdistill.models.hf import llama_student, pretrained_causal_lm
+from kdistill.models.sentence import hf_sentence_encoder, hf_sentence_student
 from kdistill.models.seq2seq import hf_seq2seq, seq2seq_transformer
 from kdistill.models.text import hf_encoder_classifier, hf_encoder_student, textcnn
 from kdistill.models.transformer import TinyTransformer
@@ -55,6 +56,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "hf_encoder_student": hf_encoder_student,
     "seq2seq_transformer": seq2seq_transformer,
     "hf_seq2seq": hf_seq2seq,
+    "hf_sentence_encoder": hf_sentence_encoder,
+    "hf_sentence_student": hf_sentence_student,
     CUSTOM: _custom,
 }
 

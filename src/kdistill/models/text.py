@@ -150,11 +150,8 @@ class EncoderClassifier(nn.Module):
         for tap, h in zip(self.tokens, out.hidden_states, strict=True):
             tap(h.transpose(1, 2))  # only for hooks: (B, hidden, T), see the module docstring
         h = out.last_hidden_state
-        if self.pooling == "cls":
-            pooled = h[:, 0]
-        else:  # the mean over real tokens, as sentence-transformers pools all-MiniLM-L6-v2
-            m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        # [CLS], or the mean over real tokens as sentence-transformers pools all-MiniLM-L6-v2
+        pooled = h[:, 0] if self.pooling == "cls" else mean_pool(h, mask)
         return self.head(self.drop(pooled))
 
 
@@ -188,6 +185,39 @@ def _check_fits(config: Any, seq_len: int, pooling: str) -> None:
     if seq_len > config.max_position_embeddings:
         raise ConfigError("arch", f"data.seq_len {seq_len} is longer than the encoder's "
                                   f"{config.max_position_embeddings} positions")
+
+
+def mean_pool(h: Tensor, mask: Tensor) -> Tensor:
+    """The mean of hidden states h (B, T, H) over real tokens, mask (B, T) bool -> (B, H):
+    sentence-transformers' pooling for all-MiniLM-L6-v2."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def _layer_map(layers: int, layer_map: list[int] | None, n_src: int) -> list[int]:
+    """The source layer of each student layer: `layer_map`, or TinyBERT's uniform map,
+    student layer m <- source layer (m + 1)·N/M − 1 ([2, 5] for 2 of 6)."""
+    chosen = layer_map if layer_map is not None else [
+        (m + 1) * n_src // layers - 1 for m in range(layers)]
+    if (not isinstance(chosen, list) or len(chosen) != layers
+            or not all(isinstance(i, int) and 0 <= i < n_src for i in chosen)):
+        raise ConfigError("args.layer_map", f"needs {layers} layer indices in [0, {n_src}) "
+                                            f"(one per student layer); got {chosen!r}")
+    return chosen
+
+
+def _copied_layers(state: dict[str, Tensor], chosen: list[int]) -> dict[str, Tensor]:
+    """A student state dict: every non-layer tensor of `state` (embeddings), and student
+    layer m = source layer chosen[m]."""
+    own: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("encoder.layer."):
+            idx, rest = key.removeprefix("encoder.layer.").split(".", 1)
+            for m in (m for m, src in enumerate(chosen) if src == int(idx)):
+                own[f"encoder.layer.{m}.{rest}"] = value
+        else:
+            own[key] = value
+    return own
 
 
 def hf_encoder_classifier(
@@ -229,26 +259,9 @@ def hf_encoder_student(
     source_config, state = _pretrained_encoder(init_from)
     _check_fits(source_config, seq_len, pooling)
     layers = _positive_int(layers, "layers")
-    n_src = source_config.num_hidden_layers
-    chosen = layer_map if layer_map is not None else [
-        (m + 1) * n_src // layers - 1 for m in range(layers)]
-    if (not isinstance(chosen, list) or len(chosen) != layers
-            or not all(isinstance(i, int) and 0 <= i < n_src for i in chosen)):
-        raise ConfigError("args.layer_map", f"needs {layers} layer indices in [0, {n_src}) "
-                                            f"(one per student layer); got {chosen!r}")
+    chosen = _layer_map(layers, layer_map, source_config.num_hidden_layers)
     config = source_config.__class__(**{**source_config.to_dict(), "num_hidden_layers": layers,
                                         "attention_probs_dropout_prob": 0.0})
-    own: dict[str, Tensor] | None = None
-    if not random_init:
-        own = {}
-        for key, value in state.items():
-            if key.startswith("encoder.layer."):
-                idx, rest = key.removeprefix("encoder.layer.").split(".", 1)
-                if int(idx) not in chosen:
-                    continue
-                for m in (m for m, src in enumerate(chosen) if src == int(idx)):
-                    own[f"encoder.layer.{m}.{rest}"] = value
-            else:
-                own[key] = value
+    own = None if random_init else _copied_layers(state, chosen)
     return EncoderClassifier(_encoder(config, own), num_classes, pad_id=config.pad_token_id,
                              pooling=pooling, dropout=_probability(dropout, "dropout"))

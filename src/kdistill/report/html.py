@@ -22,7 +22,7 @@ import yaml
 from kdistill.checkpoint import atomic_write_text
 from kdistill.errors import ConfigError
 from kdistill.report import plots
-from kdistill.report.markdown import _label, summary_table
+from kdistill.report.markdown import _is_embedding, _label, summary_table
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -59,9 +59,14 @@ class RunData:
         return any("perplexity" in r for seeds in self.rows.values() for r in seeds)
 
     @property
+    def embedding(self) -> bool:
+        """General distillation: encoders scored by agreement, probe and fine-tuning."""
+        return _is_embedding(self.rows)
+
+    @property
     def metric(self) -> str:
         """The test quality figure plotted: accuracy, perplexity for a causal LM, BLEU for
-        translation."""
+        translation, the cosine agreement with the teacher for a sentence encoder."""
         if any("bleu" in r for seeds in self.rows.values() for r in seeds):
             return "bleu"
         return self.val_metric
@@ -69,7 +74,7 @@ class RunData:
     @property
     def val_metric(self) -> str:
         """The figure logged per validation epoch (translation: teacher-forced perplexity)."""
-        return "perplexity" if self.lm else "accuracy"
+        return "perplexity" if self.lm else "cosine" if self.embedding else "accuracy"
 
 
 def load_run(path: Path) -> RunData:
@@ -232,6 +237,8 @@ def _val_section(run: RunData) -> str:
 def _gap_section(run: RunData) -> str:
     if run.lm:
         return '<p class="note">A language model: no classes to compare.</p>'
+    if run.embedding:
+        return '<p class="note">A sentence encoder: no classes to compare.</p>'
     gaps = class_gaps(run.rows)
     if not gaps:
         return ('<p class="note">No per-class accuracy to compare: eval.json has no '

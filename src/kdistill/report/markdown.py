@@ -44,8 +44,20 @@ SEQ2SEQ_COLUMNS: list[tuple[str, str, str, float]] = [
     ("throughput", "greedy sentences/s", "{:,.1f}", 1.0),
     ("beam_throughput", "beam sentences/s", "{:,.1f}", 1.0),
 ]
+# General distillation (`kdistill.transfer`): agreement on held-out unlabelled text, a linear
+# probe on frozen embeddings and the accuracy after fine-tuning on the labelled task.
+EMBED_COLUMNS: list[tuple[str, str, str, float]] = [
+    ("cosine", "cos w/ teacher (held-out)", "{:.4f}", 1.0),
+    ("probe_accuracy", "linear probe acc %", "{:.2f}", 100.0),
+    ("finetune_accuracy", "fine-tuned acc %", "{:.2f}", 100.0),
+    ("params", "params", "{:,.0f}", 1.0),
+    ("bytes", "size KiB", "{:,.1f}", 1 / 1024),
+    ("latency_ms", "latency b1 ms", "{:.3f}", 1.0),
+    ("throughput", "throughput /s", "{:,.0f}", 1.0),
+]
 ROLES = {"teacher": "teacher", "baseline": "student alone (baseline)",
-         "student": "distilled student"}
+         "student": "distilled student",
+         "untrained": "student before distillation (its initialisation)"}
 
 
 def _label(role: str) -> str:
@@ -71,9 +83,15 @@ def _is_seq2seq(rows: dict[str, list[dict[str, Any]]]) -> bool:
     return any("bleu" in r for runs in rows.values() for r in runs)
 
 
+def _is_embedding(rows: dict[str, list[dict[str, Any]]]) -> bool:
+    return "untrained" in rows or any("probe_accuracy" in r for runs in rows.values()
+                                      for r in runs)
+
+
 def summary_table(rows: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
     """Header + one line per role; cells are 'mean ± std' when several seeds ran."""
     columns = (SEQ2SEQ_COLUMNS if _is_seq2seq(rows) else LM_COLUMNS if _is_lm(rows)
+               else EMBED_COLUMNS if _is_embedding(rows)
                else COLUMNS)
     table = [["model", "seeds", *(header for _, header, _, _ in columns)]]
     for role in rows:
@@ -99,6 +117,8 @@ def to_markdown(table: list[list[str]]) -> str:
 def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     last = [role for role in rows if role.startswith("student")][-1:] or ["student"]
     base, student = rows.get("baseline") or [], rows.get(last[0]) or []
+    if _is_embedding(rows):
+        return _embedding_verdict(rows)
     if not base or not student:
         return ""
     if _is_seq2seq(rows):
@@ -118,6 +138,22 @@ def _verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
     who = _label(last[0])
     return (f"The {who} makes {abs(b - s):.1f} {word} test errors than the same "
             f"student trained alone ({s:.1f} vs {b:.1f}, mean over {len(student)} seed(s)).")
+
+
+def _embedding_verdict(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Distilled vs undistilled student (same initialisation), on what both rows hold."""
+    student, untrained = rows.get("student") or [], rows.get("untrained") or []
+    parts = []
+    for key, what in (("probe_accuracy", "linear-probe"), ("finetune_accuracy", "fine-tuned")):
+        s = [r[key] for r in student if r.get(key) is not None]
+        u = [r[key] for r in untrained if r.get(key) is not None]
+        if s and u:
+            parts.append(f"{what} test accuracy {100 * statistics.mean(s):.2f} % against "
+                         f"{100 * statistics.mean(u):.2f} % before distillation")
+    if not parts:
+        return ""
+    return (f"The distilled student reaches a {'; a '.join(parts)} (same initialisation, "
+            f"mean over {len(student)} seed(s)).")
 
 
 def _samples_markdown(samples: list[dict[str, str]]) -> str:
@@ -148,15 +184,26 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
                  compress: list[dict[str, Any]] | None = None) -> Path:
     """`report.md`: the summary table, the verdict, per-seed rows, LM samples, the compression
     chain's rows (one per stage, the distilled student first) and the resolved recipe."""
-    lm, seq2seq = _is_lm(rows), _is_seq2seq(rows)
-    per_seed = (["| model | seed | BLEU | chrF |", "|---|---|---|---|"] if seq2seq else
-                ["| model | seed | test perplexity | next-token acc % |", "|---|---|---|---|"]
-                if lm else ["| model | seed | test acc % | test errors |", "|---|---|---|---|"])
+    lm, seq2seq, embedding = _is_lm(rows), _is_seq2seq(rows), _is_embedding(rows)
+
+    def pct(r: dict[str, Any], key: str) -> str:
+        return "–" if r.get(key) is None else f"{100 * r[key]:.2f}"
+
+    # Per task: the per-seed table's headers and one row's figures.
+    header, cells = (
+        (["BLEU", "chrF"], lambda r: f"{r['bleu']:.2f} | {r['chrf']:.2f}") if seq2seq else
+        (["test perplexity", "next-token acc %"],
+         lambda r: f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}") if lm else
+        (["cos w/ teacher", "probe acc %", "fine-tuned acc %"],
+         lambda r: f"{r.get('cosine', float('nan')):.4f} | {pct(r, 'probe_accuracy')} | "
+                   f"{pct(r, 'finetune_accuracy')}") if embedding else
+        (["test acc %", "test errors"],
+         lambda r: f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}"))
+    per_seed = ["| model | seed | " + " | ".join(header) + " |",
+                "|---|---|" + "---|" * len(header)]
     for role in rows:
         for r in rows[role] if not role.startswith("teacher") else []:
-            last = (f"{r['bleu']:.2f} | {r['chrf']:.2f}" if seq2seq else
-                    f"{r['perplexity']:.2f} | {100 * r['accuracy']:.2f}" if lm else
-                    f"{100 * r['accuracy']:.2f} | {r['errors']:.0f}")
+            last = cells(r)
             per_seed.append(f"| {_label(role)} | {r['seed']} | {last} |")
     text = "\n\n".join([
         f"# kdistill report: {cfg.name}",
