@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill import pipeline
+from kdistill import pipeline, stages
 from kdistill.build import build_data
 from kdistill.capture import capture
 from kdistill.config import TransferConfig, load_config
@@ -265,7 +265,7 @@ def test_pipeline_caches_the_teacher_once_and_reports_probe_and_finetuning(
     assert (run_dir / "seed-1" / "finetune-untrained" / "model.safetensors").is_file()
 
     # The untrained row is the student stage's own initialisation.
-    init = pipeline._initial_student(cfg, build_data(cfg.data, transfer=cfg.transfer), 0)
+    init = stages.initial_student(cfg, build_data(cfg.data, transfer=cfg.transfer), 0)
     torch.manual_seed(0)
     again = build_model("hf_sentence_student", input_shape=(16,), num_classes=0,
                         args={"init_from": bert, "layers": 1, "random_init": True})
@@ -276,8 +276,8 @@ def test_pipeline_caches_the_teacher_once_and_reports_probe_and_finetuning(
     def no_teacher(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("ran again")
 
-    monkeypatch.setattr(pipeline, "build_cache", no_teacher)
-    monkeypatch.setattr(pipeline, "_fit", no_teacher)
+    monkeypatch.setattr(stages, "build_cache", no_teacher)
+    monkeypatch.setattr(stages, "fit", no_teacher)
     again_lines: list[str] = []
     second = pipeline.run(cfg, echo=again_lines.append)
     assert "cache: valid teacher cache found" in again_lines

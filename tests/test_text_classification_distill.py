@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill import pipeline
+from kdistill import pipeline, stages
 from kdistill.capture import capture
 from kdistill.config import load_config
 from kdistill.data.fortune_classes import tokenize_padded
@@ -146,8 +146,8 @@ def test_teacher_outputs_are_cached_and_a_second_run_never_runs_the_teacher(
     def no_teacher(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the teacher ran again")
 
-    monkeypatch.setattr(pipeline, "build_cache", no_teacher)
-    monkeypatch.setattr(pipeline, "_fit", no_teacher)
+    monkeypatch.setattr(stages, "build_cache", no_teacher)
+    monkeypatch.setattr(stages, "fit", no_teacher)
     again: list[str] = []
     second = pipeline.run(cfg, echo=again.append)
     assert "teacher: done earlier, loaded" in again
