@@ -50,10 +50,10 @@ def not_a_model():
 
 
 def test_every_arch_has_a_case():
-    # Token-id models: tests/test_hf_models.py (causal LMs) and tests/test_text_classification.py
-    # (text classifiers) cover them.
+    # Token-id models: tests/test_hf_models.py (causal LMs), tests/test_text_classification.py
+    # (text classifiers) and tests/test_seq2seq_models.py (encoder-decoders) cover them.
     assert set(CASES) | {"custom", "hf_causal_lm", "llama", "textcnn", "hf_encoder_classifier",
-                         "hf_encoder_student"} == set(MODELS)
+                         "hf_encoder_student", "seq2seq_transformer", "hf_seq2seq"} == set(MODELS)
 
 
 @pytest.mark.parametrize(
