@@ -241,7 +241,8 @@ def test_pipeline_caches_the_teacher_once_and_reports_probe_and_finetuning(
     cfg = load_config(recipe)
     lines: list[str] = []
     first = pipeline.run(cfg, echo=lines.append)
-    assert any("running the teacher once" in line and "tokens.2" in line for line in lines)
+    assert any("running the teacher once" in line and "sentence embeddings and tokens.2" in line
+               for line in lines)
     assert first.teacher_forwards == 0  # embeddings and hidden states read from the cache
     rows = first.rows
     assert list(rows) == ["teacher", "untrained", "student"]

@@ -192,7 +192,8 @@ def teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_d
         if (directory / "manifest.json").is_file():
             echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); "
                  "rebuilding")
-        what = "logits" if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities"
+        what = ("sentence embeddings" if splits.task == "embedding" else "logits"
+                if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities")
         what += f" and {', '.join(layers)}" if layers else ""
         echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
              f"({what})")
