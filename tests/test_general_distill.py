@@ -24,7 +24,8 @@ from kdistill.data import text as text_data
 from kdistill.data.fortune_classes import fortune_splits
 from kdistill.data.general_text import general_splits
 from kdistill.errors import ConfigError
-from kdistill.losses import cosine_distance, embedding_mse, token_hidden_mse
+from kdistill.losses import cosine_distance, embedding_mse
+from kdistill.losses.features import hidden_mse
 from kdistill.methods import build_method
 from kdistill.methods.base import Outputs
 from kdistill.methods.embed_kd import EmbedKDConfig
@@ -72,17 +73,17 @@ def test_embedding_mse_and_cosine_match_naive_references() -> None:
         embedding_mse(torch.randn(2, 3), torch.randn(2, 4))
 
 
-def test_token_hidden_mse_ignores_padded_tokens() -> None:
+def test_hidden_mse_ignores_padded_tokens() -> None:
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
     mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
     per_token = (s - t).pow(2).mean(dim=1)
-    torch.testing.assert_close(token_hidden_mse(s, t, mask=mask), per_token[mask].mean())
-    torch.testing.assert_close(token_hidden_mse(s, t), per_token.mean())
+    torch.testing.assert_close(hidden_mse(s, t, mask=mask), per_token[mask].mean())
+    torch.testing.assert_close(hidden_mse(s, t), per_token.mean())
     poisoned = s.clone()
     poisoned[1, :, 4] = float("inf")  # a padded position: neither value nor gradient
-    torch.testing.assert_close(token_hidden_mse(poisoned, t, mask=mask), per_token[mask].mean())
-    assert float(token_hidden_mse(t, t, mask=mask)) == 0.0
+    torch.testing.assert_close(hidden_mse(poisoned, t, mask=mask), per_token[mask].mean())
+    assert float(hidden_mse(t, t, mask=mask)) == 0.0
 
 
 # --- models -------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_embed_kd_terms_projection_and_hidden_pairs(bert: str) -> None:
     torch.testing.assert_close(terms["mse"], 2.0 * embedding_mse(projected, t_emb))
     torch.testing.assert_close(terms["cos"], 0.5 * cosine_distance(projected, t_emb))
     mask = ids != 0
-    expected = token_hidden_mse(method.hidden_adapters[0](s_feats["tokens.1"]),
+    expected = hidden_mse(method.hidden_adapters[0](s_feats["tokens.1"]),
                                 t_feats["tokens.2"], mask=mask)
     torch.testing.assert_close(terms["hidden"], expected)
     sum(terms.values()).backward()

@@ -14,7 +14,7 @@ from kdistill.losses.datafree import (
     l1_discrepancy,
     one_hot_loss,
 )
-from kdistill.losses.embedding import cosine_distance, embedding_mse, token_hidden_mse
+from kdistill.losses.embedding import cosine_distance, embedding_mse
 from kdistill.losses.logit_variants import dist_loss, dkd
 from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
 from kdistill.losses.tokens import (
@@ -64,7 +64,6 @@ __all__ = [
     "shift_labels",
     "soft_cross_entropy",
     "token_distill_loss",
-    "token_hidden_mse",
     "token_kd",
     "token_normalizer",
     "topk_distill_loss",

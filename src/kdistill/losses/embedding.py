@@ -1,10 +1,10 @@
-"""Losses between sentence embeddings (and token hidden states) of a student and a teacher.
+"""Losses between the sentence embeddings of a student and a teacher.
 
 General (task-agnostic) distillation of a sentence encoder: the student's pooled embedding
 regresses the teacher's (Reimers & Gurevych 2020, arXiv:2004.09813: MSE), or turns towards it
 (DistilBERT, Sanh et al. 2019, arXiv:1910.01108: cosine embedding loss on hidden states), and
 its token hidden states may follow the teacher's through a layer map (TinyBERT,
-arXiv:1909.10351). Every loss is computed in float32 and is zero when student equals teacher.
+arXiv:1909.10351: `kdistill.losses.features.hidden_mse`, shared with `tinybert`). Every loss is computed in float32 and is zero when student equals teacher.
 """
 
 from __future__ import annotations
@@ -59,29 +59,6 @@ def cosine_distance(student: Tensor, teacher: Tensor, *, eps: float = 1e-8,
     s, t = _pair(student, teacher, 2, "cosine_distance")
     cos = (s * t).sum(dim=1) / (s.norm(dim=1).clamp(min=eps) * t.norm(dim=1).clamp(min=eps))
     return reduce_loss(1.0 - cos, reduction=reduction)
-
-
-def token_hidden_mse(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
-                     reduction: Reduction = "mean") -> Tensor:
-    """Per-token hidden-state MSE (TinyBERT's L_hidn, arXiv:1909.10351), padding left out.
-
-    Args:
-        student: (B, H, T) channels-first hidden states (the text encoders' `tokens.<k>`
-            taps), already projected to the teacher's width H.
-        teacher: (B, H, T).
-        mask: (B, T) bool, True on real tokens; None counts every position.
-        reduction: over the valid tokens; see `reduce_loss`.
-
-    Returns:
-        A scalar for "mean"/"sum", else (B, T) with masked tokens 0.
-
-    Convention: per token the mean over H of (s − t)²; "mean" averages over valid tokens
-    (a token-normalised mean, so short and long texts weigh per token).
-    """
-    check_reduction(reduction)
-    s, t = _pair(student, teacher, 3, "token_hidden_mse")
-    per_token = (s - t).pow(2).mean(dim=1)  # (B, T)
-    return reduce_loss(per_token, mask=mask, reduction=reduction)
 
 
 @torch.no_grad()

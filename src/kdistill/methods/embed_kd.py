@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from kdistill.adapters import make_adapter, probe_shapes
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict
-from kdistill.losses import cosine_distance, embedding_mse, token_hidden_mse
+from kdistill.losses import cosine_distance, embedding_mse
+from kdistill.losses.features import hidden_mse
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
@@ -103,7 +104,7 @@ class EmbedKD(Method):
             total: Tensor | float = 0.0
             for adapter, (s_name, t_name) in zip(self.hidden_adapters, self.cfg.hidden_pairs,
                                                  strict=True):
-                total = total + token_hidden_mse(adapter(out.student_feats[s_name]),
+                total = total + hidden_mse(adapter(out.student_feats[s_name]),
                                                  out.teacher_feats[t_name], mask=mask)
             terms["hidden"] = w["hidden_weight"] * total
         return terms
