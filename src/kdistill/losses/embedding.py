@@ -4,7 +4,8 @@ General (task-agnostic) distillation of a sentence encoder: the student's pooled
 regresses the teacher's (Reimers & Gurevych 2020, arXiv:2004.09813: MSE), or turns towards it
 (DistilBERT, Sanh et al. 2019, arXiv:1910.01108: cosine embedding loss on hidden states), and
 its token hidden states may follow the teacher's through a layer map (TinyBERT,
-arXiv:1909.10351: `kdistill.losses.features.hidden_mse`, shared with `tinybert`). Every loss is computed in float32 and is zero when student equals teacher.
+arXiv:1909.10351: `kdistill.losses.features.hidden_mse`, shared with `tinybert`). Every loss
+is computed in float32 and is zero when student equals teacher.
 """
 
 from __future__ import annotations
