@@ -397,3 +397,26 @@ def test_user_module_that_fails_to_import(kdistill, tiny_recipe: Path, tmp_path:
                       "teacher.model.target=brokenmodels:Net"), 2,
              "teacher.model.target: cannot import module 'brokenmodels'",
              "first line second line")
+
+
+def test_atomic_tensor_file_keeps_the_old_file_on_a_full_disk(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """seq_kd's decoded targets go through the same temp-then-rename writer as models."""
+    from safetensors.torch import load_file
+
+    from kdistill import checkpoint
+    from kdistill.errors import TrainingError
+
+    path = tmp_path / "cache" / "targets.safetensors"
+    checkpoint.save_tensors_atomic({"targets": torch.arange(6).view(2, 3).t()}, path)
+    assert torch.equal(load_file(str(path))["targets"], torch.arange(6).view(2, 3).t())
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(TrainingError, match=r"targets.safetensors: write failed"):
+        checkpoint.save_tensors_atomic({"targets": torch.zeros(1)}, path)
+    assert torch.equal(load_file(str(path))["targets"], torch.arange(6).view(2, 3).t())
+    assert sorted(p.name for p in path.parent.iterdir()) == ["targets.safetensors"]

@@ -77,14 +77,7 @@ def _build_translation(cfg: DataConfig) -> DataSplits:
 
 def _build_text_classes(cfg: DataConfig) -> DataSplits:
     """A text-classification task: padded token ids (N, seq_len) and a category per text."""
-    if cfg.tokenizer is None:
-        raise ConfigError("data.tokenizer", f"text task '{cfg.name}' needs the tokenizer of "
-                                            f"the teacher, e.g. tokenizer: minilm")
-    for field, value in (("max_train_tokens", cfg.max_train_tokens),
-                         ("max_eval_tokens", cfg.max_eval_tokens)):
-        if value is not None:  # refuse a limit that would otherwise be ignored silently
-            raise ConfigError(f"data.{field}", f"counts tokens of a text corpus; for '{cfg.name}' "
-                                               f"use data.train_limit (texts)")
+    _text_only(cfg)
     from kdistill.models.hf import load_tokenizer
 
     return fortune_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
@@ -93,6 +86,7 @@ def _build_text_classes(cfg: DataConfig) -> DataSplits:
 
 
 def _text_only(cfg: DataConfig) -> None:
+    """Fixed-length texts: a tokenizer is needed, token limits of corpora would be ignored."""
     if cfg.tokenizer is None:
         raise ConfigError("data.tokenizer", f"text data '{cfg.name}' needs the tokenizer of "
                                             f"the teacher, e.g. tokenizer: minilm")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_model, save_file, save_model
+from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, TrainingError, load_failure
 
@@ -44,26 +44,31 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then rename over `path`: a crash or a full disk never leaves a torn file."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
         raise _write_failed(path, exc, "the file as it was before is unchanged") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_model_atomic(model: nn.Module, path: Path) -> None:
     """safetensors file written to a temp name, then renamed over `path`."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise _write_failed(path, exc, "the file as it was before is unchanged") from None
+    _atomic(path, lambda tmp: save_model(model, str(tmp)))
+
+
+def save_tensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    """A dict of tensors as a safetensors file, written to a temp name, then renamed."""
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                        str(tmp)))
 
 
 def load_weights(model: nn.Module, path: Path, *, hint: str | None = None) -> None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdistill.cache import fingerprint_model
+from kdistill.checkpoint import save_tensors_atomic
 from kdistill.data import DataSplits
 from kdistill.data.translation import EOS, PAD, replace_targets
 from kdistill.decode import translate
@@ -80,10 +80,7 @@ class SeqKD(Method):
             ids = translate(teacher, splits.train_x[:, 0], beam=self.cfg.beam,
                             max_len=length - 1, length_penalty=self.cfg.length_penalty,
                             batch_size=self.cfg.decode_batch)
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            save_file({"targets": ids.contiguous()}, str(tmp))
-            os.replace(tmp, path)  # atomic: a killed run never leaves a torn file
+            save_tensors_atomic({"targets": ids}, path)  # a killed run never tears it
         targets = [_until_eos(row) for row in ids]
         fingerprint = hashlib.sha256(f"{splits.fingerprint}|seq_kd|{key}".encode()).hexdigest()
         return replace_targets(splits, targets, fingerprint)
