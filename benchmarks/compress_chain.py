@@ -23,13 +23,13 @@ import yaml
 
 from kdistill import load_config, run
 from kdistill.build import build_data, build_network
-from kdistill.checkpoint import load_weights
 from kdistill.compress import chain_table, parse_stages, run_chain
 from kdistill.compress.finetune import nonzero_parameters, stage_row
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict
 from kdistill.methods.kd import KDConfig
 from kdistill.models import count_parameters
+from kdistill.weights import load_weights
 
 
 def main() -> None:

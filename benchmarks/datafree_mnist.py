@@ -5,7 +5,7 @@ Runs `recipes/datafree-mnist.yaml` (teacher: the pretrained ccexam CNN; rows: th
 alone on real data = the recipe's baseline, and the data-free student), then the same student
 and budget distilled with `kd` on the real training images. The pipeline deletes a stage's
 checkpoints when it finishes, so to draw the generator's samples this script keeps a handle on
-the method object the pipeline builds (it wraps `kdistill.pipeline.build_method`) and calls
+the method object the pipeline builds (it wraps `kdistill.pipeline.order.build_method`) and calls
 `save_sample_grid` on its generator. One intra-op thread (the recipe's `threads: 1`).
 
 Run:  .venv/bin/python benchmarks/datafree_mnist.py [--out DIR] [key=value overrides]

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from kdistill import load_config, run
-from kdistill.metrics import read_metrics
+from kdistill.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST1D_RECIPES = {

@@ -15,10 +15,10 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.logger import MetricsLogger
 from kdistill.losses.attention import attention_probs_loss
 from kdistill.methods import Outputs, build_method
-from kdistill.methods.attn import AttentionDistillConfig
-from kdistill.metrics import MetricsLogger
+from kdistill.methods.attention_maps import AttentionDistillConfig
 from kdistill.models import build_model
 from kdistill.models.transformer import TinyTransformer
 from kdistill.schedules import Progress

@@ -254,7 +254,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(kdistill, tiny_recipe: Pat
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Raise KeyboardInterrupt when the student stage logs `step` (a kill mid-training)."""
-    from kdistill.metrics import MetricsLogger
+    from kdistill.logger import MetricsLogger
 
     original = MetricsLogger.log
 
@@ -298,7 +298,7 @@ def test_disk_full_on_checkpoint_write(
 def test_disk_full_on_the_final_model_keeps_the_checkpoint(
     kdistill, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.checkpoint as checkpoint
+    import kdistill.io as checkpoint  # a stage's model goes through the atomic writer
 
     real_save = checkpoint.save_model
 
@@ -405,7 +405,7 @@ def test_atomic_tensor_file_keeps_the_old_file_on_a_full_disk(tmp_path: Path,
     """seq_kd's decoded targets go through the same temp-then-rename writer as models."""
     from safetensors.torch import load_file
 
-    from kdistill import checkpoint
+    from kdistill import io as checkpoint
     from kdistill.errors import TrainingError
 
     path = tmp_path / "cache" / "targets.safetensors"

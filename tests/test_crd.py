@@ -17,10 +17,10 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.logger import MetricsLogger
 from kdistill.losses.contrastive import crd_nce, info_nce, nce_normalizer
 from kdistill.methods import Outputs
 from kdistill.methods.crd import CRD, CRDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher
 

@@ -15,6 +15,7 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.logger import MetricsLogger
 from kdistill.losses import (
     activation_loss,
     bn_statistics_loss,
@@ -24,7 +25,6 @@ from kdistill.losses import (
 )
 from kdistill.methods import build_method
 from kdistill.methods.datafree import DAFL, DFAD, DAFLConfig, DFADConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.models.generator import Generator, save_sample_grid
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher, freeze_teacher

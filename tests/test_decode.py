@@ -7,8 +7,8 @@ import math
 import torch
 
 from kdistill.data.translation import BOS, EOS, PAD, pack
-from kdistill.decode import beam_search, greedy_decode
 from kdistill.models import build_model
+from kdistill.tasks.decode import beam_search, greedy_decode
 
 A, B, V = 4, 5, 16
 

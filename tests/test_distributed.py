@@ -25,9 +25,9 @@ from kdistill.build import build_optimizer
 from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
+from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.token_kd import TokenKDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.models import build_model
 from kdistill.teachers import OnlineTeacher
 

@@ -15,10 +15,10 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import TrainingError
+from kdistill.logger import MetricsLogger, read_metrics
 from kdistill.methods import build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.methods.kd import KDConfig
-from kdistill.metrics import MetricsLogger, read_metrics
 from kdistill.teachers import CachedTeacher, OnlineTeacher
 
 

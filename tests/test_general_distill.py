@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill import pipeline, stages
+from kdistill import pipeline
 from kdistill.build import build_data
 from kdistill.capture import capture
 from kdistill.config import TransferConfig, load_config
@@ -31,6 +31,7 @@ from kdistill.methods.base import Outputs
 from kdistill.methods.embed_kd import EmbedKDConfig
 from kdistill.models import build_model
 from kdistill.models.hf import load_tokenizer
+from kdistill.pipeline import stages
 from kdistill.schedules import Progress
 from tests.test_text_classification import _tiny_bert, fortunes_dir  # noqa: F401 - fixture
 

@@ -15,7 +15,7 @@ import torch
 from kdistill.data.prompts import Prompt, load_prompts, stdlib_functions
 from kdistill.data.sft import IGNORE_INDEX, encode_pair, sft_splits
 from kdistill.errors import ConfigError
-from kdistill.generate import generate, load_generate_config, run_generate
+from kdistill.pipeline.generate import generate, load_generate_config, run_generate
 
 pytest.importorskip("transformers")
 

@@ -14,10 +14,10 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.logger import MetricsLogger
 from kdistill.losses import hard_cross_entropy, token_kd
 from kdistill.methods import Outputs, build_method
 from kdistill.methods.gkd import GKD, GKDConfig, _filter_logits, sample_continuation
-from kdistill.metrics import MetricsLogger
 from kdistill.models import build_model
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher

@@ -15,9 +15,9 @@ from kdistill.capture import capture
 from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
+from kdistill.logger import MetricsLogger
 from kdistill.methods import METHODS, Outputs, build_method
 from kdistill.methods.kd import KDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher
 

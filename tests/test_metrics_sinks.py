@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdistill.errors import MissingDependencyError
-from kdistill.metrics import MetricsLogger, read_metrics
+from kdistill.logger import MetricsLogger, read_metrics
 
 
 def _event_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:

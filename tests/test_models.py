@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from kdistill.errors import ConfigError, MissingDependencyError
-from kdistill.models import MODELS, build_model, count_parameters, load_weights
+from kdistill.models import MODELS, build_model, count_parameters
+from kdistill.weights import load_weights
 
 # arch -> (args, input shapes it must support)
 CASES: dict[str, tuple[dict, list[tuple[int, ...]]]] = {

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from kdistill import load_config, run
 from kdistill.errors import ConfigError
-from kdistill.metrics import read_metrics
+from kdistill.logger import read_metrics
 
 
 def test_run_stages_cache_and_report(tiny_recipe: Path) -> None:

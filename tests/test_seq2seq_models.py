@@ -9,9 +9,9 @@ import torch
 
 from kdistill.capture import capture
 from kdistill.data.translation import BOS, EOS, PAD, pack
-from kdistill.decode import greedy_decode, translate
 from kdistill.errors import ConfigError
 from kdistill.models import build_model
+from kdistill.tasks.decode import greedy_decode, translate
 
 V, L = 24, 10
 

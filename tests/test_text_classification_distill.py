@@ -12,17 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill import pipeline, stages
+from kdistill import pipeline
 from kdistill.capture import capture
 from kdistill.config import load_config
 from kdistill.data.fortune_classes import tokenize_padded
 from kdistill.methods import build_method
-from kdistill.methods.attn import AttentionDistillConfig
+from kdistill.methods.attention_maps import AttentionDistillConfig
 from kdistill.methods.base import Outputs
 from kdistill.methods.fitnet import FitNetConfig
 from kdistill.methods.kd import KDConfig
 from kdistill.models import build_model
 from kdistill.models.hf import load_tokenizer
+from kdistill.pipeline import stages
 from kdistill.schedules import Progress
 from tests.test_text_classification import _tiny_bert, fortunes_dir  # noqa: F401 - fixture
 

@@ -9,11 +9,11 @@ from kdistill.build import build_optimizer
 from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
+from kdistill.logger import MetricsLogger
 from kdistill.losses import token_kd
 from kdistill.methods import Outputs, build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.methods.token_kd import TokenKDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.models import build_model
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher

@@ -27,10 +27,10 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.logger import MetricsLogger
 from kdistill.losses import densify_topk, kd_kl, shift_labels, token_kd, topk_kd
 from kdistill.methods import Outputs, build_method
 from kdistill.methods.token_kd import TokenKDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.models import build_model
 from kdistill.schedules import Progress
 from kdistill.teachers import CachedTeacher, TopK

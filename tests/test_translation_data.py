@@ -186,7 +186,7 @@ def test_settings_translation_data_does_not_use_are_refused() -> None:
     from kdistill.build import build_data, check_task
     from kdistill.config import DataConfig
     from kdistill.methods import build_method
-    from kdistill.methods.cross_attn import CrossAttnConfig
+    from kdistill.methods.cross_attention import CrossAttnConfig
 
     with pytest.raises(ConfigError, match=r"data\.tokenizer: not used by 'gettext_en_de'"):
         build_data(DataConfig(name="gettext_en_de", tokenizer="smollm2"))

@@ -11,15 +11,15 @@ import torch
 from kdistill.cache import CacheKey, TeacherCache, build_cache
 from kdistill.capture import capture
 from kdistill.data.translation import BOS, EOS, IGNORE_INDEX, PAD, pack, translation_splits
-from kdistill.decode import translate
 from kdistill.losses import shift_labels, token_distill_loss
 from kdistill.losses.attention import attention_probs_loss
 from kdistill.methods import Outputs, build_method
-from kdistill.methods.cross_attn import CrossAttnConfig
+from kdistill.methods.cross_attention import CrossAttnConfig
 from kdistill.methods.seq_kd import SeqKDConfig
 from kdistill.methods.token_kd import TokenKDConfig
 from kdistill.models import build_model
 from kdistill.schedules import Progress
+from kdistill.tasks.decode import translate
 from kdistill.teachers import CachedTeacher
 
 from .test_translation_data import synthetic_pairs

@@ -11,7 +11,7 @@ import pytest
 
 from kdistill.config import load_config
 from kdistill.data.translation import LOCALE_DIR
-from kdistill.pipeline import run
+from kdistill.pipeline.order import run
 
 from .conftest import REPO
 

@@ -10,7 +10,7 @@ from kdistill.engine import TrainState, train
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.losses import hard_cross_entropy, kd_kl, soft_cross_entropy
 from kdistill.methods import METHODS, Method, Outputs
-from kdistill.pipeline import RunResult, run
+from kdistill.pipeline.order import RunResult, run
 from kdistill.schedules import Progress
 
 __all__ = [

@@ -26,8 +26,8 @@ from kdistill.data.text import CORPORA, lm_splits
 from kdistill.data.translation import LANGUAGES as TRANSLATION
 from kdistill.data.translation import translation_splits
 from kdistill.errors import ConfigError
+from kdistill.logger import require_tensorboard
 from kdistill.methods import METHODS, Method, build_method
-from kdistill.metrics import require_tensorboard
 from kdistill.models import build_model
 
 GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file

@@ -14,7 +14,6 @@ delete, so a resume never crashes with a traceback and never silently starts ove
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,65 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_file, save_model
-from torch import Tensor, nn
+from safetensors.torch import save_model
+from torch import nn
 
-from kdistill.errors import ConfigError, TrainingError, load_failure
+from kdistill.errors import ConfigError, load_failure
+from kdistill.io import atomic_write_text, write_failed
+from kdistill.weights import load_weights
 
 # What the engine writes into a checkpoint (`engine.train`'s `checkpoint()`): checked on load so
 # a hand-edited or foreign file is a one-line error, not a KeyError deep in the resume.
 TRAINER_KEYS = ("optimizer", "scheduler", "rng")
-
-
-def _write_failed(path: Path, exc: OSError, intact: str) -> TrainingError:
-    """A failed write (disk full, permissions) as one line naming the file that was written."""
-    return TrainingError(f"{path}: write failed ({exc.strerror or exc}); {intact}")
-
-
-def _remove(path: Path) -> None:
-    # Best effort: the temp file is the least of the user's problems when the disk is full.
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)`, then rename over `path`: a crash or a full disk never leaves a torn file."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise _write_failed(path, exc, "the file as it was before is unchanged") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def save_model_atomic(model: nn.Module, path: Path) -> None:
-    """safetensors file written to a temp name, then renamed over `path`."""
-    _atomic(path, lambda tmp: save_model(model, str(tmp)))
-
-
-def save_tensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    """A dict of tensors as a safetensors file, written to a temp name, then renamed."""
-    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
-                                        str(tmp)))
-
-
-def load_weights(model: nn.Module, path: Path, *, hint: str | None = None) -> None:
-    """Load a safetensors file strictly; a missing, truncated or foreign file is a ConfigError
-    naming it (exit code 2), with `hint` saying what to do about it (by default: the file is a
-    stage's model, and deleting it makes the next run redo that stage)."""
-    if hint is None:
-        hint = "delete it and run again to redo the stage that wrote it"
-    try:
-        _missing, _unexpected = load_model(model, str(path), strict=True)
-    except Exception as exc:  # safetensors raises its own SafetensorError for a torn header
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(str(path), f"cannot load weights ({first}); {hint}") from None
 
 
 def save_checkpoint(
@@ -121,7 +71,7 @@ def save_checkpoint(
         if isinstance(exc, OSError):
             kept = (f"the previous checkpoint {previous} is intact" if previous
                     else "there was no earlier checkpoint")
-            raise _write_failed(target, exc, f"checkpoint not written; {kept}") from None
+            raise write_failed(target, exc, f"checkpoint not written; {kept}") from None
         raise
     atomic_write_text(ckpt_dir / "latest", final.name)
     for old in ckpt_dir.glob("step-*"):

@@ -49,7 +49,7 @@ def _print_table(rows: dict) -> None:
 def run(args: RecipeArg = None) -> None:
     """Run a recipe: teach -> cache -> baseline -> distill -> evaluate -> report."""
     from kdistill.config import load_config
-    from kdistill.pipeline import run as run_pipeline
+    from kdistill.pipeline.order import run as run_pipeline
 
     recipe, overrides = _split(args)
     cfg = load_config(recipe, overrides)
@@ -78,7 +78,7 @@ def generate(
                     typer.Argument(help="RECIPE.yaml, then key.path=value overrides")] = None,
 ) -> None:
     """Run a teacher over a prompt set and write its answers as JSONL (resumable)."""
-    from kdistill.generate import load_generate_config, run_generate
+    from kdistill.pipeline.generate import load_generate_config, run_generate
 
     recipe, overrides = _split(args)
     cfg = load_generate_config(recipe, overrides)

@@ -234,7 +234,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     transfer: TransferConfig | None = Field(
         None, description="general distillation (data.name: general_text): the labelled task "
-        "that evaluates the encoder without and with fine-tuning (`kdistill.transfer`)")
+        "that evaluates the encoder without and with fine-tuning (`kdistill.tasks.embedding`)")
     logging: LoggingConfig = LoggingConfig()
     compress: list[CompressStage] = Field(
         [], description="stages after distillation, run on the first seed's distilled student "

@@ -34,8 +34,8 @@ from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.errors import ConfigError, TrainingError
+from kdistill.logger import MetricsLogger
 from kdistill.methods.base import Batch, Method, Outputs
-from kdistill.metrics import MetricsLogger
 from kdistill.schedules import Progress, value_at
 from kdistill.teachers import Teacher, TopK
 

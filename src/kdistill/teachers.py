@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from kdistill.cache import TeacherCache
 from kdistill.capture import capture
 from kdistill.errors import ConfigError
-from kdistill.methods.base import Batch
+from kdistill.types import Batch
 
 
 class TopK(NamedTuple):

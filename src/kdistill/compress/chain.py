@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 from kdistill import distributed
-from kdistill.checkpoint import atomic_write_text
 from kdistill.compress import prune
 from kdistill.compress.config import (
     DistillStage,
@@ -57,11 +56,12 @@ from kdistill.config import EvalConfig, TrainConfig
 from kdistill.data import DataSplits
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict
+from kdistill.io import atomic_write_text
 from kdistill.methods.kd import KDConfig
 from kdistill.models import count_parameters
 from kdistill.teachers import Teacher
+from kdistill.types import Echo
 
-Echo = Callable[[str], None]
 Stage = PruneStage | DistillStage | QuantizeStage | ExportStage
 
 

@@ -3,7 +3,7 @@ and the `kd` method, and the evaluation row every chain stage gets."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,11 @@ from kdistill.config import EvalConfig, TrainConfig
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, measure_speed, per_class_accuracy, predict
+from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
-from kdistill.methods.base import Batch
 from kdistill.methods.kd import KDConfig
-from kdistill.metrics import MetricsLogger
 from kdistill.teachers import OnlineTeacher, Teacher
-
-Echo = Callable[[str], None]
+from kdistill.types import Batch, Echo
 
 
 class LogitsTeacher:

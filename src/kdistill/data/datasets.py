@@ -36,46 +36,13 @@ import torch
 from torch import Tensor
 
 from kdistill.errors import ConfigError, MissingDependencyError
+from kdistill.types import DataSplits
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_TEST_SEED = 0  # fixed on purpose: the digits test split must never move
-
-
-@dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits
-class DataSplits:
-    """A data set split into train / validation / test tensors, ready for a DataLoader.
-
-    Inputs are float32 and already normalised, labels int64. `val_*` is taken out of the
-    training set. `fingerprint` is the sha256 (hex) of the training split's bytes and the
-    split parameters: it identifies the exact data a teacher cache was built on.
-
-    `task: "causal_lm"` (text corpora): inputs are (N, T) int64 token ids, labels the same
-    (N, T) ids with -100 at positions that are not trained on (padding); the loss shifts them
-    (position t predicts label t + 1). `num_classes` is then the vocabulary size.
-
-    `task: "seq2seq"` (translation, `kdistill.data.translation`): inputs are (N, 2, L) int64,
-    row 0 the source ids + EOS, row 1 the decoder input BOS y1 .. yn EOS, both PAD(0)-padded;
-    labels (N, L) are row 1 with -100 at BOS and padding, shifted like causal LMs (decoder
-    position t predicts label t + 1). `tokenizer_json` is the tokenizer that made the ids (to
-    decode outputs) and `references` the test split's raw target texts (for BLEU / chrF).
-    """
-
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-    fingerprint: str
-    task: str = "classification"  # or "causal_lm", "seq2seq"
-    tokenizer_json: str | None = None
-    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-Batch = dict[str, Tensor]
+from kdistill.types import Batch
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 

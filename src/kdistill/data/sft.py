@@ -29,8 +29,8 @@ from torch import Tensor
 from kdistill.data.datasets import DataSplits
 from kdistill.data.text import _check_fractions, _check_int, _tokenizer_digest, split_documents
 from kdistill.errors import ConfigError
+from kdistill.types import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # For tokenizers without a chat template (a base model, a tokenizer trained from scratch): a
 # plain "role: text" transcript, so prompts and answers are still told apart.
 PLAIN_CHAT_TEMPLATE = (

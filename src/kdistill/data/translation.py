@@ -43,10 +43,10 @@ from torch import Tensor
 
 from kdistill.data.datasets import DataSplits
 from kdistill.errors import ConfigError, MissingDependencyError
+from kdistill.types import IGNORE_INDEX
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
-IGNORE_INDEX = -100
 LOCALE_DIR = Path("/usr/share/locale")
 LANGUAGES = {"gettext_en_de": "de", "gettext_en_fr": "fr"}
 

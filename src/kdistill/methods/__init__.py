@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kdistill.methods.at import AT
-from kdistill.methods.attn import AttentionDistill
+from kdistill.methods.attention_maps import AttentionDistill
+from kdistill.methods.attention_transfer import AT
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.methods.ce import CE
 from kdistill.methods.crd import CRD
-from kdistill.methods.cross_attn import CrossAttentionDistill
+from kdistill.methods.cross_attention import CrossAttentionDistill
 from kdistill.methods.datafree import DAFL, DFAD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD

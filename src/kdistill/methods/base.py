@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from kdistill.schedules import Progress
+from kdistill.types import Batch
 
 if TYPE_CHECKING:  # data imports nothing from methods, but keep the method contract light
-    from kdistill.data import DataSplits
+    from kdistill.types import DataSplits
 
-Batch = dict[str, Tensor]
 """A batch: `index` (B,) sample ids into the training set, `input` (B, ...), `label` (B,)."""
 
 

@@ -20,8 +20,7 @@ from kdistill.losses import hard_cross_entropy, shift_labels, token_kd
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.models.hf import CausalLM
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
-
-IGNORE_INDEX = -100
+from kdistill.types import IGNORE_INDEX
 
 
 class GKDConfig(MethodConfig):

@@ -20,10 +20,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdistill.cache import fingerprint_model
-from kdistill.checkpoint import save_tensors_atomic
 from kdistill.data import DataSplits
 from kdistill.data.translation import EOS, PAD, replace_targets
-from kdistill.decode import translate
+from kdistill.io import save_tensors_atomic
 from kdistill.losses import (
     hard_cross_entropy,
     shift_labels,
@@ -32,15 +31,15 @@ from kdistill.losses import (
 )
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
-
-IGNORE_INDEX = -100
+from kdistill.tasks.decode import translate
+from kdistill.types import IGNORE_INDEX
 
 
 class SeqKDConfig(MethodConfig):
     """Train on the teacher's beam outputs: loss = (1 − α)·CE(teacher's sequence)
     + α·T²·KL(teacher_T ‖ student_T) per token of that sequence (α = 0: pure Seq-KD, the
     teacher is then not read during training). Beam `beam`, final choice by summed
-    log-probability / length^length_penalty (`kdistill.decode.beam_search`)."""
+    log-probability / length^length_penalty (`kdistill.tasks.decode.beam_search`)."""
 
     name: Literal["seq_kd"] = "seq_kd"
     beam: int = Field(4, ge=1, description="beam size for the teacher's training targets")

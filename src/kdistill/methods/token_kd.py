@@ -19,8 +19,7 @@ from kdistill.losses import (
 from kdistill.losses.tokens import TokenKDKind
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
-
-IGNORE_INDEX = -100
+from kdistill.types import IGNORE_INDEX
 
 
 class TokenKDConfig(MethodConfig):

@@ -6,7 +6,6 @@ from kdistill.models.factory import (
     count_parameters,
     custom_model,
     import_target,
-    load_weights,
 )
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN, ccexam_weights_path
 
@@ -22,5 +21,4 @@ __all__ = [
     "count_parameters",
     "custom_model",
     "import_target",
-    "load_weights",
 ]

@@ -17,20 +17,19 @@ import difflib
 import importlib
 import inspect
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from kdistill.errors import ConfigError, load_failure
+from kdistill.errors import ConfigError
 from kdistill.models.hf import llama_student, pretrained_causal_lm
 from kdistill.models.sentence import hf_sentence_encoder, hf_sentence_student
 from kdistill.models.seq2seq import hf_seq2seq, seq2seq_transformer
 from kdistill.models.text import hf_encoder_classifier, hf_encoder_student, textcnn
 from kdistill.models.transformer import TinyTransformer
 from kdistill.models.zoo import MLP, CCExamMnistCNN, CNN1d, LeNet5, SmallCNN
+from kdistill.weights import load_weights
 
 CUSTOM = "custom"
 
@@ -174,73 +173,6 @@ def custom_model(
         raise ConfigError(
             f"{where}.target", f"{target!r} returned {type(model).__name__}, not an nn.Module"
         )
-    return model
-
-
-def _read_state_dict(path: Path, where: str) -> dict[str, Tensor]:
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise ConfigError(
-            where, f"unsupported weights file {str(path)!r}; expected .safetensors, .pt or .pth"
-        )
-    if not path.is_file():
-        raise ConfigError(where, f"file not found: {path}")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        reason, refused = load_failure(e)
-        if refused:  # weights_only=True met a pickled object: say so, never retry without it
-            raise ConfigError(where, f"refused {path}: it holds Python objects, not only tensors "
-                                     f"({reason}); kdistill loads weights only and never runs "
-                                     f"code from a file: save a plain state dict "
-                                     f"(torch.save(model.state_dict(), ...)) or .safetensors"
-                              ) from e
-        raise ConfigError(where, f"cannot read {path} (truncated or not a weights file?): "
-                                 f"{type(e).__name__}: {reason}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a training checkpoint that wraps the state dict
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(where, f"{path} does not hold a state dict (name -> tensor)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
-    return state
-
-
-def _summary(names: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def load_weights(
-    model: nn.Module, path: str | os.PathLike[str], *, where: str = "model.weights"
-) -> nn.Module:
-    """Load a state dict file into `model` (strict), with a short summary on any mismatch."""
-    state = _read_state_dict(Path(path), where)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_summary(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_summary(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} with another shape: {_summary(wrong_shape)}")
-    if problems:
-        raise ConfigError(
-            where, f"{path} does not fit the model ({type(model).__name__}): " + "; ".join(problems)
-        )
-    model.load_state_dict(state)
     return model
 
 

@@ -2,7 +2,7 @@
 
 Both models take a packed batch x (B, 2, L) int64 (row 0 source ids, row 1 decoder input,
 PAD = 0 padding) and return teacher-forced logits (B, L, V): position t predicts the token
-after decoder input t. For decoding (`kdistill.decode`) they also implement
+after decoder input t. For decoding (`kdistill.tasks.decode`) they also implement
 
     start(src (B, S)) -> state;  step(state, tokens (B,)) -> (logits (B, V), state);
     reorder(state, index (B',)) -> state       (beam search keeps rows `index`)

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.errors import ConfigError
+from kdistill.io import atomic_write_text
 from kdistill.report import plots
 from kdistill.report.markdown import _is_embedding, _label, summary_table
 

@@ -6,8 +6,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.config import RunConfig, dump_config
+from kdistill.io import atomic_write_text
 
 # (key, header, format of one value, scale)
 COLUMNS: list[tuple[str, str, str, float]] = [
@@ -44,7 +44,7 @@ SEQ2SEQ_COLUMNS: list[tuple[str, str, str, float]] = [
     ("throughput", "greedy sentences/s", "{:,.1f}", 1.0),
     ("beam_throughput", "beam sentences/s", "{:,.1f}", 1.0),
 ]
-# General distillation (`kdistill.transfer`): agreement on held-out unlabelled text, a linear
+# General distillation (`kdistill.tasks.embedding`): agreement on held-out unlabelled text, a linear
 # probe on frozen embeddings and the accuracy after fine-tuning on the labelled task.
 EMBED_COLUMNS: list[tuple[str, str, str, float]] = [
     ("cosine", "cos w/ teacher (held-out)", "{:.4f}", 1.0),

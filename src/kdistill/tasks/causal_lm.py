@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill.models import count_parameters
-
-IGNORE_INDEX = -100
+from kdistill.types import IGNORE_INDEX
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from kdistill.data import DataSplits
 from kdistill.data.translation import TextCodec
-from kdistill.decode import translate
 from kdistill.errors import MissingDependencyError
-from kdistill.evaluate_lm import lm_scores
 from kdistill.models import count_parameters
+from kdistill.tasks.causal_lm import lm_scores
+from kdistill.tasks.decode import translate
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:

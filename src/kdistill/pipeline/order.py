@@ -7,7 +7,7 @@ whose recipe changed is redone; one that was interrupted resumes from its last c
 Under torchrun every rank runs this same code: files (markers, models, the teacher cache,
 reports) are written by rank 0 through `distributed.on_main`, which every rank calls in the
 same order, and rank 0 alone evaluates and reports. The stages themselves (fingerprints,
-skipping, resuming) are in `kdistill.stages`; this module is their order and the evaluation.
+skipping, resuming) are in `kdistill.pipeline.stages`; this module is their order.
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from kdistill.build import (
     check_vocabulary,
 )
 from kdistill.cache import fingerprint_model
-from kdistill.checkpoint import atomic_write_text
 from kdistill.config import RunConfig, dump_config
 from kdistill.errors import ConfigError
 from kdistill.evaluate import model_report, predict
-from kdistill.evaluate_lm import lm_report, lm_samples, next_token_predictions
-from kdistill.evaluate_seq2seq import seq2seq_report, translation_samples
+from kdistill.io import atomic_write_text
 from kdistill.methods import build_method
-from kdistill.report.markdown import write_report
-from kdistill.stages import (
+from kdistill.pipeline.stages import (
     TOKEN_TASKS,
     Echo,
     finetune_stage,
@@ -47,8 +44,11 @@ from kdistill.stages import (
     teacher_source,
     teacher_stage,
 )
+from kdistill.report.markdown import write_report
+from kdistill.tasks.causal_lm import lm_report, lm_samples, next_token_predictions
+from kdistill.tasks.embedding import evaluate_encoders, with_teacher_targets
+from kdistill.tasks.seq2seq import seq2seq_report, translation_samples
 from kdistill.teachers import EnsembleTeacher, Teacher, freeze_teacher
-from kdistill.transfer import evaluate_encoders, with_teacher_targets
 
 
 @dataclass

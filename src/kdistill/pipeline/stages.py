@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,17 @@ from kdistill.cache import (
     feature_shapes,
     fingerprint_model,
 )
-from kdistill.checkpoint import atomic_write_text, load_weights, save_model_atomic
 from kdistill.config import RunConfig, TeacherConfig, TrainConfig
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, predict
-from kdistill.evaluate_lm import lm_scores
+from kdistill.io import atomic_write_text, save_model_atomic
+from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
-from kdistill.metrics import MetricsLogger
+from kdistill.tasks.causal_lm import lm_scores
+from kdistill.tasks.embedding import EncoderWithHead, embedding_scores, with_head
 from kdistill.teachers import (
     CachedTeacher,
     EnsembleTeacher,
@@ -47,9 +47,10 @@ from kdistill.teachers import (
     Teacher,
     freeze_teacher,
 )
-from kdistill.transfer import EncoderWithHead, embedding_scores, with_head
+from kdistill.types import Echo
+from kdistill.weights import load_weights
 
-Echo = Callable[[str], None]
+REDO = "delete it and run again to redo the stage that wrote it"
 TOKEN_TASKS = ("causal_lm", "seq2seq")  # logits (B, T, V), labels (B, T), shifted
 
 
@@ -140,7 +141,7 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, r
         torch.manual_seed(tcfg.seeds[0])  # the teacher's initial weights
     model = build_network(tcfg_all.model, splits, where=f"{where}.model")
     if distributed.on_main(lambda: stage_done(stage_dir, fingerprint, echo)):
-        load_weights(model, stage_dir / "model.safetensors")
+        load_weights(model, stage_dir / "model.safetensors", hint=REDO)
         echo(f"{role}: done earlier, loaded")
     elif tcfg is None:
         echo(f"{role}: using the model as loaded ({where}.train is null)")
@@ -224,7 +225,7 @@ def student_stage(
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
     model = build_network(cfg.student.model, splits, where="student.model")
     if distributed.on_main(lambda: stage_done(stage_dir, fingerprint, echo)):
-        load_weights(model, stage_dir / "model.safetensors")
+        load_weights(model, stage_dir / "model.safetensors", hint=REDO)
         echo(f"{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
@@ -249,7 +250,7 @@ def finetune_stage(role: str, encoder: nn.Module, cfg: RunConfig, task: DataSpli
     model = with_head(copy.deepcopy(encoder), task.num_classes, task.train_x,
                       dropout=cfg.transfer.dropout)
     if distributed.on_main(lambda: stage_done(stage_dir, fingerprint, echo)):
-        load_weights(model, stage_dir / "model.safetensors")
+        load_weights(model, stage_dir / "model.safetensors", hint=REDO)
         echo(f"finetune-{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"finetune-{role} (seed {seed}): {ft.epochs} epoch(s) with a new head on '{task.name}'")

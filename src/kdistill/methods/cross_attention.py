@@ -17,8 +17,7 @@ from kdistill.losses import shift_labels, token_distill_loss, topk_distill_loss
 from kdistill.losses.attention import attention_probs_loss
 from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
-
-IGNORE_INDEX = -100
+from kdistill.types import IGNORE_INDEX
 
 
 class CrossAttnConfig(MethodConfig):

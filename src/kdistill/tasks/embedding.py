@@ -36,8 +36,8 @@ from kdistill.data import DataSplits
 from kdistill.evaluate import classification_scores, measure_speed, predict
 from kdistill.losses.embedding import mean_cosine
 from kdistill.models import count_parameters
+from kdistill.types import Echo
 
-Echo = Callable[[str], None]
 # (role, encoder, seed) -> the fine-tuned classifier (`EncoderWithHead`)
 Finetune = Callable[[str, nn.Module, int], nn.Module]
 Rows = dict[str, list[dict[str, Any]]]
