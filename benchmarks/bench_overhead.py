@@ -42,7 +42,7 @@ from torch import nn
 
 from kdistill.build import build_data, build_network, build_optimizer
 from kdistill.cache import CacheKey, build_cache, fingerprint_model
-from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, TrainConfig
+from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, TrainConfig, data_source
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.methods import Method, build_method
@@ -65,13 +65,13 @@ class Task:
 
 TASKS = {
     "mnist1d": Task(
-        DataConfig(name="mnist1d", val_size=500),
+        data_source(name="mnist1d", val_size=500),
         ModelSpec(arch="cnn1d", args={"channels": [32, 32, 32]}),
         ModelSpec(arch="mlp", args={"hidden": [100, 100]}),
         100, "cnn1d [32, 32, 32], random init (untrained; timing only)",
     ),
     "mnist": Task(
-        DataConfig(name="mnist", val_size=5000),
+        data_source(name="mnist", val_size=5000),
         ModelSpec(arch="ccexam_mnist_cnn", args={"pretrained": True}),
         ModelSpec(arch="mlp", args={"hidden": [800, 800]}),
         128, "ccexam_mnist_cnn, pretrained",

@@ -30,7 +30,7 @@ import torch
 
 from kdistill import load_config, run
 from kdistill.build import build_data, build_network, build_optimizer
-from kdistill.config import DataConfig, ModelSpec, OptimizerConfig, TrainConfig
+from kdistill.config import ModelSpec, OptimizerConfig, TrainConfig, data_source
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.methods import build_method
@@ -41,13 +41,13 @@ from kdistill.teachers import OnlineTeacher
 
 def _setup(task: str) -> tuple:
     if task == "mlp":
-        splits = build_data(DataConfig(name="mnist1d", val_size=500))
+        splits = build_data(data_source(name="mnist1d", val_size=500))
         student_spec = ModelSpec(arch="mlp", args={"hidden": [100, 100]})
         teacher = OnlineTeacher(build_network(
             ModelSpec(arch="cnn1d", args={"channels": [32, 32, 32]}), splits, where="teacher")
             .eval())
         return splits, student_spec, teacher, build_method(KDConfig()), 100
-    splits = build_data(DataConfig(name="stdlib_docs", tokenizer="smollm2", seq_len=128,
+    splits = build_data(data_source(name="stdlib_docs", tokenizer="smollm2", seq_len=128,
                                    val_size=0.05, max_train_tokens=16384,
                                    max_eval_tokens=1024))
     spec = ModelSpec(arch="llama", args={"layers": 4, "hidden": 576, "heads": 9})

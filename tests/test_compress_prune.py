@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.compress.config import check_order, parse_stages
 from kdistill.compress.prune import (
     apply_magnitude,
     find_groups,
@@ -21,6 +20,7 @@ from kdistill.compress.prune import (
     sparsity,
     structured_targets,
 )
+from kdistill.config.compress import check_order, parse_stages
 from kdistill.errors import ConfigError
 from kdistill.models import MLP, SmallCNN, count_parameters
 

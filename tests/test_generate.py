@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdistill.config.generate import load_generate_config
 from kdistill.data.prompts import Prompt, load_prompts, stdlib_functions
 from kdistill.data.sft import IGNORE_INDEX, encode_pair, sft_splits
 from kdistill.errors import ConfigError
-from kdistill.pipeline.generate import generate, load_generate_config, run_generate
+from kdistill.pipeline.generate import generate, run_generate
 
 pytest.importorskip("transformers")
 
@@ -328,6 +329,5 @@ eval: {{latency_repeats: 3}}
     lines: list[str] = []
     run(load_config(recipe), echo=lines.append)
     assert any("baseline: recipe changed" in line for line in lines)
-    missing = load_config(recipe, ["data.path=null"])
-    with pytest.raises(ConfigError, match=r"data\.path"):
-        run(missing, echo=lambda _: None)
+    with pytest.raises(ConfigError, match=r"data\.path: Input should be a valid string"):
+        load_config(recipe, ["data.path=null"])

@@ -121,15 +121,15 @@ def test_missing_package_names_the_apt_command(tmp_path: Path, monkeypatch: pyte
 
 def test_build_data_needs_a_tokenizer_and_refuses_token_limits(fortunes_dir: Path) -> None:
     from kdistill.build import build_data
-    from kdistill.config import DataConfig
+    from kdistill.config import data_source
 
-    with pytest.raises(ConfigError, match=r"data.tokenizer"):
-        build_data(DataConfig(name="fortunes5"))
-    with pytest.raises(ConfigError, match=r"data.max_train_tokens"):
-        build_data(DataConfig(name="fortunes5", tokenizer="minilm", max_train_tokens=100))
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: Field required"):
+        data_source(name="fortunes5")
+    with pytest.raises(ConfigError, match=r"^data.max_train_tokens: unknown key"):
+        data_source(name="fortunes5", tokenizer="minilm", max_train_tokens=100)
     with pytest.raises(ConfigError, match=r"data.val_size"):
-        build_data(DataConfig(name="fortunes5", tokenizer="minilm", val_size=30, test_size=0.5))
-    s = build_data(DataConfig(name="fortunes5", tokenizer="minilm", seq_len=16, val_size=10))
+        build_data(data_source(name="fortunes5", tokenizer="minilm", val_size=30, test_size=0.5))
+    s = build_data(data_source(name="fortunes5", tokenizer="minilm", seq_len=16, val_size=10))
     assert s.train_x.shape[1] == 16
 
 

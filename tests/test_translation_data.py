@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from pathlib import Path
 
@@ -183,15 +182,12 @@ def test_real_catalogs_give_thousands_of_pairs() -> None:
 
 
 def test_settings_translation_data_does_not_use_are_refused() -> None:
-    from kdistill.build import build_data, check_task
-    from kdistill.config import DataConfig
-    from kdistill.methods import build_method
-    from kdistill.methods.cross_attention import CrossAttnConfig
+    from kdistill.config import data_source, load_config
 
-    with pytest.raises(ConfigError, match=r"data\.tokenizer: not used by 'gettext_en_de'"):
-        build_data(DataConfig(name="gettext_en_de", tokenizer="smollm2"))
-    s = _splits()
-    method = build_method(CrossAttnConfig(pairs=[("a", "b")]))
-    check_task(method, s)  # seq2seq data: fine
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: unknown key"):
+        data_source(name="gettext_en_de", tokenizer="smollm2")
+    pairs = 'method.pairs=[["a", "b"]]'
+    load_config(None, ["data.name=gettext_en_de", "method.name=cross_attn", pairs,
+                       "student.model.arch=seq2seq_transformer"])  # seq2seq data: fine
     with pytest.raises(ConfigError, match="'cross_attn' is for seq2seq data"):
-        check_task(method, dataclasses.replace(s, task="classification"))
+        load_config(None, ["method.name=cross_attn", pairs])

@@ -2,156 +2,47 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from kdistill.capture import resolve_modules, split_name
-from kdistill.config import (
-    DataConfig,
-    ModelSpec,
-    OptimizerConfig,
-    RunConfig,
-    TrainConfig,
-    TransferConfig,
-)
-from kdistill.data import DATASETS, DataSplits, load_dataset
-from kdistill.data.fortune_classes import FORTUNE_TASKS, fortune_splits
-from kdistill.data.general_text import EMBEDDING, GENERAL_TEXT, general_splits, held_out_texts
+from kdistill.config import ModelSpec, OptimizerConfig, RunConfig, TrainSettings, TransferConfig
+from kdistill.data import DataSplits, LoadContext, Source
+from kdistill.data.fortune_classes import fortune_splits
+from kdistill.data.general_text import EMBEDDING, held_out_texts
 from kdistill.data.loader import BatchLoader, jitter
-from kdistill.data.sft import sft_splits
-from kdistill.data.text import CORPORA, lm_splits
-from kdistill.data.translation import LANGUAGES as TRANSLATION
-from kdistill.data.translation import translation_splits
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
-from kdistill.methods import METHODS, Method, build_method
+from kdistill.methods import Method, build_method
 from kdistill.models import build_model
 
-GENERATED = "generated"  # data.name of a `kdistill generate` JSONL file
 
-
-def build_data(cfg: DataConfig, *, transfer: TransferConfig | None = None) -> DataSplits:
-    """The recipe's data; `transfer` (general distillation) names the labelled task whose
-    held-out texts must stay out of the unlabelled corpus."""
-    if cfg.name in TRANSLATION:
-        return _build_translation(cfg)
-    if cfg.name == GENERAL_TEXT:
-        return _build_general(cfg, transfer)
-    if cfg.name in CORPORA or cfg.name == GENERATED:
-        return _build_text(cfg)
-    if cfg.name in FORTUNE_TASKS:
-        return _build_text_classes(cfg)
-    if cfg.name not in DATASETS:  # every kind of data a recipe can name, not only images
-        known = [*DATASETS, *FORTUNE_TASKS, *CORPORA, GENERATED, *TRANSLATION]
-        close = difflib.get_close_matches(cfg.name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError("data.name", f"unknown data set {cfg.name!r}{hint}; expected one of: "
-                                       f"{', '.join(known)}")
-    if cfg.val_size >= 1 and not float(cfg.val_size).is_integer():
-        raise ConfigError("data.val_size", f"a count must be a whole number, got {cfg.val_size}")
-    val_size: int | float = int(cfg.val_size) if cfg.val_size >= 1 else cfg.val_size
-    splits = load_dataset(
-        cfg.name, val_size=val_size, split_seed=cfg.split_seed, train_limit=cfg.train_limit,
-        where="data.name",
-    )
-    if len(splits.val_x) == 0:
-        raise ConfigError("data.val_size", f"{cfg.val_size} leaves an empty validation split")
-    return splits
-
-
-def _build_translation(cfg: DataConfig) -> DataSplits:
-    """Message pairs from the gettext catalogs, packed (N, 2, seq_len) with a joint BPE."""
-    for field, value in (("tokenizer", cfg.tokenizer), ("max_train_tokens", cfg.max_train_tokens),
-                         ("max_eval_tokens", cfg.max_eval_tokens), ("path", cfg.path)):
-        if value is not None:  # refuse a setting that would otherwise be ignored silently
-            raise ConfigError(f"data.{field}", f"not used by '{cfg.name}' (it trains its own "
-                                               f"BPE: data.vocab_size; data.train_limit caps "
-                                               f"the training pairs)")
-    return translation_splits(cfg.name, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size,
-                              val_size=cfg.val_size, test_size=cfg.test_size,
-                              split_seed=cfg.split_seed, train_limit=cfg.train_limit)
-
-
-def _build_text_classes(cfg: DataConfig) -> DataSplits:
-    """A text-classification task: padded token ids (N, seq_len) and a category per text."""
-    _text_only(cfg)
-    from kdistill.models.hf import load_tokenizer
-
-    return fortune_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
-                          val_size=cfg.val_size, test_size=cfg.test_size,
-                          split_seed=cfg.split_seed, train_limit=cfg.train_limit, where="data")
-
-
-def _text_only(cfg: DataConfig) -> None:
-    """Fixed-length texts: a tokenizer is needed, token limits of corpora would be ignored."""
-    if cfg.tokenizer is None:
-        raise ConfigError("data.tokenizer", f"text data '{cfg.name}' needs the tokenizer of "
-                                            f"the teacher, e.g. tokenizer: minilm")
-    for field, value in (("max_train_tokens", cfg.max_train_tokens),
-                         ("max_eval_tokens", cfg.max_eval_tokens)):
-        if value is not None:  # refuse a limit that would otherwise be ignored silently
-            raise ConfigError(f"data.{field}", f"counts tokens of a text corpus; for '{cfg.name}' "
-                                               f"use data.train_limit (texts)")
-
-
-def _build_general(cfg: DataConfig, transfer: TransferConfig | None) -> DataSplits:
-    """Unlabelled sentences (task "embedding"), without the transfer task's held-out texts."""
-    _text_only(cfg)
-    from kdistill.models.hf import load_tokenizer
-
-    exclude: set[str] = set()
+def build_data(source: Source, *, transfer: TransferConfig | None = None,
+               run_dir: Path | None = None) -> DataSplits:
+    """The recipe's data (`data:`); general distillation also drops the held-out texts of the
+    task that evaluates the encoder (`transfer`), so they are never trained on."""
+    exclude: frozenset[str] = frozenset()
     if transfer is not None:
-        exclude = held_out_texts(transfer.task, val_size=transfer.val_size,
-                                 test_size=transfer.test_size, split_seed=cfg.split_seed)
-    return general_splits(load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
-                          val_size=cfg.val_size, test_size=cfg.test_size,
-                          split_seed=cfg.split_seed, train_limit=cfg.train_limit,
-                          exclude=exclude, where="data")
+        exclude = frozenset(held_out_texts(transfer.task, val_size=transfer.val_size,
+                                           test_size=transfer.test_size,
+                                           split_seed=getattr(source, "split_seed", 0)))
+    return source.load(LoadContext(where="data", exclude_texts=exclude, run_dir=run_dir))
 
 
 def build_transfer_data(cfg: RunConfig) -> DataSplits | None:
     """The labelled task that evaluates a general encoder (`transfer`), tokenised like the
     unlabelled text; None without `transfer`."""
-    if cfg.transfer is None or cfg.data.tokenizer is None:
+    if cfg.transfer is None:
         return None
     from kdistill.models.hf import load_tokenizer
 
-    t = cfg.transfer
-    return fortune_splits(t.task, load_tokenizer(cfg.data.tokenizer), seq_len=cfg.data.seq_len,
+    t, data = cfg.transfer, cfg.data
+    return fortune_splits(t.task, load_tokenizer(data.tokenizer), seq_len=data.seq_len,
                           val_size=t.val_size, test_size=t.test_size,
-                          split_seed=cfg.data.split_seed, where="transfer")
-
-
-def _build_text(cfg: DataConfig) -> DataSplits:
-    """A text corpus as packed token blocks, or generated answers as prompt-masked rows."""
-    if cfg.tokenizer is None:
-        raise ConfigError("data.tokenizer", f"text corpus '{cfg.name}' needs the tokenizer of "
-                                            f"the teacher, e.g. tokenizer: smollm2")
-    # Refuse limits that would otherwise be ignored silently.
-    if cfg.train_limit is not None:
-        raise ConfigError("data.train_limit", "counts samples of image/signal data; for text "
-                                              "use data.max_train_tokens")
-    if cfg.name == GENERATED and (cfg.max_train_tokens or cfg.max_eval_tokens):
-        raise ConfigError("data.max_train_tokens", "not applied to generated answers; limit "
-                                                   "the prompts when generating (prompts.limit)")
-    if cfg.val_size >= 1:
-        raise ConfigError("data.val_size", "for a text corpus, a fraction of the documents "
-                                           f"(e.g. 0.05); got {cfg.val_size}")
-    from kdistill.models.hf import load_tokenizer
-
-    if cfg.name == GENERATED:
-        if cfg.path is None:
-            raise ConfigError("data.path", "the JSONL file written by `kdistill generate`")
-        return sft_splits(cfg.path, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
-                          val_fraction=cfg.val_size, test_fraction=cfg.test_size,
-                          split_seed=cfg.split_seed, system=cfg.system, where="data")
-    return lm_splits(cfg.name, load_tokenizer(cfg.tokenizer), seq_len=cfg.seq_len,
-                     val_fraction=cfg.val_size, test_fraction=cfg.test_size,
-                     split_seed=cfg.split_seed, max_train_tokens=cfg.max_train_tokens,
-                     max_eval_tokens=cfg.max_eval_tokens, where="data.name")
+                          split_seed=data.split_seed, where="transfer")
 
 
 def build_network(spec: ModelSpec, splits: DataSplits, *, where: str) -> nn.Module:
@@ -210,7 +101,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
 
 
 def build_train_loader(
-    splits: DataSplits, cfg: TrainConfig, *, seed: int, where: str
+    splits: DataSplits, cfg: TrainSettings, *, seed: int, where: str
 ) -> BatchLoader:
     augment = None
     if cfg.augment == "jitter":
@@ -226,7 +117,7 @@ def check_vocabulary(cfg: RunConfig) -> None:
     """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
     use the data's. Padded embedding tables (more rows than tokens) are fine; the method
     compares the first `len(tokenizer)` logits."""
-    if cfg.data.name not in (*CORPORA, GENERATED) or cfg.data.tokenizer is None:
+    if cfg.data.task != "causal_lm":
         return
     from kdistill.models.hf import load_tokenizer
 
@@ -250,15 +141,6 @@ def check_vocabulary(cfg: RunConfig) -> None:
                                      f"distributions over one vocabulary. Use the same "
                                      f"tokenizer, or sequence-level KD (train the student on "
                                      f"the teacher's generated text), which needs none")
-
-
-def check_task(method: Method, splits: DataSplits) -> None:
-    """The method's loss must be defined for the data's task (classes vs next tokens)."""
-    if splits.task not in method.tasks:
-        fitting = ", ".join(sorted(n for n, m in METHODS.items() if splits.task in m.tasks))
-        raise ConfigError("method", f"'{method.cfg.name}' is for {', '.join(method.tasks)} "
-                                    f"data; '{splits.name}' is {splits.task} data (methods for "
-                                    f"it: {fitting})")
 
 
 def _contains(value: object, name: str) -> bool:
@@ -287,7 +169,6 @@ def validate(cfg: RunConfig) -> DataSplits:
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")
     method = build_method(cfg.method)
-    check_task(method, splits)
     for side, model, names in (("student", student, method.student_layers),
                                ("teacher", teacher, method.teacher_layers)):
         for name in names:

@@ -78,7 +78,8 @@ def generate(
                     typer.Argument(help="RECIPE.yaml, then key.path=value overrides")] = None,
 ) -> None:
     """Run a teacher over a prompt set and write its answers as JSONL (resumable)."""
-    from kdistill.pipeline.generate import load_generate_config, run_generate
+    from kdistill.config.generate import load_generate_config
+    from kdistill.pipeline.generate import run_generate
 
     recipe, overrides = _split(args)
     cfg = load_generate_config(recipe, overrides)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kdistill import distributed
 from kdistill.capture import capture
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kdistill.config import TrainConfig
+from kdistill.config import TrainSettings
 from kdistill.data.loader import BatchLoader
 from kdistill.errors import ConfigError, TrainingError
 from kdistill.logger import MetricsLogger
@@ -128,7 +128,7 @@ def train(
     method: Method,
     loader: BatchLoader,
     optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     *,
     seed: int = 0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,

@@ -1,7 +1,7 @@
 """Compression after distillation: pruning, int8 quantization, ONNX/safetensors export, and
 `run_chain`, which runs a recipe's `compress:` stages and evaluates each one.
 
-Names are imported lazily: `kdistill.config` imports `kdistill.compress.config` for the
+Names are imported lazily: `kdistill.config` imports `kdistill.config.compress` for the
 recipe's `compress:` field, and the chain (engine, quantization, onnx) must not load then.
 """
 

@@ -24,14 +24,6 @@ from torch.nn.utils import prune as torch_prune
 
 from kdistill import distributed
 from kdistill.compress import prune
-from kdistill.compress.config import (
-    DistillStage,
-    ExportStage,
-    PruneStage,
-    QuantizeStage,
-    check_order,
-    parse_stages,
-)
 from kdistill.compress.export import (
     FP32_RTOL,
     INT8_RTOL,
@@ -53,6 +45,14 @@ from kdistill.compress.quantize import (
     quantize_static,
 )
 from kdistill.config import EvalConfig, TrainConfig
+from kdistill.config.compress import (
+    DistillStage,
+    ExportStage,
+    PruneStage,
+    QuantizeStage,
+    check_order,
+    parse_stages,
+)
 from kdistill.data import DataSplits
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict

@@ -26,88 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kdistill.config import parse_override, validation_error
+from kdistill.config.generate import GenerateConfig
 from kdistill.data.prompts import Prompt, load_prompts
 from kdistill.data.sft import chat_text
 from kdistill.errors import ConfigError
 from kdistill.models.hf import _transformers, load_tokenizer, resolve_source
-
-# --- the recipe ----------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TeacherSource(_Strict):
-    path: str = "smollm2"  # "smollm2", a model directory or a .gguf file
-
-
-class PromptSource(_Strict):
-    name: str = "stdlib_functions"
-    limit: int | None = Field(None, ge=1)
-    seed: int = 0
-
-
-class OutputSpec(_Strict):
-    path: str
-
-
-class Sampling(_Strict):
-    max_new_tokens: int = Field(128, ge=1)
-    do_sample: bool = False  # greedy by default
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # 0: off (transformers would otherwise apply its own default)
-    seed: int = 0
-
-
-class GenerateConfig(_Strict):
-    """A `kdistill generate` recipe."""
-
-    teacher: TeacherSource = TeacherSource()
-    prompts: PromptSource = PromptSource()
-    output: OutputSpec
-    sampling: Sampling = Sampling()
-    batch_size: int = Field(8, ge=1)
-    system: str | None = None  # None: the chat template's own default system message
-    threads: int | None = Field(None, ge=1)
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    for part in key.split(".")[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[key.split(".")[-1]] = value
-
-
-def load_generate_config(path: str | None, overrides: list[str] | None = None) -> GenerateConfig:
-    """Read a generate recipe (YAML) and apply `key.path=value` overrides."""
-    if path is None:
-        raise ConfigError("generate", "a recipe is required: kdistill generate RECIPE.yaml "
-                                      "[key.path=value ...]")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(str(path), "recipe file not found")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"invalid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(str(path), f"a recipe is a mapping of keys, got {type(tree).__name__}")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    try:
-        return GenerateConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise validation_error(exc, str(path)) from None
-
 
 # --- the output file -----------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from kdistill.build import (
     build_data,
     build_network,
     build_transfer_data,
-    check_task,
     check_vocabulary,
 )
 from kdistill.cache import fingerprint_model
@@ -99,8 +98,7 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
         echo(f"data: {splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
              f"{len(splits.test_x)} test, " + ("unlabelled texts" if splits.task == "embedding"
                                                else f"{splits.num_classes} classes"))
-    check_task(build_method(cfg.method), splits)  # e.g. kd on text: say so before training
-    if cfg.compress and (splits.task != "classification" or distributed.info().enabled):
+    if cfg.compress and distributed.info().enabled:
         # Say so before training, not after: the chain needs one process and class labels.
         raise ConfigError("compress", "the compression chain runs on classification data in "
                           "one process (without torchrun); remove `compress:` or run it so")

@@ -29,7 +29,7 @@ from kdistill.cache import (
     feature_shapes,
     fingerprint_model,
 )
-from kdistill.config import RunConfig, TeacherConfig, TrainConfig
+from kdistill.config import RunConfig, TeacherConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, predict
@@ -70,7 +70,7 @@ def file_hash(path: str | None) -> str | None:
 _NOT_WEIGHTS = {"seeds", "log_every", "eval_every_epochs", "checkpoint_every_steps"}
 
 
-def training(cfg: TrainConfig) -> dict[str, Any]:
+def training(cfg: TrainSettings) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=_NOT_WEIGHTS)
 
 
@@ -100,7 +100,7 @@ def finish_stage(stage_dir: Path, fingerprint: str, model: nn.Module) -> None:
 
 def fit(
     model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
-    cfg: TrainConfig, seed: int, stage_dir: Path, echo: Echo, where: str,
+    cfg: TrainSettings, seed: int, stage_dir: Path, echo: Echo, where: str,
     teacher_model: nn.Module | None = None, tensorboard: bool = False,
 ) -> None:
     """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
@@ -135,10 +135,10 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, r
     fingerprint = fingerprint_of(
         cfg.data.model_dump(), splits.fingerprint, tcfg_all.model.model_dump(),
         file_hash(tcfg_all.model.weights),
-        None if tcfg is None else [training(tcfg), tcfg.seeds[0]],
+        None if tcfg is None else [training(tcfg), tcfg.seed],
     )
     if tcfg is not None:
-        torch.manual_seed(tcfg.seeds[0])  # the teacher's initial weights
+        torch.manual_seed(tcfg.seed)  # the teacher's initial weights
     model = build_network(tcfg_all.model, splits, where=f"{where}.model")
     if distributed.on_main(lambda: stage_done(stage_dir, fingerprint, echo)):
         load_weights(model, stage_dir / "model.safetensors", hint=REDO)
@@ -148,7 +148,7 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, r
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     else:
         echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
-        fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seeds[0], stage_dir,
+        fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seed, stage_dir,
              echo, f"{where}.train", tensorboard=cfg.logging.tensorboard)
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     return freeze_teacher(model)

@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 
 from kdistill import schedules
 from kdistill.config import RunConfig
+from kdistill.data import SOURCES, Source
 from kdistill.methods import METHODS, MethodConfig
 
 COMMAND = "python -m kdistill.report.recipes_doc"
@@ -64,7 +65,7 @@ def _section(tp: Any) -> type[BaseModel] | None:
         return None  # list[Section] is an item type, documented as a list
     members = [a for a in (get_args(tp) or (tp,)) if a is not type(None)]
     if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
-        return members[0] if not issubclass(members[0], MethodConfig) else None
+        return members[0] if not issubclass(members[0], MethodConfig | Source) else None
     return None
 
 
@@ -78,6 +79,8 @@ def type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         if all(isinstance(a, type) and issubclass(a, MethodConfig) for a in args):
             return "method (see [Methods](#methods))"
+        if all(isinstance(a, type) and issubclass(a, Source) for a in args):
+            return "data source (see [Data sources](#data-sources))"
         text = " or ".join(type_name(a) for a in args if a is not type(None))
         return text + (" or null" if type(None) in args else "")
     if origin is Literal:
@@ -146,7 +149,7 @@ def _shown(value: Any, field: FieldInfo) -> str:
         return REQUIRED
     if value is not None and _section(field.annotation):
         return "the keys below"
-    if isinstance(value, MethodConfig):
+    if isinstance(value, MethodConfig | Source):
         return f"`{{name: {value.name}}}`"
     return f"`{to_yaml(value)}`"
 
@@ -227,13 +230,23 @@ def _method_section(name: str) -> str:
             f"Data: {', '.join(cls.tasks)}.\n\n{table}")
 
 
+def _source_section(cls: type[Source]) -> str:
+    names = " \\| ".join(get_args(cls.model_fields["name"].annotation))
+    rows = [_row(f"data.{key}", field, _shown(_field_default(cls, key), field))
+            for key, field in cls.model_fields.items() if key != "name"]
+    table = _TABLE_HEAD + "\n" + "\n".join(rows) if rows else "No further keys."
+    return (f"### `data.name: {names}`\n\n{_cell(_first_paragraph(cls))}\n\n"
+            f"Task: {cls.task}.\n\n{table}")
+
+
 def recipes_markdown() -> str:
     """The whole of docs/recipes.md."""
     parts = [
         HEADER,
         "# Recipe keys",
-        f"Every key a recipe accepts, generated from the schema (`src/kdistill/config.py` and "
-        f"each method's config) by `{COMMAND}`; change the schema, then rerun the command. "
+        "Every key a recipe accepts, generated from the schema (`src/kdistill/config/`, each "
+        f"data source's and each method's config) by `{COMMAND}`; change the schema, then "
+        "rerun the command. "
         "Unknown keys are errors. Any key can also be given on the command line as "
         "`key.path=value` (a YAML value), which changes that key only.",
         "**Defaults** are what `kdistill run` uses with no recipe (`RunConfig()`). A section "
@@ -246,6 +259,10 @@ def recipes_markdown() -> str:
         "`temperature: {kind: linear, start: 8, end: 2}`.",
         _schedule_table(),
         *_section_tables(RunConfig, []),
+        "## Data sources\n\n`data.name` picks one of these; the other `data.*` keys are that "
+        "source's own, and a key it does not use is an error. A `data` section without "
+        "`name` means `mnist1d`.",
+        *(_source_section(cls) for cls in dict.fromkeys(SOURCES.values())),
         "## Methods\n\n`method.name` picks one of these; the other `method.*` keys are that "
         "method's own. A `method` section without `name` means `kd`; `ce` is the baseline "
         "(`baseline: true`), not a distillation method.",

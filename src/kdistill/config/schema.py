@@ -1,7 +1,10 @@
-"""Typed recipes: pydantic models with extra="forbid", loaded from plain YAML plus `key=value`.
+"""The recipe schema: pydantic models with extra="forbid", one section a class.
 
 `RunConfig()` with no arguments *is* the built-in default recipe (`kdistill run` with no
 arguments); `recipes/default.yaml` spells the same values out and a test keeps them equal.
+Checks that need only the recipe live here as validators (a method on the wrong kind of data,
+compression of a language model, duplicate seeds); checks that need files or models are made
+when the run builds them (`kdistill.build`).
 """
 
 from __future__ import annotations
@@ -9,22 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kdistill.compress.config import KINDS as COMPRESS_KINDS
-from kdistill.compress.config import CompressStage, check_order
-from kdistill.data.general_text import GENERAL_TEXT
-from kdistill.errors import ConfigError, more_errors, pydantic_message
+from kdistill.config.compress import CompressStage, check_order
+from kdistill.data import SOURCES, BuiltinImages
+from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
-from kdistill.methods.kd import KDConfig
 from kdistill.schedules import Schedule, check_range
 
 
@@ -45,34 +38,12 @@ class ModelSpec(_Strict):
     target: str | None = Field(None, description="'package.module:Class' for arch: custom")
 
 
-class DataConfig(_Strict):
-    name: str = "mnist1d"
-    val_size: Annotated[float, Field(gt=0)] = Field(
-        500, description="validation split: a count, or a fraction (< 1) of the training set; "
-        "for text corpora a fraction of the documents")
-    split_seed: int = 0
-    train_limit: Annotated[int, Field(gt=0)] | None = None
-    # Text corpora (causal-LM distillation): `name: stdlib_docs` or `fortunes`.
-    # Text classification (fortune categories): `name: fortunes5` or `fortunes43`.
-    # Unlabelled sentences for general distillation of an encoder: `name: general_text`.
-    tokenizer: str | None = Field(
-        None, description="text: the tokenizer of this model ('smollm2', 'minilm' or a path)")
-    seq_len: Annotated[int, Field(ge=2)] = Field(
-        128, description="text: tokens per block; text classification: tokens per text "
-        "(truncated, padded)")
-    test_size: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.05, description="text: the fraction of documents (classification: of texts, "
-        "stratified) held out for the test split")
-    max_train_tokens: Annotated[int, Field(gt=0)] | None = None
-    max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="text: at most this many tokens in each of validation and test")
-    # `name: generated`: a JSONL file written by `kdistill generate` (sequence-level KD).
-    path: str | None = Field(None, description="generated: the JSONL file of teacher answers")
-    system: str | None = Field(None, description="generated: system prompt of the chat format")
-    # Translation (seq2seq): `name: gettext_en_de` or `gettext_en_fr`; `seq_len` is the
-    # tokens per side, BOS and EOS included; `train_limit` caps the training pairs.
-    vocab_size: Annotated[int, Field(ge=8)] = Field(
-        8000, description="translation: size of the joint BPE trained on the training split")
+# One discriminated union over every data source's own config (`kdistill.data.SOURCES`): a
+# field that a source does not use is an unknown key.
+DataConfig = Annotated[
+    Union[tuple(dict.fromkeys(SOURCES.values()))],  # noqa: UP007 - built at run time
+    Field(discriminator="name"),
+]
 
 
 class OptimizerConfig(_Strict):
@@ -83,7 +54,9 @@ class OptimizerConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
 
 
-class TrainConfig(_Strict):
+class TrainSettings(_Strict):
+    """How a network is trained: the engine's settings (`kdistill.engine.train`)."""
+
     epochs: Annotated[int, Field(ge=1)] = 200
     batch_size: Annotated[int, Field(ge=1)] = 100
     grad_accum: Annotated[int, Field(ge=1)] = 1
@@ -103,7 +76,6 @@ class TrainConfig(_Strict):
         "none", description="jitter: random shifts of up to jitter_pixels (images only)"
     )
     jitter_pixels: Annotated[int, Field(ge=1)] = 2
-    seeds: list[int] = Field([0], min_length=1)
     max_steps: Annotated[int, Field(ge=1)] | None = Field(
         None, description="stop after this many optimizer steps (smoke tests)"
     )
@@ -112,6 +84,36 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: Annotated[int, Field(ge=1)] | None = Field(
         None, description="also checkpoint mid-epoch; always at each epoch end"
     )
+
+
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+class TrainConfig(TrainSettings):
+    """The students' training (baseline and distilled), once per seed."""
+
+    seeds: list[Seed] = Field([0], min_length=1, description="one baseline and one distilled "
+                              "student per seed (mean ± std in the report)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:  # two identical runs would be reported as two seeds
+            raise ValueError(f"seed {repeated[0]} appears twice; each seed is one run")
+        return seeds
+
+
+class TeacherTrainConfig(TrainSettings):
+    """A teacher trained from the data first: one network, one seed."""
+
+    seed: Seed = Field(0, description="the teacher's initial weights and batch order")
+
+
+class FinetuneConfig(TrainSettings):
+    """Fine-tuning each encoder on the transfer task; it runs once per `train.seeds` seed."""
 
 
 # The built-in default (the demo): on MNIST-1D a 1-D CNN teacher is trained in seconds, then a
@@ -125,14 +127,14 @@ DEFAULT_TEACHER_TRAIN = {
 
 class TeacherConfig(_Strict):
     model: ModelSpec
-    train: TrainConfig | None = Field(
+    train: TeacherTrainConfig | None = Field(
         None, description="train the teacher from the data first; null: use it as loaded"
     )
 
 
 DEFAULT_TEACHER = TeacherConfig(
     model=ModelSpec(arch="cnn1d", args={"channels": [32, 32, 32]}),
-    train=TrainConfig(**DEFAULT_TEACHER_TRAIN),
+    train=TeacherTrainConfig(**DEFAULT_TEACHER_TRAIN),
 )
 
 
@@ -185,7 +187,7 @@ class TransferConfig(_Strict):
     probe_c: Annotated[float, Field(gt=0)] = Field(
         1.0, description="inverse L2 strength of the logistic-regression probe (sklearn C) "
         "on the L2-normalised, frozen embeddings")
-    finetune: TrainConfig | None = Field(
+    finetune: FinetuneConfig | None = Field(
         None, description="fine-tune each encoder (distilled, and its undistilled "
         "initialisation) + a linear head with CE on the task, this budget; null: probe only")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
@@ -216,10 +218,10 @@ class RunConfig(_Strict):
     threads: Annotated[int, Field(ge=0)] = Field(
         1, description="torch intra-op threads; 0 keeps torch's default (see docs on 2-vCPU VMs)"
     )
-    data: DataConfig = DataConfig()
+    data: DataConfig = BuiltinImages()
     teacher: TeacherConfig = DEFAULT_TEACHER
     student: StudentConfig = StudentConfig()
-    method: MethodConfigUnion = KDConfig()
+    method: MethodConfigUnion = Field(default_factory=lambda: METHODS["kd"].config_type())
     train: TrainConfig = TrainConfig()
     baseline: bool = Field(True, description="also train the student alone (method ce)")
     more_teachers: list[TeacherConfig] = Field(
@@ -242,10 +244,13 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_method_name(cls, data: Any) -> Any:
-        # `method.temperature=8` alone (no recipe, or a recipe without method.name) means kd.
-        if isinstance(data, dict) and isinstance(data.get("method"), dict):
-            data["method"].setdefault("name", "kd")
+    def _default_names(cls, data: Any) -> Any:
+        # `method.temperature=8` alone (no recipe, or a recipe without method.name) means kd;
+        # a data section without a name means the default data set.
+        if isinstance(data, dict):
+            for section, name in (("method", "kd"), ("data", "mnist1d")):
+                if isinstance(data.get(section), dict):
+                    data[section].setdefault("name", name)
         return data
 
     @model_validator(mode="after")
@@ -280,26 +285,37 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _general_distillation(self) -> RunConfig:
-        general = self.data.name == GENERAL_TEXT
-        if self.transfer is not None and not general:
-            raise ValueError(f"transfer: evaluates a general encoder; it needs data.name: "
-                             f"{GENERAL_TEXT} (got {self.data.name})")
-        if general and self.baseline:
-            raise ValueError("baseline: unlabelled text has no labels to train a baseline on; "
-                             "the reference is the same student before distillation (its "
-                             "initialisation, evaluated anyway): set baseline: false")
-        for field, used in (("compress", self.compress), ("generations", self.generations > 1),
-                            ("more_teachers", self.more_teachers)):
-            if general and used:
-                raise ValueError(f"{field}: general distillation runs one teacher, one "
-                                 "generation and no compression chain")
+    def _fits_the_data(self) -> RunConfig:
+        task = self.data.task
+        method = METHODS[self.method.name]
+        if self.method.name == "ce":
+            raise ValueError("method: 'ce' is the baseline, trained anyway (baseline: true)")
+        if task not in method.tasks:
+            fitting = ", ".join(sorted(n for n, m in METHODS.items() if task in m.tasks))
+            raise ValueError(f"method: '{self.method.name}' is for {', '.join(method.tasks)} "
+                             f"data; '{self.data.name}' is {task} data (methods for it: "
+                             f"{fitting})")
+        if self.compress and task != "classification":
+            raise ValueError(f"compress: the compression chain needs class labels; "
+                             f"'{self.data.name}' is {task} data")
+        if self.transfer is not None and task != "embedding":
+            raise ValueError(f"transfer: evaluates a general encoder; it needs unlabelled text "
+                             f"(data.name: general_text), not '{self.data.name}'")
         return self
 
     @model_validator(mode="after")
-    def _method_is_distillation(self) -> RunConfig:
-        if self.method.name == "ce":
-            raise ValueError("method: 'ce' is the baseline, trained anyway (baseline: true)")
+    def _general_distillation(self) -> RunConfig:
+        if self.data.task != "embedding":
+            return self
+        if self.baseline:
+            raise ValueError("baseline: unlabelled text has no labels to train a baseline on; "
+                             "the reference is the same student before distillation (its "
+                             "initialisation, evaluated anyway): set baseline: false")
+        for field, used in (("generations", self.generations > 1),
+                            ("more_teachers", self.more_teachers)):
+            if used:
+                raise ValueError(f"{field}: general distillation runs one teacher and one "
+                                 "generation")
         return self
 
     @property
@@ -307,93 +323,3 @@ class RunConfig(_Strict):
         return Path(self.output_dir) / self.name
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", yaml value): `train.seeds=[0,1,2]`, `method.alpha=0.5`."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError("override", f"'{text}' is not of the form key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse override value '{raw}': {exc}") from None
-    return key.strip(), value
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    # Pydantic puts union tags in the location ("method.kd.temperature", "....float"):
-    # drop them so the path matches what the user wrote in the recipe.
-    tags = set(METHODS) | {"constant", "linear", "cosine", "step", "warmup", "float", "int",
-                           *COMPRESS_KINDS}
-    last = len(loc) - 1
-    parts = [str(p) for i, p in enumerate(loc)
-             if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
-             and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))]
-    return ".".join(parts) or "recipe"
-
-
-def validation_error(exc: ValidationError, source: str) -> ConfigError:
-    """The first pydantic error as one line naming the field, plus a count of the rest."""
-    errors = exc.errors()
-    # A schedule written as a mapping fails the plain-number branch too; report its own error.
-    kinds = {"constant", "linear", "cosine", "step", "warmup"}
-    first = next((e for e in errors if kinds & {str(p) for p in e["loc"]}), errors[0])
-    where = _format_loc(first["loc"])
-    msg = pydantic_message(first, {
-        "union_tag_invalid": f"unknown method; expected one of: {', '.join(sorted(METHODS))}"})
-    if not first["loc"] and ": " in msg:  # whole-recipe checks name their field first
-        where, msg = msg.split(": ", 1)
-    return ConfigError(f"{source}: {where}", msg + more_errors(errors))
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or the built-in default when `path` is None) and apply overrides."""
-    tree: dict[str, Any] = {}
-    source = "default recipe"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(source, "recipe file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(source, f"invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(source, f"a recipe is a mapping of keys, got {type(loaded).__name__}")
-        tree = loaded
-    try:
-        cfg = RunConfig.model_validate(tree)
-        if not overrides:
-            return cfg
-        # Overrides change the *effective* recipe, defaults included, so that
-        # `teacher.model.weights=x` keeps the default teacher arch.
-        tree = cfg.model_dump(mode="json")
-        for text in overrides:
-            key, value = parse_override(text)
-            if key == "method.name" and value != tree["method"]["name"]:
-                tree["method"] = {}  # another method: start from its own defaults
-            _set_dotted(tree, key, value)
-        return RunConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise validation_error(exc, source) from None
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """The resolved recipe as YAML (saved in the run directory)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,160 @@
+"""Recipes from YAML: plain `yaml.safe_load` (no tags, no code), `key.path=value` overrides, and
+one-line errors that name the field.
+
+Every command reads its recipe here (`kdistill run`, `validate`, `generate`): `read_tree`
+gives the mapping, `apply_overrides` the effective mapping, and `validated` the typed config.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from kdistill.config.compress import KINDS as COMPRESS_KINDS
+from kdistill.config.schema import DataConfig, RunConfig
+from kdistill.data import SOURCES, Source
+from kdistill.errors import ConfigError, more_errors, pydantic_message
+from kdistill.methods import METHODS
+
+Config = TypeVar("Config", bound=BaseModel)
+# Sections that are a union keyed by their `name`: another name starts from its own defaults.
+UNION_SECTIONS = ("method", "data")
+_SCHEDULES = {"constant", "linear", "cosine", "step", "warmup"}
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", yaml value): `train.seeds=[0,1,2]`, `method.alpha=0.5`."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError("override", f"'{text}' is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse override value '{raw}': {exc}") from None
+    return key.strip(), value
+
+
+def read_tree(path: str | Path | None) -> dict[str, Any]:
+    """The recipe file as a mapping ({} for no file: the built-in default)."""
+    if path is None:
+        return {}
+    source, p = str(path), Path(path)
+    if not p.is_file():
+        raise ConfigError(source, "recipe file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, f"invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(source, f"a recipe is a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`tree` with each `key.path=value` set. A new `method.name` or `data.name` comes first and
+    starts its section from that method's or source's own defaults (the old section's fields
+    belong to another schema); the other overrides then apply on top, in order."""
+    parsed = [parse_override(text) for text in overrides]
+    names = [(k, v) for k, v in parsed if k in {f"{s}.name" for s in UNION_SECTIONS}]
+    for key, value in names:
+        section = key.split(".")[0]
+        current = tree.get(section)
+        if not isinstance(current, dict) or current.get("name") != value:
+            tree[section] = {}
+    for key, value in [*names, *(kv for kv in parsed if kv not in names)]:
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # Pydantic puts union tags in the location ("method.kd.temperature", "data.mnist.path",
+    # "....float"): drop them so the path matches what the user wrote in the recipe.
+    tags = set(METHODS) | set(SOURCES) | _SCHEDULES | {"float", "int", *COMPRESS_KINDS}
+    last = len(loc) - 1
+    parts = [str(p) for i, p in enumerate(loc)
+             if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
+             and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))]
+    return ".".join(parts) or "recipe"
+
+
+def _unknown_name(error: dict[str, Any]) -> str:
+    """The message for an unknown `method.name` / `data.name`, with the closest match."""
+    section = str(error["loc"][0]) if error["loc"] else "method"
+    known = list(SOURCES) if section == "data" else sorted(METHODS)
+    what = "data set" if section == "data" else "method"
+    given = str((error.get("ctx") or {}).get("tag", ""))
+    close = difflib.get_close_matches(given, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {given!r}{hint}; expected one of: {', '.join(known)}"
+
+
+def validation_error(exc: ValidationError, source: str | None) -> ConfigError:
+    """The first pydantic error as one line naming the field, plus a count of the rest."""
+    errors = exc.errors()
+    # A schedule written as a mapping fails the plain-number branch too; report its own error.
+    first = next((e for e in errors if _SCHEDULES & {str(p) for p in e["loc"]}), errors[0])
+    where = _format_loc(first["loc"])
+    if first["type"] == "union_tag_invalid":
+        where, msg = f"{where}.name", _unknown_name(first)  # type: ignore[arg-type]
+    else:
+        msg = pydantic_message(first)
+    if not first["loc"] and ": " in msg:  # whole-recipe checks name their field first
+        where, msg = msg.split(": ", 1)
+    return ConfigError(where if source is None else f"{source}: {where}",
+                       msg + more_errors(errors))
+
+
+def validated(schema: type[Config], tree: dict[str, Any], source: str) -> Config:
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as exc:
+        raise validation_error(exc, source) from None
+
+
+_DATA: TypeAdapter[Any] = TypeAdapter(dict[Literal["data"], DataConfig])
+
+
+def data_source(**fields: Any) -> Source:
+    """A `data:` section from keyword arguments, checked as a recipe's is (the Python API):
+    `data_source(name="mnist", val_size=5000)`."""
+    try:
+        return _DATA.validate_python({"data": fields})["data"]
+    except ValidationError as exc:
+        raise validation_error(exc, None) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the built-in default when `path` is None) and apply overrides."""
+    source = "default recipe" if path is None else str(path)
+    cfg = validated(RunConfig, read_tree(path), source)
+    if not overrides:
+        return cfg
+    # Overrides change the *effective* recipe, defaults included, so that
+    # `teacher.model.weights=x` keeps the default teacher arch.
+    tree = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return validated(RunConfig, tree, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved recipe as YAML (saved in the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
