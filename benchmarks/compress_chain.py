@@ -27,7 +27,6 @@ from kdistill.compress import chain_table, parse_stages, run_chain
 from kdistill.compress.finetune import nonzero_parameters, stage_row
 from kdistill.errors import ConfigError
 from kdistill.evaluate import predict
-from kdistill.methods.kd import KDConfig
 from kdistill.models import count_parameters
 from kdistill.weights import load_weights
 
@@ -49,13 +48,12 @@ def main() -> None:
     result = run(cfg)
     distill_s = time.perf_counter() - start
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    splits = build_data(cfg.data)
+    splits = build_data(cfg.data, transfer=cfg.transfer)
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     load_weights(teacher, result.run_dir / "teacher" / "model.safetensors")
     seed = cfg.train.seeds[0]
     student = build_network(cfg.student.model, splits, where="student.model")
     load_weights(student, result.run_dir / f"seed-{seed}" / "student" / "model.safetensors")
-    kd = cfg.method if isinstance(cfg.method, KDConfig) else KDConfig()
 
     # The chain's starting point, measured like every stage (fp32 in torch).
     start_row = stage_row(student, splits, params=count_parameters(student),
@@ -65,8 +63,8 @@ def main() -> None:
                           teacher_logits=predict(teacher, splits.test_x), eval_cfg=cfg.eval,
                           runtime="torch")
     start_row.update(stage="input", what="distilled student (kdistill run)")
-    common = dict(teacher=teacher, splits=splits, train_cfg=cfg.train, kd=kd,
-                  eval_cfg=cfg.eval, seed=seed)
+    common = dict(teacher=teacher, splits=splits, train_cfg=cfg.train, eval_cfg=cfg.eval,
+                  seed=seed)
     models: dict[str, torch.nn.Module] = {"input": student}
     start = time.perf_counter()
     rows = run_chain(stages, student=student, run_dir=result.run_dir, models=models, **common)

@@ -31,7 +31,7 @@ from kdistill.methods.base import Outputs
 from kdistill.methods.embed_kd import EmbedKDConfig
 from kdistill.models import build_model
 from kdistill.models.hf import load_tokenizer
-from kdistill.pipeline import stages
+from kdistill.pipeline import stages, teaching
 from kdistill.schedules import Progress
 from tests.test_text_classification import _tiny_bert, fortunes_dir  # noqa: F401 - fixture
 
@@ -279,8 +279,8 @@ def test_pipeline_caches_the_teacher_once_and_reports_probe_and_finetuning(
     def no_teacher(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("ran again")
 
-    monkeypatch.setattr(stages, "build_cache", no_teacher)
-    monkeypatch.setattr(stages, "fit", no_teacher)
+    monkeypatch.setattr(teaching, "build_cache", no_teacher)
+    monkeypatch.setattr(stages, "train_model", no_teacher)
     again_lines: list[str] = []
     second = pipeline.run(cfg, echo=again_lines.append)
     assert "cache: valid teacher cache found" in again_lines

@@ -23,7 +23,7 @@ from kdistill.methods.fitnet import FitNetConfig
 from kdistill.methods.kd import KDConfig
 from kdistill.models import build_model
 from kdistill.models.hf import load_tokenizer
-from kdistill.pipeline import stages
+from kdistill.pipeline import stages, teaching
 from kdistill.schedules import Progress
 from tests.test_text_classification import _tiny_bert, fortunes_dir  # noqa: F401 - fixture
 
@@ -147,8 +147,8 @@ def test_teacher_outputs_are_cached_and_a_second_run_never_runs_the_teacher(
     def no_teacher(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the teacher ran again")
 
-    monkeypatch.setattr(stages, "build_cache", no_teacher)
-    monkeypatch.setattr(stages, "fit", no_teacher)
+    monkeypatch.setattr(teaching, "build_cache", no_teacher)
+    monkeypatch.setattr(stages, "train_model", no_teacher)
     again: list[str] = []
     second = pipeline.run(cfg, echo=again.append)
     assert "teacher: done earlier, loaded" in again

@@ -130,8 +130,12 @@ def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(
                                 "ff": 32}).eval()
     method = build_method(SeqKDConfig(beam=2))
     assert not method.uses_teacher  # alpha 0: the teacher only makes the targets
+    from kdistill.pipeline.teaching import RunDataTools
+    from kdistill.tasks import TASKS
+
     lines: list[str] = []
-    new = method.prepare_data(splits, teacher, tmp_path, lines.append)
+    tools = RunDataTools(tmp_path, TASKS["seq2seq"], lines.append)
+    new = method.prepare_data(splits, teacher, tools)
     expected = translate(teacher, splits.train_x[:, 0], beam=2, max_len=11)
     for row, out in zip(new.train_x[:, 1], expected, strict=True):
         ids = out.tolist()
@@ -145,14 +149,13 @@ def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr("kdistill.methods.seq_kd.translate", no_decoding)
-    again = method.prepare_data(splits, teacher, tmp_path, lines.append)
+    monkeypatch.setattr("kdistill.tasks.seq2seq.translate", no_decoding)
+    again = method.prepare_data(splits, teacher, tools)
     assert torch.equal(again.train_x, new.train_x) and again.fingerprint == new.fingerprint
-    assert "found" in lines[-1]
     with torch.no_grad():  # another teacher: another cache file, decoded anew
         teacher.embed.weight.mul_(2)
     with pytest.raises(AssertionError, match="decoded again"):
-        method.prepare_data(splits, teacher, tmp_path, lines.append)
+        method.prepare_data(splits, teacher, tools)
     # The loss: next-token CE on the new targets only (alpha 0).
     logits = torch.randn(4, 12, splits.num_classes)
     terms = method.loss_terms(Outputs(logits), {"label": new.train_y[:4]}, P)

@@ -32,11 +32,11 @@ from kdistill.compress.export import (
     save_safetensors,
 )
 from kdistill.compress.finetune import (
+    chain_teacher,
     finetune_config,
     kd_finetune,
     nonzero_parameters,
     stage_row,
-    teacher_source,
 )
 from kdistill.compress.quantize import (
     convert_qat,
@@ -44,7 +44,7 @@ from kdistill.compress.quantize import (
     quantize_dynamic,
     quantize_static,
 )
-from kdistill.config import EvalConfig, TrainConfig
+from kdistill.config import EvalConfig, TrainSettings
 from kdistill.config.compress import (
     DistillStage,
     ExportStage,
@@ -78,8 +78,7 @@ class _Chain:
 @dataclass
 class _Context:
     splits: DataSplits
-    train_cfg: TrainConfig
-    kd: KDConfig
+    train_cfg: TrainSettings
     eval_cfg: EvalConfig
     seed: int
     echo: Echo
@@ -89,7 +88,7 @@ class _Context:
     def teacher(self, which: str) -> Teacher:
         """The stage's teacher; its training-set logits are computed once per chain."""
         if which not in self.sources:
-            self.sources[which] = teacher_source(self.teachers[which], self.splits,
+            self.sources[which] = chain_teacher(self.teachers[which], self.splits,
                                                  self.train_cfg,
                                                  batch_size=self.eval_cfg.batch_size)
         return self.sources[which]
@@ -102,9 +101,9 @@ class _Context:
 
 
 def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
-              teacher: nn.Module, splits: DataSplits, run_dir: Path, train_cfg: TrainConfig,
-              echo: Echo = print, kd: KDConfig | None = None, eval_cfg: EvalConfig | None = None,
-              seed: int | None = None, models: dict[str, nn.Module] | None = None,
+              teacher: nn.Module, splits: DataSplits, run_dir: Path, train_cfg: TrainSettings,
+              echo: Echo = print, eval_cfg: EvalConfig | None = None, seed: int = 0,
+              models: dict[str, nn.Module] | None = None,
               row_prefix: str = "") -> list[dict[str, Any]]:
     """Run `stages` on a copy of `student`; one evaluation row per stage, in order.
 
@@ -112,9 +111,9 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
         stages: parsed stages (`compress.config`) or their mappings (validated here).
         teacher: the run's teacher (stages with `teacher: teacher`); `student` itself is the
             `teacher: input` of stages that recover from compression.
-        train_cfg: the run's training settings; stages set epochs and maybe the learning rate.
-        kd: temperature and α of the KD loss (the run's kd method when it has one).
-        seed: data order and calibration draw; default the run's first seed.
+        train_cfg: the run's training settings; stages set epochs and maybe the learning rate,
+            and their own KD temperature and α.
+        seed: data order and calibration draw (the run passes its first seed).
         models: when given, receives a copy of the model after each stage, by stage name
             (`"2-prune"`), e.g. to fork another chain from it.
         row_prefix: prepended to each row's `stage` (several chains in one table).
@@ -122,7 +121,7 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
     if distributed.info().enabled:
         raise ConfigError("compress", "the compression chain runs in one process; run it "
                                       "without torchrun (the distilled student is reloaded)")
-    if splits.task != "classification":
+    if splits.task != "classification":  # the recipe refuses it; the Python API too
         raise ConfigError("compress", f"compression stages support classification data; "
                                       f"'{splits.name}' is {splits.task} data")
     parsed = [s if isinstance(s, Stage) else parse_stages([s], where="compress")[0]
@@ -131,9 +130,8 @@ def run_chain(stages: Sequence[Stage | dict[str, Any]], *, student: nn.Module,
     frozen_input = copy.deepcopy(student).eval()
     for p in frozen_input.parameters():
         p.requires_grad_(False)
-    ctx = _Context(splits=splits, train_cfg=train_cfg, kd=kd or KDConfig(),
-                   eval_cfg=eval_cfg or EvalConfig(), echo=echo,
-                   seed=train_cfg.seeds[0] if seed is None else seed,
+    ctx = _Context(splits=splits, train_cfg=train_cfg, eval_cfg=eval_cfg or EvalConfig(),
+                   echo=echo, seed=seed,
                    teachers={"teacher": teacher, "input": frozen_input})
     model = copy.deepcopy(student)
     for p in model.parameters():
@@ -193,10 +191,11 @@ def _row(chain: _Chain, ctx: _Context, model: nn.Module, size: int,
                      teacher_logits=teacher_logits, eval_cfg=ctx.eval_cfg, runtime=runtime)
 
 
-def _finetune(chain: _Chain, ctx: _Context, *, epochs: int, lr: float | None, teacher: str,
-              stage_dir: Path) -> float:
+def _finetune(chain: _Chain, ctx: _Context, stage: PruneStage | DistillStage | QuantizeStage, *,
+              epochs: int, lr: float | None, stage_dir: Path) -> float:
     cfg = finetune_config(ctx.train_cfg, epochs=epochs, lr=lr)
-    return kd_finetune(chain.model, ctx.teacher(teacher), ctx.splits, cfg, ctx.kd,
+    kd = KDConfig(temperature=stage.temperature, alpha=stage.alpha)
+    return kd_finetune(chain.model, ctx.teacher(stage.teacher), ctx.splits, cfg, kd,
                        stage_dir=stage_dir, echo=ctx.echo, seed=ctx.seed)
 
 
@@ -221,9 +220,8 @@ def _prune(chain: _Chain, stage: PruneStage, ctx: _Context, stage_dir: Path) -> 
                  f"{count_parameters(model):,} params")
         if stage.finetune_epochs:
             # One directory per round: the engine starts a fresh run's metrics.jsonl over.
-            done["val_accuracy"] = _finetune(chain, ctx, epochs=stage.finetune_epochs,
-                                             lr=stage.lr, teacher=stage.teacher,
-                                             stage_dir=stage_dir / f"round-{r + 1}")
+            done["val_accuracy"] = _finetune(chain, ctx, stage, epochs=stage.finetune_epochs,
+                                             lr=stage.lr, stage_dir=stage_dir / f"round-{r + 1}")
         rounds.append(done)
     if stage.method == "magnitude":
         chain.masks = {name: m.weight_mask.clone() for name, m in model.named_modules()
@@ -238,7 +236,7 @@ def _distill(chain: _Chain, stage: DistillStage, ctx: _Context, stage_dir: Path
     # the fine-tuning (the gradient reaches only the kept weights) and folded in after.
     for name, mask in chain.masks.items():
         torch_prune.custom_from_mask(chain.model.get_submodule(name), "weight", mask)
-    accuracy = _finetune(chain, ctx, epochs=stage.epochs, lr=stage.lr, teacher=stage.teacher,
+    accuracy = _finetune(chain, ctx, stage, epochs=stage.epochs, lr=stage.lr,
                          stage_dir=stage_dir)
     prune.make_permanent(chain.model)
     return {"val_accuracy": accuracy}
@@ -260,8 +258,8 @@ def _quantize(chain: _Chain, stage: QuantizeStage, ctx: _Context, stage_dir: Pat
         # with the KD loss, a tenth of the run's learning rate unless the stage gives one.
         lr = stage.lr if stage.lr is not None else ctx.train_cfg.optimizer.lr / 10
         saved, chain.model = chain.model, prepared
-        info["val_accuracy_fake_quant"] = _finetune(chain, ctx, epochs=stage.epochs, lr=lr,
-                                                    teacher=stage.teacher, stage_dir=stage_dir)
+        info["val_accuracy_fake_quant"] = _finetune(chain, ctx, stage, epochs=stage.epochs,
+                                                    lr=lr, stage_dir=stage_dir)
         chain.model = convert_qat(prepared, backend=stage.backend)
         del saved
     chain.float_model = fp32

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.build import build_optimizer, build_train_loader
-from kdistill.config import EvalConfig, TrainConfig
+from kdistill.config import EvalConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.evaluate import classification_scores, measure_speed, per_class_accuracy, predict
@@ -37,7 +37,7 @@ class LogitsTeacher:
         return self.logits[batch["index"]], {}
 
 
-def teacher_source(model: nn.Module, splits: DataSplits, train_cfg: TrainConfig, *,
+def chain_teacher(model: nn.Module, splits: DataSplits, train_cfg: TrainSettings, *,
                    batch_size: int = 1000) -> Teacher:
     """Precomputed logits when inputs are deterministic, else the live model (jitter)."""
     if train_cfg.augment != "none":
@@ -45,7 +45,7 @@ def teacher_source(model: nn.Module, splits: DataSplits, train_cfg: TrainConfig,
     return LogitsTeacher(predict(model, splits.train_x, batch_size=batch_size))
 
 
-def finetune_config(train_cfg: TrainConfig, *, epochs: int, lr: float | None) -> TrainConfig:
+def finetune_config(train_cfg: TrainSettings, *, epochs: int, lr: float | None) -> TrainSettings:
     """The run's training settings with this stage's epochs (and learning rate), evaluated
     once at the end; `max_steps` (smoke tests) is kept."""
     optimizer = train_cfg.optimizer
@@ -56,7 +56,7 @@ def finetune_config(train_cfg: TrainConfig, *, epochs: int, lr: float | None) ->
                                         "checkpoint_every_steps": None})
 
 
-def kd_finetune(model: nn.Module, teacher: Teacher, splits: DataSplits, cfg: TrainConfig,
+def kd_finetune(model: nn.Module, teacher: Teacher, splits: DataSplits, cfg: TrainSettings,
                 kd: KDConfig, *, stage_dir: Path, echo: Echo, seed: int = 0,
                 where: str = "compress") -> float:
     """Train `model` in place with the kd method's loss from `teacher` for `cfg.epochs`;

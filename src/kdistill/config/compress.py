@@ -28,7 +28,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class PruneStage(_Strict):
+class _KD(_Strict):
+    """The KD loss of a stage that trains (fine-tuning after pruning, distill, QAT): the kd
+    method's α·T²·KL(teacher_T ‖ student_T) + (1 − α)·CE, with the stage's own T and α."""
+
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        4.0, description="KD temperature of this stage's fine-tuning")
+    alpha: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.9, description="weight of the KD term (1 − α on the labels' CE)")
+
+
+class PruneStage(_KD):
     """Prune to `amount` in `rounds` equal steps, each followed by KD fine-tuning.
 
     magnitude: global unstructured L1 pruning of every Linear/Conv weight (a share `amount` of
@@ -49,7 +59,7 @@ class PruneStage(_Strict):
     teacher: TeacherChoice = "teacher"
 
 
-class DistillStage(_Strict):
+class DistillStage(_KD):
     """KD fine-tuning of the current model (e.g. after pruning)."""
 
     kind: Literal["distill"]
@@ -58,7 +68,7 @@ class DistillStage(_Strict):
     teacher: TeacherChoice = "teacher"
 
 
-class QuantizeStage(_Strict):
+class QuantizeStage(_KD):
     """int8 with torch.ao.quantization: dynamic (Linear weights int8, activations quantized on
     the fly), static (FX graph mode, activation ranges calibrated on `calibration_samples`
     training samples) or qat (fake-quant fine-tuning with the KD loss, then converted)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -36,6 +36,31 @@ class Outputs:
     # From a top-k teacher cache, instead of `teacher_logits` (then None): the teacher's k
     # largest log-probabilities at T = 1 (B, T, k) float32 and their indices (B, T, k) int64.
     teacher_topk: tuple[Tensor, Tensor] | None = None
+
+
+class DataTools(Protocol):
+    """What `prepare_data` may use; the pipeline provides it (methods do no I/O and know no
+    task)."""
+
+    echo: Callable[[str], None]
+
+    def fingerprint(self, model: nn.Module) -> str:
+        """A hash of the model's weights."""
+        ...
+
+    def cached_tensors(self, name: str, make: Callable[[], dict[str, Tensor]]
+                       ) -> dict[str, Tensor]:
+        """`name` from the method's directory in the run, or `make()` stored atomically."""
+        ...
+
+    def decode(self, model: nn.Module, inputs: Tensor, *, beam: int, length_penalty: float,
+               batch_size: int) -> Tensor:
+        """The task's decoding of a split's inputs: (N, L - 1) ids y1 .. yn EOS, then PAD."""
+        ...
+
+    def with_decoded_targets(self, splits: DataSplits, ids: Tensor, key: str) -> DataSplits:
+        """`splits` whose training targets are the decoded `ids`; fingerprint changed by `key`."""
+        ...
 
 
 class MethodConfig(BaseModel):
@@ -84,8 +109,8 @@ class Method(nn.Module):
     # True when `loss_terms` accepts `Outputs.teacher_topk` (a top-k teacher cache).
     reads_topk: ClassVar[bool] = False
 
-    def prepare_data(self, splits: DataSplits, teacher: nn.Module, directory: Path,
-                     echo: Callable[[str], None]) -> DataSplits:
+    def prepare_data(self, splits: DataSplits, teacher: nn.Module, tools: DataTools
+                     ) -> DataSplits:
         """The data the distilled student trains on, made once from the trained teacher before
         the teacher cache (which is then built on it) and every seed's distillation stage; the
         baseline keeps the original. Sequence-level KD (arXiv:1606.07947) replaces the training

@@ -1,4 +1,4 @@
-"""The stages of `kdistill run`, each a fingerprinted, resumable step (see `pipeline`).
+"""The stages of `kdistill run` that train, each a fingerprinted, resumable step.
 
 A stage directory holds `stage.json` (the fingerprint of the recipe parts and data it depends
 on, and whether it completed) and, once complete, `model.safetensors`. `stage_done` skips a
@@ -21,37 +21,22 @@ from torch import nn
 
 from kdistill import distributed
 from kdistill.build import build_network, build_optimizer, build_train_loader
-from kdistill.cache import (
-    CacheKey,
-    TeacherCache,
-    build_cache,
-    cache_bytes,
-    feature_shapes,
-    fingerprint_model,
-)
+from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
-from kdistill.evaluate import classification_scores, predict
 from kdistill.io import atomic_write_text, save_model_atomic
 from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
-from kdistill.tasks.causal_lm import lm_scores
-from kdistill.tasks.embedding import EncoderWithHead, embedding_scores, with_head
-from kdistill.teachers import (
-    CachedTeacher,
-    EnsembleTeacher,
-    OnlineTeacher,
-    Teacher,
-    freeze_teacher,
-)
+from kdistill.tasks import task_of
+from kdistill.tasks.embedding import EncoderWithHead, with_head
+from kdistill.teachers import CachedTeacher, EnsembleTeacher, Teacher, freeze_teacher
 from kdistill.types import Echo
 from kdistill.weights import load_weights
 
 REDO = "delete it and run again to redo the stage that wrote it"
-TOKEN_TASKS = ("causal_lm", "seq2seq")  # logits (B, T, V), labels (B, T), shifted
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -98,7 +83,7 @@ def finish_stage(stage_dir: Path, fingerprint: str, model: nn.Module) -> None:
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the model file supersedes
 
 
-def fit(
+def train_model(
     model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
     cfg: TrainSettings, seed: int, stage_dir: Path, echo: Echo, where: str,
     teacher_model: nn.Module | None = None, tensorboard: bool = False,
@@ -109,15 +94,10 @@ def fit(
     method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(splits.train_x))
     optimizer = build_optimizer([*model.parameters(), *method.optimizer_parameters()],
                                 cfg.optimizer)
+    task = task_of(splits)
 
     def evaluate() -> dict[str, float]:
-        if splits.task == "embedding":  # held-out "labels": the teacher's embeddings
-            return embedding_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
-        if splits.task in TOKEN_TASKS:  # teacher-forced per-token figures
-            scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=cfg.batch_size)
-            return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
-        scores = classification_scores(predict(model, splits.val_x), splits.val_y)
-        return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
+        return task.validation_scores(model, splits, batch_size=cfg.batch_size)
 
     tb_dir = stage_dir / "tensorboard" if tensorboard else None  # opened on first log: rank 0
     with MetricsLogger(stage_dir / "metrics.jsonl", tensorboard_dir=tb_dir) as logger:
@@ -148,60 +128,10 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, r
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     else:
         echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
-        fit(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seed, stage_dir,
-             echo, f"{where}.train", tensorboard=cfg.logging.tensorboard)
+        train_model(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seed, stage_dir,
+                    echo, f"{where}.train", tensorboard=cfg.logging.tensorboard)
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     return freeze_teacher(model)
-
-
-def teacher_source(cfg: RunConfig, splits: DataSplits, model: nn.Module, cache_dir: Path,
-                    echo: Echo, weights_print: str) -> Teacher | None:
-    """The cache (logits, and the teacher layers the method reads) when inputs are deterministic
-    and caching is on and fits `cache.max_mb`; else the live network."""
-    method = build_method(cfg.method)
-    if not method.uses_teacher:
-        return None  # self-distillation: the teacher network is only evaluated beside it
-    layers = tuple(method.teacher_layers)
-    why = ("cache disabled" if not cfg.cache.enabled else "augmented inputs"
-           if cfg.train.augment != "none" else "on-policy: the teacher scores the student's "
-           "samples" if method.on_policy else None)
-    if why is None and (layers or splits.task in TOKEN_TASKS):
-        # Causal LMs and seq2seq decoders: one logit vector per label token, (T, V) per
-        # sample (or its top k); a sentence encoder: its embedding.
-        logits_shape: int | tuple[int, ...] = (
-            (*splits.train_y.shape[1:], splits.num_classes) if splits.task in TOKEN_TASKS
-            else tuple(predict(model, splits.train_x[:1]).shape[1:])
-            if splits.task == "embedding" else splits.num_classes)
-        size = cache_bytes(len(splits.train_x), logits_shape,
-                           feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
-                           topk=cfg.cache.topk)
-        if size > cfg.cache.max_mb * 2**20:
-            what = "teacher logits" + (" and the layers the method reads" if layers else "")
-            why = (f"the {what} would make a {size / 2**20:.0f} MB cache, over "
-                   f"cache.max_mb={cfg.cache.max_mb:g}")
-    if why is not None:
-        echo(f"cache: teacher runs online ({why})")
-        return OnlineTeacher(model)
-    key = CacheKey(teacher=weights_print, data=splits.fingerprint,
-                   dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
-    directory = cache_dir
-
-    def ensure_cache() -> None:  # rank 0 writes the cache; the others then open it
-        if TeacherCache.is_valid(directory, key):
-            echo("cache: valid teacher cache found")
-            return
-        if (directory / "manifest.json").is_file():
-            echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); "
-                 "rebuilding")
-        what = ("sentence embeddings" if splits.task == "embedding" else "logits"
-                if cfg.cache.topk is None else f"top-{cfg.cache.topk} log-probabilities")
-        what += f" and {', '.join(layers)}" if layers else ""
-        echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
-             f"({what})")
-        build_cache(directory, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
-
-    distributed.on_main(ensure_cache)
-    return CachedTeacher(TeacherCache(directory))
 
 
 def student_stage(
@@ -229,9 +159,9 @@ def student_stage(
         echo(f"{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
-    fit(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
-         teacher_model=teacher_models[0] if teacher_models else None,
-         tensorboard=cfg.logging.tensorboard)
+    train_model(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
+                teacher_model=teacher_models[0] if teacher_models else None,
+                tensorboard=cfg.logging.tensorboard)
     distributed.on_main(lambda: method.save_artifacts(stage_dir))  # e.g. generated samples
     distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     return model
@@ -254,8 +184,8 @@ def finetune_stage(role: str, encoder: nn.Module, cfg: RunConfig, task: DataSpli
         echo(f"finetune-{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"finetune-{role} (seed {seed}): {ft.epochs} epoch(s) with a new head on '{task.name}'")
-    fit(model, None, build_method(CEConfig()), task, ft, seed, stage_dir, echo,
-         "transfer.finetune", tensorboard=cfg.logging.tensorboard)
+    train_model(model, None, build_method(CEConfig()), task, ft, seed, stage_dir, echo,
+                "transfer.finetune", tensorboard=cfg.logging.tensorboard)
     distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     return model
 

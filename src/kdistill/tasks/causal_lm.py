@@ -1,5 +1,9 @@
-"""Evaluation of causal LMs: held-out perplexity, next-token accuracy, agreement with the
-teacher, size and speed. Full (N, T, V) logits are never kept: each batch is reduced at once.
+"""Causal language models: ids (N, T) -> logits (N, T, V); labels (N, T) are the ids with
+IGNORE_INDEX where nothing is trained (padding, prompts), shifted (position t predicts label
+t + 1). `num_classes` is the vocabulary.
+
+Evaluation: held-out perplexity, next-token accuracy, agreement with the teacher, size and
+speed; full (N, T, V) logits are never kept: each batch is reduced at once.
 """
 
 from __future__ import annotations
@@ -8,14 +12,17 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.config import RunConfig
+from kdistill.errors import ConfigError
 from kdistill.models import count_parameters
-from kdistill.types import IGNORE_INDEX
+from kdistill.tasks.base import Evaluation, Task
+from kdistill.types import IGNORE_INDEX, DataSplits
 
 
 @torch.no_grad()
@@ -127,8 +134,8 @@ def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
     tokenizer = load_tokenizer(tokenizer_name)
     prompts = []
     for ids, labels in zip(test_x[:count], test_y, strict=False):
-        trained = (labels != -100).nonzero()
-        start = int(trained[0]) if len(trained) and labels[0] == -100 else new_tokens
+        trained = (labels != IGNORE_INDEX).nonzero()
+        start = int(trained[0]) if len(trained) and labels[0] == IGNORE_INDEX else new_tokens
         prompts.append(ids[: max(start, 1)])
     rows: list[dict[str, str]] = [
         {"prompt": tokenizer.decode(p, skip_special_tokens=True)} for p in prompts]
@@ -139,3 +146,83 @@ def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
                                            new_tokens=new_tokens)[0]
                 row[role] = tokenizer.decode(out, skip_special_tokens=True)
     return rows
+
+
+def check_vocabulary(cfg: RunConfig) -> None:
+    """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
+    use the data's. Padded embedding tables (more rows than tokens) are fine; the method
+    compares the first `len(tokenizer)` logits."""
+    from kdistill.models.hf import load_tokenizer
+
+    specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
+             *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]
+    for where, spec in specs:
+        # A pretrained LM's own tokenizer; a llama student initialised from a pretrained LM
+        # inherits that LM's embedding rows, so its tokenizer must match as well.
+        field, path = "path", spec.args.get("path", "smollm2")
+        if spec.arch == "llama":
+            field, path = "init_from", spec.args.get("init_from")
+        elif spec.arch != "hf_causal_lm":
+            path = None
+        if path is None or path == cfg.data.tokenizer:
+            continue
+        if load_tokenizer(path, where=f"{where}.args.{field}").get_vocab() != load_tokenizer(
+                cfg.data.tokenizer).get_vocab():
+            raise ConfigError(f"{where}.args.{field}" if field == "init_from" else where,
+                              f"'{path}' uses another tokenizer than the data "
+                                     f"('{cfg.data.tokenizer}'): token-level KD compares "
+                                     f"distributions over one vocabulary. Use the same "
+                                     f"tokenizer, or sequence-level KD (train the student on "
+                                     f"the teacher's generated text), which needs none")
+
+
+def _eval_batch(ev: Evaluation) -> int:
+    # (B, T, V) logits of a large vocabulary: never more rows than the training batch.
+    return min(ev.cfg.eval.batch_size, ev.cfg.train.batch_size)
+
+
+class CausalLM(Task):
+    name: ClassVar[str] = "causal_lm"
+    token_level: ClassVar[bool] = True
+
+    def describe(self, splits: DataSplits) -> str:
+        return (f"{splits.name}: {splits.train_x.numel():,} train / {splits.val_x.numel():,} "
+                f"val / {splits.test_x.numel():,} test tokens in blocks of "
+                f"{splits.input_shape[0]}, vocabulary {splits.num_classes:,}")
+
+    def check_outputs(self, out: Any, splits: DataSplits, *, where: str) -> None:
+        if not isinstance(out, Tensor) or out.dim() != 3:
+            raise ConfigError(where, f"a {self.name} model must return logits of shape "
+                                     "(batch, tokens, vocabulary)")
+        if out.shape[-1] < splits.num_classes:
+            raise ConfigError(where, f"outputs {out.shape[-1]} vocabulary entries but the "
+                                     f"tokenizer has {splits.num_classes}")
+
+    def check_recipe(self, cfg: RunConfig) -> None:
+        check_vocabulary(cfg)
+
+    def output_shape(self, teacher: nn.Module, splits: DataSplits) -> tuple[int, ...]:
+        return (*splits.train_y.shape[1:], splits.num_classes)  # one logit vector per label
+
+    def validation_scores(self, model: nn.Module, splits: DataSplits, *,
+                          batch_size: int) -> dict[str, float]:
+        scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=batch_size)
+        return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
+
+    def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor:
+        # The teacher's next-token argmax, not (N, T, V) logits.
+        return next_token_predictions(teacher, ev.splits.test_x, batch_size=_eval_batch(ev))
+
+    def test_row(self, model: nn.Module, weights: Path, reference: Tensor | None,
+                 ev: Evaluation) -> tuple[dict[str, Any], Any]:
+        row = lm_report(model, weights, ev.splits.test_x, ev.splits.test_y,
+                        teacher_predictions=reference, batch_size=_eval_batch(ev),
+                        repeats=ev.cfg.eval.latency_repeats)
+        return row, None
+
+    def samples(self, ev: Evaluation, produced: dict[str, Any]) -> list[dict[str, str]]:
+        e = ev.cfg.eval
+        if not e.samples:
+            return []
+        return lm_samples(getattr(ev.cfg.data, "tokenizer", None), ev.splits.test_x,
+                          ev.splits.test_y, ev.models, count=e.samples, new_tokens=e.sample_tokens)

@@ -1,4 +1,5 @@
-"""Evaluating general (task-agnostic) encoders: agreement, a linear probe, fine-tuning.
+"""Sentence embeddings (general, task-agnostic distillation of an encoder): ids (N, T) ->
+embeddings (N, D); no labels: held-out texts are scored against the teacher's embeddings.
 
 Data of task "embedding" (`kdistill.data.general_text`) has no labels, so the evaluate stage
 asks other questions than accuracy on its test split (`evaluate_encoders`), for the teacher,
@@ -26,17 +27,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.config import EvalConfig, TransferConfig
-from kdistill.data import DataSplits
+from kdistill.config import EvalConfig, RunConfig, TransferConfig
+from kdistill.data.fortune_classes import fortune_splits
+from kdistill.errors import ConfigError
 from kdistill.evaluate import classification_scores, measure_speed, predict
 from kdistill.losses.embedding import mean_cosine
 from kdistill.models import count_parameters
-from kdistill.types import Echo
+from kdistill.tasks.base import Evaluated, Evaluation, Task
+from kdistill.types import DataSplits, Echo
 
 # (role, encoder, seed) -> the fine-tuned classifier (`EncoderWithHead`)
 Finetune = Callable[[str, nn.Module, int], nn.Module]
@@ -155,3 +158,69 @@ def evaluate_encoders(
                 row["finetune_accuracy"] = classification_scores(logits, task.test_y)["accuracy"]
             rows[role].append({**row, "seed": seed})
     return rows
+
+
+def transfer_data(cfg: RunConfig) -> DataSplits | None:
+    """The labelled task that evaluates a general encoder (`transfer`), tokenised like the
+    unlabelled text; None without `transfer`."""
+    if cfg.transfer is None:
+        return None
+    from kdistill.models.hf import load_tokenizer
+
+    t, data = cfg.transfer, cfg.data
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError("data.tokenizer", "transfer needs the tokenizer of the unlabelled text")
+    return fortune_splits(t.task, load_tokenizer(tokenizer), seq_len=data.seq_len,
+                          val_size=t.val_size, test_size=t.test_size,
+                          split_seed=data.split_seed, where="transfer")
+
+
+class Embedding(Task):
+    name: ClassVar[str] = "embedding"
+    output_name: ClassVar[str] = "sentence embeddings"
+
+    def describe(self, splits: DataSplits) -> str:
+        return (f"{splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
+                f"{len(splits.test_x)} test, unlabelled texts")
+
+    def check_outputs(self, out: Any, splits: DataSplits, *, where: str) -> None:
+        # No classes: any width (the method projects the student's).
+        if not isinstance(out, Tensor) or out.dim() != 2 or not out.is_floating_point():
+            raise ConfigError(where, "a sentence encoder must return embeddings of shape "
+                                     "(batch, width), e.g. arch: hf_sentence_student")
+
+    def check_recipe(self, cfg: RunConfig) -> None:
+        transfer_data(cfg)  # the evaluation task's split must exist too
+
+    def output_shape(self, teacher: nn.Module, splits: DataSplits) -> tuple[int, ...]:
+        return tuple(predict(teacher, splits.train_x[:1]).shape[1:])
+
+    def validation_scores(self, model: nn.Module, splits: DataSplits, *,
+                          batch_size: int) -> dict[str, float]:
+        # Held-out "labels": the teacher's embeddings (`prepare_evaluation`).
+        return embedding_scores(model, splits.val_x, splits.val_y, batch_size=batch_size)
+
+    def prepare_evaluation(self, splits: DataSplits, teacher: nn.Module, *,
+                           batch_size: int) -> DataSplits:
+        return with_teacher_targets(splits, teacher, batch_size=batch_size)
+
+    def evaluate(self, ev: Evaluation) -> Evaluated:
+        """Cosine agreement, the linear probe and (with `transfer.finetune`) fine-tuning, for
+        the teacher, each seed's student and that student before distillation."""
+        cfg, task = ev.cfg, transfer_data(ev.cfg)
+        finetune = None
+        if task is not None and cfg.transfer is not None and cfg.transfer.finetune is not None \
+                and ev.finetune is not None:
+            tune = ev.finetune
+
+            def finetune(role: str, model: nn.Module, seed: int) -> nn.Module:
+                return tune(role, model, seed, task)
+
+        rows = evaluate_encoders(
+            splits=ev.splits, task=task, transfer=cfg.transfer, eval_cfg=cfg.eval,
+            teacher=ev.models["teacher"][0], teacher_weights=ev.weights("teacher", 0),
+            students=ev.models["student"], seeds=ev.seeds,
+            student_weights=lambda seed: ev.weights("student", ev.seeds.index(seed)),
+            untrained=ev.initial_student, finetune=finetune, echo=ev.echo)
+        return Evaluated(rows)

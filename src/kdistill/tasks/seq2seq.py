@@ -1,22 +1,30 @@
-"""Evaluation of translation (seq2seq) models: BLEU and chrF of beam and greedy outputs on the
-test split against the raw reference texts (sacrebleu), teacher-forced perplexity and
-next-token agreement with the teacher, size, and decoding speed in sentences per second."""
+"""Translation (seq2seq): packed (N, 2, L) ids -> decoder logits (N, L, V); labels as for
+causal LMs (`kdistill.data.translation` describes the packing).
+
+Evaluation: BLEU and chrF of beam and greedy outputs on the test split against the raw
+reference texts (sacrebleu), teacher-forced perplexity and next-token agreement with the
+teacher, size, and decoding speed in sentences per second. Decoding (`kdistill.tasks.decode`)
+also makes sequence-level KD's targets (`decode`, `with_decoded_targets`)."""
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from kdistill.data import DataSplits
-from kdistill.data.translation import TextCodec
+from kdistill.config import RunConfig
+from kdistill.data.translation import EOS, PAD, TextCodec, replace_targets
 from kdistill.errors import MissingDependencyError
 from kdistill.models import count_parameters
-from kdistill.tasks.causal_lm import lm_scores
+from kdistill.tasks.base import Evaluation
+from kdistill.tasks.causal_lm import CausalLM, lm_scores
 from kdistill.tasks.decode import translate
+from kdistill.types import DataSplits
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -83,3 +91,47 @@ def translation_samples(splits: DataSplits, hypotheses: dict[str, list[str]], *,
         rows.append({"prompt": f"{source} → reference: {splits.references[i]}",
                      **{role: hyps[i] for role, hyps in hypotheses.items()}})
     return rows
+
+
+def _until_eos(row: Tensor) -> list[int]:
+    """Decoded ids y1 .. yn (EOS and what follows dropped)."""
+    ids = row.tolist()
+    ids = ids[: ids.index(EOS)] if EOS in ids else ids
+    return [i for i in ids if i != PAD]
+
+
+class Seq2Seq(CausalLM):
+    """Token conventions of causal LMs (shifted labels, ignored positions, the cache's (T, V)
+    rows); its own evaluation (BLEU / chrF of decoded outputs) and decoding."""
+
+    name: ClassVar[str] = "seq2seq"
+
+    def describe(self, splits: DataSplits) -> str:
+        return (f"{splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
+                f"{len(splits.test_x)} test sentence pairs, {splits.input_shape[1]} tokens per "
+                f"side, joint BPE vocabulary {splits.num_classes:,}")
+
+    def check_recipe(self, cfg: RunConfig) -> None:
+        """The data brings its own BPE: nothing pretrained to compare it with."""
+
+    def save_artifacts(self, splits: DataSplits, write: Callable[[str, str], None]) -> None:
+        write("tokenizer.json", splits.tokenizer_json or "")  # to decode outputs later
+
+    def test_row(self, model: nn.Module, weights: Path, reference: Tensor | None,
+                 ev: Evaluation) -> tuple[dict[str, Any], Any]:
+        e = ev.cfg.eval
+        return seq2seq_report(model, weights, ev.splits, teacher_predictions=reference,
+                              beam=e.beam, length_penalty=e.length_penalty,
+                              batch_size=min(e.batch_size, ev.cfg.train.batch_size))
+
+    def samples(self, ev: Evaluation, produced: dict[str, Any]) -> list[dict[str, str]]:
+        return translation_samples(ev.splits, produced, count=ev.cfg.eval.samples)
+
+    def decode(self, model: nn.Module, inputs: Tensor, *, beam: int, length_penalty: float,
+               batch_size: int) -> Tensor:
+        return translate(model, inputs[:, 0], beam=beam, max_len=inputs.shape[-1] - 1,
+                         length_penalty=length_penalty, batch_size=batch_size)
+
+    def with_decoded_targets(self, splits: DataSplits, ids: Tensor, key: str) -> DataSplits:
+        fingerprint = hashlib.sha256(f"{splits.fingerprint}|decoded|{key}".encode()).hexdigest()
+        return replace_targets(splits, [_until_eos(row) for row in ids], fingerprint)

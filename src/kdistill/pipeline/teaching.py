@@ -1,0 +1,118 @@
+"""Where the students' teacher outputs come from: the teacher cache, or the live network; and
+the tools a method's `prepare_data` uses (its own files in the run, the task's decoding).
+
+The cache holds one pass of the teacher over the training set (logits or their top k, and
+the teacher layers the method reads), keyed by the teacher's weights, the data's fingerprint,
+the storage dtype, the layers and k; rank 0 builds it, every rank reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from kdistill import distributed
+from kdistill.cache import (
+    CacheKey,
+    TeacherCache,
+    build_cache,
+    cache_bytes,
+    feature_shapes,
+    fingerprint_model,
+)
+from kdistill.config import RunConfig
+from kdistill.errors import ConfigError
+from kdistill.io import save_tensors_atomic
+from kdistill.methods import Method
+from kdistill.tasks import Task, task_of
+from kdistill.teachers import CachedTeacher, OnlineTeacher, Teacher
+from kdistill.types import DataSplits, Echo
+
+
+def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
+                   model: nn.Module) -> str | None:
+    """Why the teacher must run online (a sentence for the log), or None to cache it."""
+    if not cfg.cache.enabled:
+        return "cache disabled"
+    if cfg.train.augment != "none":
+        return "augmented inputs"
+    if method.on_policy:
+        return "on-policy: the teacher scores the student's samples"
+    layers = tuple(method.teacher_layers)
+    size = cache_bytes(len(splits.train_x), task_of(splits).output_shape(model, splits),
+                       feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
+                       topk=cfg.cache.topk)
+    if size > cfg.cache.max_mb * 2**20:
+        what = "teacher outputs" + (" and the layers the method reads" if layers else "")
+        return (f"the {what} would make a {size / 2**20:.0f} MB cache, over "
+                f"cache.max_mb={cfg.cache.max_mb:g}")
+    return None
+
+
+def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.Module,
+                    cache_dir: Path, echo: Echo, weights_print: str) -> Teacher | None:
+    """The cache (outputs, and the teacher layers `method` reads) when inputs are deterministic,
+    caching is on and it fits `cache.max_mb`; else the live network; None when the method
+    reads no teacher."""
+    if not method.uses_teacher:
+        return None  # self-distillation: the teacher network is only evaluated beside it
+    why = _online_reason(cfg, method, splits, model)
+    if why is not None:
+        echo(f"cache: teacher runs online ({why})")
+        return OnlineTeacher(model)
+    layers = tuple(method.teacher_layers)
+    key = CacheKey(teacher=weights_print, data=splits.fingerprint,
+                   dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
+
+    def ensure_cache() -> None:  # rank 0 writes the cache; the others then open it
+        if TeacherCache.is_valid(cache_dir, key):
+            echo("cache: valid teacher cache found")
+            return
+        if (cache_dir / "manifest.json").is_file():
+            echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); "
+                 "rebuilding")
+        what = (task_of(splits).output_name if cfg.cache.topk is None
+                else f"top-{cfg.cache.topk} log-probabilities")
+        what += f" and {', '.join(layers)}" if layers else ""
+        echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
+             f"({what})")
+        build_cache(cache_dir, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
+
+    distributed.on_main(ensure_cache)
+    return CachedTeacher(TeacherCache(cache_dir))
+
+
+@dataclass
+class RunDataTools:
+    """`kdistill.methods.base.DataTools` for one run: the method's files live in `directory`
+    (written by rank 0, atomically), decoding is the data's task's."""
+
+    directory: Path
+    task: Task
+    echo: Echo
+
+    def fingerprint(self, model: nn.Module) -> str:
+        return fingerprint_model(model)
+
+    def cached_tensors(self, name: str, make: Callable[[], dict[str, Tensor]]
+                       ) -> dict[str, Tensor]:
+        if "/" in name or name.startswith("."):
+            raise ConfigError("method", f"a method's file name must be plain, got {name!r}")
+        path = self.directory / f"{name}.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        tensors = make()
+        save_tensors_atomic(tensors, path)  # a killed run never leaves a torn file
+        return tensors
+
+    def decode(self, model: nn.Module, inputs: Tensor, *, beam: int, length_penalty: float,
+               batch_size: int) -> Tensor:
+        return self.task.decode(model, inputs, beam=beam, length_penalty=length_penalty,
+                                batch_size=batch_size)
+
+    def with_decoded_targets(self, splits: DataSplits, ids: Tensor, key: str) -> DataSplits:
+        return self.task.with_decoded_targets(splits, ids, key)
