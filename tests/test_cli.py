@@ -70,3 +70,18 @@ def test_missing_recipe_and_debug_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "nope.yaml: recipe file not found" in proc.stderr
     proc = kdistill("--debug", "run", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+GENERATE_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("generate-*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", GENERATE_RECIPES, ids=[p.stem for p in GENERATE_RECIPES])
+def test_validate_accepts_generate_recipes(recipe: Path, tmp_path: Path) -> None:
+    # One recipe loader for every command: `validate` knows a generate recipe by its keys.
+    proc = kdistill("validate", str(recipe), f"output.path={tmp_path / 'out.jsonl'}",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok:" in proc.stdout and "generate:" in proc.stdout and "prompts" in proc.stdout
+    proc = kdistill("validate", str(recipe), "sampling.top_q=0.5", cwd=tmp_path)
+    assert proc.returncode == 2 and "sampling.top_q: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -64,9 +64,16 @@ def run(args: RecipeArg = None) -> None:
 def validate(args: RecipeArg = None) -> None:
     """Check a recipe: parse it and build data and models, without training."""
     from kdistill.build import validate as validate_recipe
-    from kdistill.config import load_config
+    from kdistill.config import load_config, read_tree
+    from kdistill.config.generate import is_generate_recipe, load_generate_config
 
     recipe, overrides = _split(args)
+    if recipe is not None and is_generate_recipe(read_tree(recipe)):
+        from kdistill.pipeline.generate import validate_generate
+
+        summary = validate_generate(load_generate_config(recipe, overrides))
+        console.print(f"ok: {recipe} (generate: {summary})", highlight=False)
+        return
     cfg = load_config(recipe, overrides)
     splits = validate_recipe(cfg)
     console.print(f"ok: {recipe or 'default recipe'} ({splits.name}, method {cfg.method.name})")

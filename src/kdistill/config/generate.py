@@ -49,6 +49,12 @@ class GenerateConfig(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+def is_generate_recipe(tree: dict[str, object]) -> bool:
+    """A `kdistill generate` recipe names an `output` (and `prompts`), keys that a run recipe
+    does not have: how `kdistill validate` tells the two kinds apart."""
+    return "output" in tree or "prompts" in tree
+
+
 def load_generate_config(path: str | Path | None,
                          overrides: list[str] | None = None) -> GenerateConfig:
     """Read a generate recipe (YAML) and apply `key.path=value` overrides."""

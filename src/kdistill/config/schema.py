@@ -19,6 +19,7 @@ from kdistill.data import SOURCES, BuiltinImages
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
 from kdistill.schedules import Schedule, check_range
+from kdistill.tasks import TASKS
 
 
 class _Strict(BaseModel):
@@ -295,27 +296,7 @@ class RunConfig(_Strict):
             raise ValueError(f"method: '{self.method.name}' is for {', '.join(method.tasks)} "
                              f"data; '{self.data.name}' is {task} data (methods for it: "
                              f"{fitting})")
-        if self.compress and task != "classification":
-            raise ValueError(f"compress: the compression chain needs class labels; "
-                             f"'{self.data.name}' is {task} data")
-        if self.transfer is not None and task != "embedding":
-            raise ValueError(f"transfer: evaluates a general encoder; it needs unlabelled text "
-                             f"(data.name: general_text), not '{self.data.name}'")
-        return self
-
-    @model_validator(mode="after")
-    def _general_distillation(self) -> RunConfig:
-        if self.data.task != "embedding":
-            return self
-        if self.baseline:
-            raise ValueError("baseline: unlabelled text has no labels to train a baseline on; "
-                             "the reference is the same student before distillation (its "
-                             "initialisation, evaluated anyway): set baseline: false")
-        for field, used in (("generations", self.generations > 1),
-                            ("more_teachers", self.more_teachers)):
-            if used:
-                raise ValueError(f"{field}: general distillation runs one teacher and one "
-                                 "generation")
+        TASKS[task].check_config(self)  # what this kind of data allows (compress, baseline)
         return self
 
     @property

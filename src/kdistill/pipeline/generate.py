@@ -36,8 +36,25 @@ from kdistill.models.hf import _transformers, load_tokenizer, resolve_source
 # --- the output file -----------------------------------------------------------------------
 
 
-def _read_done(out_path: Path, params: dict[str, Any], teacher: str) -> set[str]:
-    """Ids already answered in `out_path`, after cutting off a torn last line.
+def _params(*, max_new_tokens: int, do_sample: bool, batch_size: int, temperature: float,
+            top_p: float, top_k: int, seed: int, system: str | None) -> dict[str, Any]:
+    """The settings every line records: a resumed run must use the same ones."""
+    return {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
+            "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+            "system": system, "prompt_format": "chat"}
+
+
+def _recipe_params(cfg: GenerateConfig) -> dict[str, Any]:
+    s = cfg.sampling
+    return _params(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+                   batch_size=cfg.batch_size, temperature=s.temperature, top_p=s.top_p,
+                   top_k=s.top_k, seed=s.seed, system=cfg.system)
+
+
+def _read_done(out_path: Path, params: dict[str, Any], teacher: str, *,
+               truncate: bool = True) -> set[str]:
+    """Ids already answered in `out_path`, after cutting off a torn last line (unless
+    `truncate` is false: `kdistill validate` only reads).
 
     Every line must come from the same teacher and parameters: mixing answers of two settings in
     one file would silently blend two data sets.
@@ -68,7 +85,7 @@ def _read_done(out_path: Path, params: dict[str, Any], teacher: str) -> set[str]
         done.add(record_id)
     # A last line without its newline was being written when the process died: cut it off,
     # but only once every whole line proved the file ours (never cut a stranger's file).
-    if end < len(data):
+    if end < len(data) and truncate:
         if not data[end:].startswith(b"{"):
             raise ConfigError(f"{out_path}", "does not end like a file written by `kdistill "
                               "generate`; use another output file")
@@ -140,6 +157,62 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+@dataclass
+class _Teacher:
+    """The loaded teacher with its tokenizer and generation settings: answers one batch."""
+
+    path: str
+    model: Any
+    tokenizer: Any
+    config: Any  # transformers.GenerationConfig
+    stop: list[int]
+    pad_id: int
+    params: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str, params: dict[str, Any]) -> _Teacher:
+        tokenizer = load_tokenizer(path, where="teacher.path")
+        model = _load_teacher(path)
+        stop = _stop_ids(model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        p = params
+        sampling = dict(do_sample=True, temperature=p["temperature"], top_p=p["top_p"],
+                        top_k=p["top_k"]) if p["do_sample"] else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        config = _transformers().GenerationConfig(
+            max_new_tokens=p["max_new_tokens"], eos_token_id=stop, pad_token_id=pad_id,
+            **sampling)
+        return cls(path, model, tokenizer, config, stop, pad_id, params)
+
+    def answer(self, batch: list[Prompt], done: set[str]) -> tuple[list[dict[str, Any]], int]:
+        """The records of the prompts of `batch` not in `done`, and the new tokens generated
+        (for the whole batch: its composition is fixed, so a resumed batch is decoded again)."""
+        texts = [chat_text(self.tokenizer, p.prompt, system=self.params["system"])
+                 for p in batch]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # template has BOS
+        ids, mask = _left_pad(rows, self.pad_id)
+        # fork_rng: the batch's own seed, and the caller's global RNG left as it was.
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(_batch_seed(self.params["seed"], batch[0].id))
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self.config)
+        records, batch_tokens = [], 0
+        for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
+            # Tokens up to and including the first stop token; the rest is padding.
+            n = next((i + 1 for i, t in enumerate(row) if t in self.stop), len(row))
+            # Cut by max_new_tokens rather than ended by the teacher: the student must not
+            # learn to stop there (sft_splits trains no end-of-turn token for it).
+            finished = row[n - 1] in self.stop
+            batch_tokens += n
+            if prompt.id in done:
+                continue  # the batch's first lines were written before a crash
+            response = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            records.append({"id": prompt.id, "prompt": prompt.prompt, "response": response,
+                            "reference": prompt.reference, "teacher": self.path,
+                            "params": self.params, "new_tokens": n, "finished": finished})
+        return records, batch_tokens
+
+
 def generate(
     model_path: str,
     prompts: list[Prompt],
@@ -170,9 +243,8 @@ def generate(
         threads: torch intra-op threads while generating (None: leave as is).
         echo: receives one progress line per batch.
     """
-    params = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
-              "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-              "system": system, "prompt_format": "chat"}
+    params = _params(max_new_tokens=max_new_tokens, do_sample=do_sample, batch_size=batch_size,
+                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system)
     if len({p.id for p in prompts}) != len(prompts):
         raise ConfigError("prompts", "prompt ids must be unique (resume keys on them)")
     out_path = Path(out_path)
@@ -187,18 +259,10 @@ def generate(
         echo(f"all {len(prompts)} prompts already answered in {out_path}")
         return GenerateResult(out_path, len(prompts), 0, skipped, 0, 0.0)
 
-    tokenizer = load_tokenizer(model_path, where="teacher.path")
     t_load = time.perf_counter()
-    model = _load_teacher(model_path)
-    stop = _stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    teacher = _Teacher.load(model_path, params)
     echo(f"teacher {model_path} loaded in {time.perf_counter() - t_load:.1f} s; "
          f"{len(todo)} batch(es) to generate, {skipped} prompt(s) already done")
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) \
-        if do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    config = _transformers().GenerationConfig(
-        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad_id, **sampling)
-
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -206,30 +270,9 @@ def generate(
     seconds = 0.0
     try:
         for number, batch in enumerate(todo, start=1):
-            texts = [chat_text(tokenizer, p.prompt, system=system) for p in batch]
-            rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # template has BOS
-            ids, mask = _left_pad(rows, pad_id)
             t0 = time.perf_counter()
-            # fork_rng: the batch's own seed, and the caller's global RNG left as it was.
-            with torch.random.fork_rng(devices=[]), torch.inference_mode():
-                torch.manual_seed(_batch_seed(seed, batch[0].id))
-                out = model.generate(input_ids=ids, attention_mask=mask,
-                                     generation_config=config)
+            records, batch_tokens = teacher.answer(batch, done)
             elapsed = time.perf_counter() - t0
-            records, batch_tokens = [], 0
-            for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
-                # Tokens up to and including the first stop token; the rest is padding.
-                n = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-                # Cut by max_new_tokens rather than ended by the teacher: the student must
-                # not learn to stop there (sft_splits trains no end-of-turn token for it).
-                finished = row[n - 1] in stop
-                batch_tokens += n
-                if prompt.id in done:
-                    continue  # the batch's first lines were written before a crash
-                response = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                records.append({"id": prompt.id, "prompt": prompt.prompt, "response": response,
-                                "reference": prompt.reference, "teacher": model_path,
-                                "params": params, "new_tokens": n, "finished": finished})
             _append(out_path, records)
             n_generated += len(records)
             new_tokens += batch_tokens
@@ -239,6 +282,20 @@ def generate(
     finally:
         torch.set_num_threads(old_threads)
     return GenerateResult(out_path, len(prompts), n_generated, skipped, new_tokens, seconds)
+
+
+def validate_generate(cfg: GenerateConfig) -> str:
+    """What `kdistill validate` checks of a generate recipe, without loading the teacher's
+    weights: the prompt set, the teacher's files and tokenizer, and that an existing output
+    file was written with these settings. Returns a one-line summary."""
+    prompts = load_prompts(cfg.prompts.name, limit=cfg.prompts.limit, seed=cfg.prompts.seed,
+                           where="prompts")
+    resolve_source(cfg.teacher.path, where="teacher.path")
+    load_tokenizer(cfg.teacher.path, where="teacher.path")
+    done = _read_done(Path(cfg.output.path), _recipe_params(cfg), cfg.teacher.path,
+                      truncate=False)
+    return (f"{len(prompts)} prompts ({len(done)} already answered in {cfg.output.path}), "
+            f"teacher {cfg.teacher.path}")
 
 
 def run_generate(cfg: GenerateConfig, *,

@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.config import RunConfig
 from kdistill.errors import ConfigError
 from kdistill.types import DataSplits, Echo
+
+if TYPE_CHECKING:  # type hints only: the config imports the tasks (their checks)
+    from kdistill.config import RunConfig
 
 Rows = dict[str, list[dict[str, Any]]]  # role -> one row per seed (teachers: one row)
 
@@ -64,6 +66,18 @@ class Task:
     name: ClassVar[str]
     token_level: ClassVar[bool] = False  # labels (N, T), shifted; IGNORE_INDEX positions skipped
     output_name: ClassVar[str] = "logits"  # what the teacher cache holds, for the log
+    title: ClassVar[str]  # how `kdistill methods` names the data a method is for
+    compressible: ClassVar[bool] = False  # the `compress:` chain (prune, quantize) applies
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Recipe rules of this kind of data, checked when the recipe is read: a ValueError
+        whose message starts with the field (the schema's validator raises it)."""
+        if cfg.compress and not self.compressible:
+            raise ValueError(f"compress: the compression chain needs class labels; "
+                             f"'{cfg.data.name}' is {self.name} data")
+        if cfg.transfer is not None:
+            raise ValueError(f"transfer: evaluates a general encoder; it needs unlabelled text "
+                             f"(data.name: general_text), not '{cfg.data.name}'")
 
     def describe(self, splits: DataSplits) -> str:
         """The data line the run prints first."""

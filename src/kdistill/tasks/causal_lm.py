@@ -12,17 +12,19 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.config import RunConfig
 from kdistill.errors import ConfigError
 from kdistill.models import count_parameters
 from kdistill.tasks.base import Evaluation, Task
 from kdistill.types import IGNORE_INDEX, DataSplits
+
+if TYPE_CHECKING:  # type hints only: the config imports the tasks (their checks)
+    from kdistill.config import RunConfig
 
 
 @torch.no_grad()
@@ -183,6 +185,7 @@ def _eval_batch(ev: Evaluation) -> int:
 
 class CausalLM(Task):
     name: ClassVar[str] = "causal_lm"
+    title: ClassVar[str] = "text (causal LM)"
     token_level: ClassVar[bool] = True
 
     def describe(self, splits: DataSplits) -> str:

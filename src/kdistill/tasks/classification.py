@@ -18,6 +18,8 @@ from kdistill.types import DataSplits
 
 class Classification(Task):
     name: ClassVar[str] = "classification"
+    title: ClassVar[str] = "classification"
+    compressible: ClassVar[bool] = True
 
     def validation_scores(self, model: nn.Module, splits: DataSplits, *,
                           batch_size: int) -> dict[str, float]:

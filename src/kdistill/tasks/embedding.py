@@ -27,12 +27,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.config import EvalConfig, RunConfig, TransferConfig
 from kdistill.data.fortune_classes import fortune_splits
 from kdistill.errors import ConfigError
 from kdistill.evaluate import classification_scores, measure_speed, predict
@@ -40,6 +39,9 @@ from kdistill.losses.embedding import mean_cosine
 from kdistill.models import count_parameters
 from kdistill.tasks.base import Evaluated, Evaluation, Task
 from kdistill.types import DataSplits, Echo
+
+if TYPE_CHECKING:  # type hints only: the config imports the tasks (their checks)
+    from kdistill.config import EvalConfig, RunConfig, TransferConfig
 
 # (role, encoder, seed) -> the fine-tuned classifier (`EncoderWithHead`)
 Finetune = Callable[[str, nn.Module, int], nn.Module]
@@ -179,6 +181,21 @@ def transfer_data(cfg: RunConfig) -> DataSplits | None:
 class Embedding(Task):
     name: ClassVar[str] = "embedding"
     output_name: ClassVar[str] = "sentence embeddings"
+    title: ClassVar[str] = "sentence embeddings"
+
+    def check_config(self, cfg: RunConfig) -> None:
+        if cfg.compress:
+            raise ValueError("compress: the compression chain needs class labels; general "
+                             "distillation has none")
+        if cfg.baseline:
+            raise ValueError("baseline: unlabelled text has no labels to train a baseline on; "
+                             "the reference is the same student before distillation (its "
+                             "initialisation, evaluated anyway): set baseline: false")
+        for field, used in (("generations", cfg.generations > 1),
+                            ("more_teachers", cfg.more_teachers)):
+            if used:
+                raise ValueError(f"{field}: general distillation runs one teacher and one "
+                                 "generation")
 
     def describe(self, splits: DataSplits) -> str:
         return (f"{splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "

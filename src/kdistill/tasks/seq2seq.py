@@ -13,11 +13,10 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
-from kdistill.config import RunConfig
 from kdistill.data.translation import EOS, PAD, TextCodec, replace_targets
 from kdistill.errors import MissingDependencyError
 from kdistill.models import count_parameters
@@ -25,6 +24,9 @@ from kdistill.tasks.base import Evaluation
 from kdistill.tasks.causal_lm import CausalLM, lm_scores
 from kdistill.tasks.decode import translate
 from kdistill.types import DataSplits
+
+if TYPE_CHECKING:  # type hints only: the config imports the tasks (their checks)
+    from kdistill.config import RunConfig
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -105,6 +107,7 @@ class Seq2Seq(CausalLM):
     rows); its own evaluation (BLEU / chrF of decoded outputs) and decoding."""
 
     name: ClassVar[str] = "seq2seq"
+    title: ClassVar[str] = "translation (seq2seq)"
 
     def describe(self, splits: DataSplits) -> str:
         return (f"{splits.name}: {len(splits.train_x)} train / {len(splits.val_x)} val / "
