@@ -116,3 +116,20 @@ def test_the_scan_sees_a_forbidden_import(tmp_path: Path) -> None:
     assert _imports(bad) == [(8, "pipeline")]  # the type-only import makes no arrow
     assert not _allowed("methods", "pipeline") and not _allowed("methods", "models.hf")
     assert _allowed("methods", "models.generator") and _allowed("engine", "data.loader")
+
+
+def test_docs_draw_the_same_arrows() -> None:
+    # docs/architecture.md's table says the same as ALLOWED (a new arrow updates both).
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    table = doc.split("<!-- arrows:")[1].split("<!-- /arrows -->")[0]
+    documented: dict[str, set[str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        targets = set() if cells[1].startswith("nothing") else (
+            {"*"} if cells[1] == "anything" else
+            {t.split(" (")[0].strip() for t in cells[1].split(",")})
+        for part in cells[0].split(","):
+            documented[part.strip().strip("`")] = targets
+    assert documented == {part: set(rules) for part, rules in ALLOWED.items()}
