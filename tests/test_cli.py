@@ -85,3 +85,29 @@ def test_validate_accepts_generate_recipes(recipe: Path, tmp_path: Path) -> None
     proc = kdistill("validate", str(recipe), "sampling.top_q=0.5", cwd=tmp_path)
     assert proc.returncode == 2 and "sampling.top_q: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_version_and_help_list_the_overrides(tmp_path: Path) -> None:
+    proc = kdistill("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("kdistill ")
+    proc = kdistill("run", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "key.path=value" in text and "train.seeds=[0,1,2]" in text
+    assert "[RECIPE.yaml] [key.path=value ...]" in text  # not eaten as a style tag
+    proc = kdistill(cwd=tmp_path)  # no command: the help, not an error
+    assert proc.returncode == 0 and "run" in proc.stdout and "validate" in proc.stdout
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.optimizer.lr=1e6", "train.optimizer.lr: Input should be less than or equal to 10"),
+    ("train.optimizer.lr=.nan", "train.optimizer.lr: Input should be a finite number"),
+    ("train.clip_grad_norm=.inf", "train.clip_grad_norm: Input should be a finite number"),
+    ("train.seeds=[0,0]", "train.seeds: seed 0 appears twice"),
+    ("train.seeds=[99999999999999999999]", "train.seeds.0: Input should be less than"),
+])
+def test_absurd_or_non_finite_settings_are_refused(override: str, expected: str,
+                                                   tmp_path: Path) -> None:
+    proc = kdistill("validate", override, cwd=tmp_path)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -13,7 +13,9 @@ from rich.table import Table
 
 from kdistill.errors import KDistillError
 
+# rich_markup_mode=None: help texts are plain (`[RECIPE.yaml]` is not a style tag).
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Knowledge distillation for PyTorch: teacher -> student, measured.")
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough that the table is never cut
@@ -45,9 +47,19 @@ def _print_table(rows: dict) -> None:
     console.print(table)
 
 
-@app.command()
+OVERRIDES_HELP = (
+    "\n\nOverrides: after the recipe, any number of key.path=value (a YAML value), applied "
+    "to the effective recipe, e.g. train.seeds=[0,1,2] train.epochs=20 method.temperature=8 "
+    "'method.alpha={kind: linear, start: 0.9, end: 0.5}' data.name=mnist data.val_size=5000 "
+    "teacher.model.weights=t.safetensors student.model.args.hidden=[256,256] name=mine. "
+    "A new method.name or data.name starts that section from its own defaults."
+    "\n\nEvery key with its type and default: docs/recipes.md; a method's keys: "
+    "kdistill methods NAME.")
+
+
+@app.command(help="Run a recipe: teach -> cache -> baseline -> distill -> evaluate -> report."
+             + OVERRIDES_HELP)
 def run(args: RecipeArg = None) -> None:
-    """Run a recipe: teach -> cache -> baseline -> distill -> evaluate -> report."""
     from kdistill.config import load_config
     from kdistill.pipeline.order import run as run_pipeline
 
@@ -60,9 +72,10 @@ def run(args: RecipeArg = None) -> None:
     console.print(f"report: {result.run_dir / 'report.md'}")
 
 
-@app.command()
+@app.command(help="Check a recipe: parse it and build data and models, without training. "
+             "A generate recipe is checked as `kdistill generate` would read it."
+             + OVERRIDES_HELP)
 def validate(args: RecipeArg = None) -> None:
-    """Check a recipe: parse it and build data and models, without training."""
     from kdistill.build import validate as validate_recipe
     from kdistill.config import load_config, read_tree
     from kdistill.config.generate import is_generate_recipe, load_generate_config
@@ -135,10 +148,25 @@ def methods() -> None:
     console.print(table)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit",
+                                          is_eager=True)] = False,
 ) -> None:
+    if version:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        try:
+            console.print(f"kdistill {package_version('kdistill')}", highlight=False)
+        except PackageNotFoundError:  # running from a source tree without an install
+            console.print("kdistill (not installed)", highlight=False)
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:  # `kdistill` alone: the commands, not an error
+        console.print(ctx.get_help(), highlight=False)
+        raise typer.Exit()
     DEBUG["on"] = debug
 
 

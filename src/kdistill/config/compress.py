@@ -25,7 +25,7 @@ TeacherChoice = Literal["teacher", "input"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class _KD(_Strict):

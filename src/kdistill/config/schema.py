@@ -23,7 +23,7 @@ from kdistill.tasks import TASKS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # Archs that are pretrained by construction (their weights come with them).
@@ -49,7 +49,8 @@ DataConfig = Annotated[
 
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    # Past 10 no optimiser here trains: such a value is a typo (1e6 for 1e-6), refused.
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = False
     weight_decay: Annotated[float, Field(ge=0)] = 0.0

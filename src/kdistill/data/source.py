@@ -39,7 +39,8 @@ class LoadContext:
 class Source(BaseModel):
     """Base of every data source's config; subclasses narrow `name` to a Literal."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
     name: str
     task: ClassVar[str] = "classification"
