@@ -40,12 +40,12 @@ def _row(doc: str, key: str) -> list[str]:
 
 def test_rows_show_type_default_and_constraints(doc: str) -> None:
     assert _row(doc, "train.optimizer.lr")[1:4] == [
-        "float", "`0.002`; `0.001` if the recipe sets `train.optimizer`", "> 0"]
+        "float", "`0.002`; `0.001` if the recipe sets `train.optimizer`", "> 0, <= 10"]
     # The built-in teacher trains for 40 epochs; a written teacher.train starts from 200.
     assert _row(doc, "teacher.train.epochs")[2] == "`40`; `200` if the recipe sets `teacher.train`"
     assert _row(doc, "train.lr_schedule")[1:3] == [
         "number or schedule", "`{kind: cosine, start: 1.0, end: 0.05}`"]
-    assert _row(doc, "train.precision")[1] == "one of 'fp32' \\| 'bf16'"
+    assert _row(doc, "train.precision")[1] == "one of 'fp32' \\| 'bf16' \\| 'fp16'"
     assert _row(doc, "more_teachers")[1] == "list of teacher sections"
     assert _row(doc, "data.test_size")[3] == "> 0, < 1"
     assert "(required)" in _row(doc, "method.student_layer")[2]  # fitnet's

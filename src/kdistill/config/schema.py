@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kdistill.config.compress import CompressStage, check_order
 from kdistill.data import SOURCES, BuiltinImages
+from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
 from kdistill.schedules import Schedule, check_range
@@ -73,7 +74,18 @@ class TrainSettings(_Strict):
     def _lr_non_negative(cls, v: Schedule) -> Schedule:
         return check_range(v, "lr_schedule", low=0.0)
     clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the networks' forward (loss math stays fp32); fp16 "
+        "adds a gradient scaler and needs a GPU")
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN, description="auto (CUDA when present, then MPS, else "
+        "the CPU), cpu, cuda, cuda:N or mps; under torchrun each rank takes its LOCAL_RANK GPU")
+    compile: bool = Field(
+        False, description="torch.compile the student's forward and the loss (same values "
+        "as eager; the first steps pay the compilation)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (every rank a full copy) or fsdp (student and "
+        "teacher sharded with FSDP2); one process ignores it")
     augment: Literal["none", "jitter"] = Field(
         "none", description="jitter: random shifts of up to jitter_pixels (images only)"
     )
@@ -132,6 +144,10 @@ class TeacherConfig(_Strict):
     train: TeacherTrainConfig | None = Field(
         None, description="train the teacher from the data first; null: use it as loaded"
     )
+    device: str | None = Field(
+        None, pattern=DEVICE_PATTERN, description="where the frozen teacher runs (its cache "
+        "pass and online outputs): another GPU, or cpu to spare the students' GPU; null: "
+        "train.device")
 
 
 DEFAULT_TEACHER = TeacherConfig(

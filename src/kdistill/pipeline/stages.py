@@ -51,8 +51,10 @@ def file_hash(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# Settings that change how a run is logged, not the weights it produces.
-_NOT_WEIGHTS = {"seeds", "log_every", "eval_every_epochs", "checkpoint_every_steps"}
+# Settings that change how a run is logged or where it runs, not the weights it produces (a
+# device or compilation changes float rounding only: a finished stage is not redone for it).
+_NOT_WEIGHTS = {"seeds", "log_every", "eval_every_epochs", "checkpoint_every_steps", "device",
+                "compile"}
 
 
 def training(cfg: TrainSettings) -> dict[str, Any]:
