@@ -11,19 +11,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.devices import model_device
 from kdistill.models import count_parameters
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """Logits (N, C) in eval mode, float32; restores the model's train/eval mode."""
+    """Outputs (N, ...) in eval mode, float32 on the CPU; inputs go to the model's device a
+    batch at a time. Restores the model's train/eval mode."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
-        chunks = [model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        chunks = [model(x[i : i + batch_size].to(device)).float().cpu()
+                  for i in range(0, len(x), batch_size)]
         return torch.cat(chunks)
     finally:
         model.train(was_training)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = 15) -> float:
@@ -82,13 +92,16 @@ def measure_speed(
     """
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
-        one = example[:1]
-        many = example[:1].expand(throughput_batch, *example.shape[1:]).contiguous()
+        one = example[:1].to(device)
+        many = one.expand(throughput_batch, *example.shape[1:]).contiguous()
 
         def timed(x: Tensor) -> float:
+            synchronize(device)
             start = time.perf_counter()
             model(x)
+            synchronize(device)
             return time.perf_counter() - start
 
         for _ in range(3):

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.devices import model_device
 from kdistill.errors import ConfigError
+from kdistill.evaluate import synchronize
 from kdistill.models import count_parameters
 from kdistill.tasks.base import Evaluation, Task
 from kdistill.types import IGNORE_INDEX, DataSplits
@@ -31,16 +33,19 @@ if TYPE_CHECKING:  # type hints only: the config imports the tasks (their checks
 def _batches(model: nn.Module, ids: Tensor, batch_size: int):  # type: ignore[no-untyped-def]
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
         for start in range(0, len(ids), batch_size):
-            yield start, model(ids[start : start + batch_size]).float()
+            # Reduced per batch on the model's device; only scalars come back.
+            yield start, model(ids[start : start + batch_size].to(device)).float()
     finally:
         model.train(was_training)
 
 
 def next_token_predictions(model: nn.Module, ids: Tensor, *, batch_size: int = 8) -> Tensor:
     """(N, T − 1) int64: the model's argmax for token t + 1 after reading tokens ≤ t."""
-    return torch.cat([logits[:, :-1].argmax(-1) for _, logits in _batches(model, ids, batch_size)])
+    return torch.cat([logits[:, :-1].argmax(-1).cpu()
+                      for _, logits in _batches(model, ids, batch_size)])
 
 
 def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int = 8,
@@ -51,7 +56,7 @@ def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int 
     ids, labels: (N, T); position t predicts labels[:, t + 1]; labels == -100 are skipped."""
     nll_sum, count, correct, agree = 0.0, 0, 0, 0
     for start, logits in _batches(model, ids, batch_size):
-        target = labels[start : start + len(logits), 1:]
+        target = labels[start : start + len(logits), 1:].to(logits.device)
         valid = target != IGNORE_INDEX
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
         nll = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX,
@@ -61,7 +66,7 @@ def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int 
         count += int(valid.sum())
         correct += int(((pred == target) & valid).sum())
         if teacher_predictions is not None:
-            teacher = teacher_predictions[start : start + len(logits)]
+            teacher = teacher_predictions[start : start + len(logits)].to(logits.device)
             agree += int(((pred == teacher) & valid).sum())
     nll_mean = nll_sum / max(count, 1)
     scores = {"nll": nll_mean, "perplexity": math.exp(min(nll_mean, 700.0)),
@@ -78,12 +83,15 @@ def lm_speed(model: nn.Module, ids: Tensor, *, batch: int = 8, repeats: int = 5)
     """Median latency (ms) of one forward over one block, and forward tokens/s at `batch`."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
-        one, many = ids[:1], ids[:batch]
+        one, many = ids[:1].to(device), ids[:batch].to(device)
 
         def timed(x: Tensor) -> float:
+            synchronize(device)
             start = time.perf_counter()
             model(x)
+            synchronize(device)
             return time.perf_counter() - start
 
         timed(one)
@@ -115,10 +123,10 @@ def greedy_continuations(model: nn.Module, prompts: Tensor, *, new_tokens: int) 
     was_training = model.training
     model.eval()
     try:
-        ids = prompts
+        ids = prompts.to(model_device(model))
         for _ in range(new_tokens):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return ids[:, prompts.shape[1]:]
+        return ids[:, prompts.shape[1]:].cpu()
     finally:
         model.train(was_training)
 

@@ -111,10 +111,11 @@ def translate(model: nn.Module, src: Tensor, *, beam: int = 1, max_len: int,
     decodable = _check(model)
     was_training = model.training
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         parts = []
         for start in range(0, len(src), batch_size):
-            chunk = src[start : start + batch_size]
+            chunk = src[start : start + batch_size].to(device)
             width = max(int((chunk != PAD).sum(1).max()), 1)
             chunk = chunk[:, :width]
             if beam == 1:
@@ -122,7 +123,7 @@ def translate(model: nn.Module, src: Tensor, *, beam: int = 1, max_len: int,
             else:
                 ids, _ = beam_search(decodable, chunk, beam=beam, max_len=max_len,
                                      length_penalty=length_penalty)
-            parts.append(ids)
+            parts.append(ids.cpu())
         return torch.cat(parts) if parts else torch.zeros((0, max_len), dtype=torch.int64)
     finally:
         model.train(was_training)
