@@ -3,36 +3,28 @@
 The student is trained on the teacher's beam-search translations of the training sources in
 place of the human references: it learns the teacher's mode (one consistent output per
 source) rather than every variation in the data, which is easier for a small model. Made once
-per teacher by `prepare_data` (the engine and the pipeline know nothing about it), cached in
-the run directory; optionally mixed with word-level KD on the new targets (Kim & Rush's
-"Seq-KD + Word-KD")."""
+per teacher by `prepare_data` (the engine and the pipeline know nothing about it) through the
+task's decoding and the run's storage (`DataTools`); optionally mixed with word-level KD on
+the new targets (Kim & Rush's "Seq-KD + Word-KD")."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kdistill.cache import fingerprint_model
-from kdistill.data import DataSplits
-from kdistill.data.translation import EOS, PAD, replace_targets
-from kdistill.io import save_tensors_atomic
 from kdistill.losses import (
     hard_cross_entropy,
     shift_labels,
     token_distill_loss,
     topk_distill_loss,
 )
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, DataTools, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
-from kdistill.tasks.decode import translate
-from kdistill.types import IGNORE_INDEX
+from kdistill.types import IGNORE_INDEX, DataSplits
 
 
 class SeqKDConfig(MethodConfig):
@@ -56,6 +48,8 @@ class SeqKD(Method):
     tasks = ("seq2seq",)
     reads_topk = True
     paper = "Kim & Rush 2016, Sequence-Level Knowledge Distillation (arXiv:1606.07947)"
+    # Word-level KD on the teacher's targets too (alpha 0: CE only).
+    example = Example({"alpha": 0.5}, nets="seq2seq")
     cfg: SeqKDConfig
 
     @property
@@ -63,26 +57,21 @@ class SeqKD(Method):
         # Pure Seq-KD reads the teacher only through its decoded targets (prepare_data).
         return not (isinstance(self.cfg.alpha, int | float) and self.cfg.alpha == 0)
 
-    def prepare_data(self, splits: DataSplits, teacher: nn.Module, directory: Path,
-                     echo: Callable[[str], None]) -> DataSplits:
-        length = splits.train_x.shape[-1]
+    def prepare_data(self, splits: DataSplits, teacher: nn.Module,
+                     tools: DataTools) -> DataSplits:
         settings = {"beam": self.cfg.beam, "length_penalty": self.cfg.length_penalty}
-        key = hashlib.sha256(json.dumps([fingerprint_model(teacher), splits.fingerprint,
+        key = hashlib.sha256(json.dumps([tools.fingerprint(teacher), splits.fingerprint,
                                          settings]).encode()).hexdigest()[:16]
-        path = directory / f"seq_kd-{key}.safetensors"
-        if path.is_file():
-            echo(f"seq_kd: teacher translations of the training set found ({path.name})")
-            ids = load_file(str(path))["targets"]
-        else:
-            echo(f"seq_kd: beam-{self.cfg.beam} translations of {len(splits.train_x)} training "
-                 f"sources by the teacher (once)")
-            ids = translate(teacher, splits.train_x[:, 0], beam=self.cfg.beam,
-                            max_len=length - 1, length_penalty=self.cfg.length_penalty,
-                            batch_size=self.cfg.decode_batch)
-            save_tensors_atomic({"targets": ids}, path)  # a killed run never tears it
-        targets = [_until_eos(row) for row in ids]
-        fingerprint = hashlib.sha256(f"{splits.fingerprint}|seq_kd|{key}".encode()).hexdigest()
-        return replace_targets(splits, targets, fingerprint)
+
+        def decode() -> dict[str, Tensor]:
+            tools.echo(f"seq_kd: beam-{self.cfg.beam} translations of {len(splits.train_x)} "
+                       "training sources by the teacher (once)")
+            return {"targets": tools.decode(teacher, splits.train_x, beam=self.cfg.beam,
+                                            length_penalty=self.cfg.length_penalty,
+                                            batch_size=self.cfg.decode_batch)}
+
+        ids = tools.cached_tensors(f"seq_kd-{key}", decode)["targets"]
+        return tools.with_decoded_targets(splits, ids, f"seq_kd|{key}")
 
     def batch_items(self, batch: Batch) -> int:
         return int((batch["label"][:, 1:] != IGNORE_INDEX).sum())
@@ -105,11 +94,4 @@ class SeqKD(Method):
             assert out.teacher_logits is not None, "seq_kd with alpha > 0 reads the teacher"
             res = token_distill_loss(out.student_logits, out.teacher_logits, labels, **kwargs)
         return {"kd": s["alpha"] * res.kd, "ce": (1 - s["alpha"]) * res.ce}
-
-
-def _until_eos(row: Tensor) -> list[int]:
-    """Decoded ids y1 .. yn (EOS and what follows dropped)."""
-    ids = row.tolist()
-    ids = ids[: ids.index(EOS)] if EOS in ids else ids
-    return [i for i in ids if i != PAD]
 

@@ -34,6 +34,7 @@ from kdistill.errors import ConfigError
 from kdistill.evaluate import model_report, predict
 from kdistill.io import atomic_write_text
 from kdistill.methods import build_method
+from kdistill.pipeline.data_tools import RunDataTools
 from kdistill.pipeline.stages import (
     TOKEN_TASKS,
     Echo,
@@ -125,7 +126,7 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     # The data the distilled student trains on: the method may make it from the trained
     # teacher (sequence-level KD: its translations); the baseline keeps the original.
     kd_splits = distributed.on_main(lambda: build_method(cfg.method).prepare_data(
-        splits, teacher_model, run_dir / "cache" / "method", echo))
+        splits, teacher_model, RunDataTools(run_dir / "cache" / "method", echo)))
     sources = [teacher_source(cfg, kd_splits, m, run_dir / "cache" / role, echo, fp)
                for m, role, fp in zip(teacher_models, teacher_roles, teacher_prints, strict=True)]
     teacher: Teacher | None = sources[0]
