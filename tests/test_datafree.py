@@ -141,19 +141,29 @@ def _batch(n: int = 8, fill: float = float("nan")) -> dict[str, Tensor]:
 
 
 def _train(method: nn.Module, student: nn.Module, teacher: nn.Module, steps: int,
-           ckpt: Path | None = None) -> MetricsLogger:
+           ckpt: Path | None = None, *, batch_size: int = 8,
+           student_lr: float | None = None) -> MetricsLogger:
     """Train through the engine on a loader of NaN images: any real pixel reaching the
     student (or the teacher) would make the loss NaN and the engine raise. Constant LR, so a
-    resumed run with a larger max_steps follows the same schedule."""
+    resumed run with a larger max_steps follows the same schedule. `student_lr` 0 keeps the
+    student fixed (plain SGD)."""
     x = torch.full((32, 1, 8, 8), float("nan"))
-    loader = BatchLoader(x, torch.randint(0, 10, (32,)), batch_size=8, seed=0)
-    opt = build_optimizer([*student.parameters(), *method.optimizer_parameters()],
-                          TrainConfig().optimizer)
+    loader = BatchLoader(x, torch.randint(0, 10, (32,)), batch_size=batch_size, seed=0)
+    params = [*student.parameters(), *method.optimizer_parameters()]
+    opt = (build_optimizer(params, TrainConfig().optimizer) if student_lr is None
+           else torch.optim.SGD(params, lr=student_lr))
     logger = MetricsLogger()
     train(student, OnlineTeacher(teacher), method, loader, opt,  # type: ignore[arg-type]
-          TrainConfig(epochs=10, max_steps=steps, log_every=1, lr_schedule=1.0), logger=logger,
+          TrainConfig(epochs=100, max_steps=steps, log_every=1, lr_schedule=1.0), logger=logger,
           checkpoint_dir=ckpt)
     return logger
+
+
+def _generator_steps(ckpt: Path) -> float:
+    """Adam's step count of the generator, from the engine's latest checkpoint."""
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    trainer = torch.load(latest / "trainer.pt", weights_only=True)
+    return float(trainer["auxiliary"]["state"][0]["step"])
 
 
 @pytest.mark.parametrize("name", ["dafl", "dfad"])
@@ -196,14 +206,12 @@ def test_prepare_batch_ignores_real_inputs_and_labels_with_teacher_argmax() -> N
         assert torch.equal(a["label"], teacher(a["input"]).argmax(dim=1))
 
 
-def test_generator_steps_and_every() -> None:
+def test_generator_steps_and_every(tmp_path: Path) -> None:
     student, teacher = _net(0, (3, 6)), freeze_teacher(_net(1))
     method = _dafl(generator_steps=2, generator_every=3)
     method.setup(student, teacher, torch.zeros(2, 1, 8, 8))
-    adam_step = method.synth.adam_step_0
-    for step in range(4):  # generator trained at steps 0 and 3: 2 updates each
-        method.prepare_batch(_batch(), student, Progress(step, 0, 10, 10))
-    assert float(adam_step) == 4.0
+    _train(method, student, teacher, steps=4, ckpt=tmp_path)
+    assert _generator_steps(tmp_path) == 4.0  # trained at steps 0 and 3: 2 updates each
 
 
 def test_bn_prior_needs_bn_layers_and_lowers_with_training() -> None:
@@ -214,11 +222,10 @@ def test_bn_prior_needs_bn_layers_and_lowers_with_training() -> None:
     method = _dafl(bn_weight=1.0, one_hot_weight=0, balance_weight=0, activation_weight=0,
                    generator_lr=0.05)
     method.setup(student, teacher, torch.zeros(2, 1, 8, 8))
-    losses = []
     torch.manual_seed(0)
-    for step in range(30):
-        method.prepare_batch(_batch(32), student, Progress(step, 0, 30, 30))
-        losses.append(method.synth.last["gen/bn"])
+    logger = _train(method, student, teacher, steps=30, batch_size=32)
+    losses = [r["gen/bn"] for r in logger.records if "gen/bn" in r]
+    assert len(losses) == 30
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
     assert all(len(m._forward_pre_hooks) == 0 for m in teacher.modules())
 
@@ -258,13 +265,14 @@ def test_resume_keeps_generator_optimizer_and_replay(tmp_path: Path) -> None:
 
     straight, s_straight = run(None, 8)
     run(tmp_path, 4)  # 4 steps, checkpointed
+    assert _generator_steps(tmp_path) == 4.0  # the generator's Adam state is checkpointed
     resumed, s_resumed = run(tmp_path, 8)  # a fresh process picks up at step 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
                          strict=True):
         torch.testing.assert_close(a, b, msg=k)
     for a, b in zip(s_straight.parameters(), s_resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    assert float(resumed.synth.adam_step_0) == 8.0
+    assert _generator_steps(tmp_path) == 8.0
 
 
 def test_setup_errors_name_the_field() -> None:
@@ -274,11 +282,11 @@ def test_setup_errors_name_the_field() -> None:
     method = _dafl()
     method.setup(_net(0), teacher, torch.zeros(2, 1, 8, 8))
     with pytest.raises(ConfigError, match=r"method\.feature_layer"):
-        method.prepare_batch(_batch(), _net(0), P)
+        method.auxiliary().loss_terms(_batch(), _net(0), P)
     named = _dafl(feature_layer="nope")
     named.setup(_net(0), freeze_teacher(_net(1)), torch.zeros(2, 1, 8, 8))
     with pytest.raises(ConfigError, match=r"method\.feature_layer"):
-        named.prepare_batch(_batch(), _net(0), P)
+        named.auxiliary().loss_terms(_batch(), _net(0), P)
 
 
 def test_dfad_generator_ascends_the_discrepancy() -> None:
@@ -287,13 +295,24 @@ def test_dfad_generator_ascends_the_discrepancy() -> None:
                                      generator_lr=0.05))
     assert isinstance(method, DFAD)
     method.setup(student, teacher, torch.zeros(2, 1, 8, 8))
+    before = [p.detach().clone() for p in student.parameters()]
     torch.manual_seed(0)
-    gaps = []
-    for step in range(20):
-        method.prepare_batch(_batch(32), student, Progress(step, 0, 20, 20))
-        gaps.append(-method.synth.last["gen/discrepancy"])
+    logger = _train(method, student, teacher, steps=20, batch_size=32, student_lr=0.0)
+    gaps = [-r["gen/discrepancy"] for r in logger.records if "gen/discrepancy" in r]
+    assert len(gaps) == 20
     assert sum(gaps[-4:]) > sum(gaps[:4])  # the student is fixed: the gap only grows
-    assert all(p.grad is None for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
+def test_the_generator_is_not_in_the_students_optimizer() -> None:
+    student, teacher = _net(0, (3, 6)), freeze_teacher(_net(1))
+    method = _dafl()
+    method.setup(student, teacher, torch.zeros(2, 1, 8, 8))
+    loader = BatchLoader(torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long),
+                         batch_size=8)
+    opt = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=0.1)
+    with pytest.raises(ConfigError, match=r"optimizer: .*auxiliary network 'gen'"):
+        train(student, OnlineTeacher(teacher), method, loader, opt, TrainConfig(epochs=1))
 
 
 def test_sample_grid_writes_a_png(tmp_path: Path) -> None:

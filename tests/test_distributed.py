@@ -79,6 +79,16 @@ def _fit_crd() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in method.state_dict().items() if k.endswith("bank")}
 
 
+def _fit_aux() -> list[torch.Tensor]:
+    """A method with an auxiliary network the engine steps (a data-free generator's stand-in):
+    its gradient is averaged over ranks, so every rank's copy takes the single process's step."""
+    from .test_engine import ToyAux, _fit_aux
+
+    method = ToyAux()  # plain SGD: a gradient of half the size would show (Adam would hide it)
+    student = _fit_aux(method, TrainConfig(epochs=1, max_steps=4, lr_schedule=1.0))
+    return [method.z.detach().clone(), *(p.detach().clone() for p in student.parameters())]
+
+
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -86,13 +96,16 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     # Global batch 4 as one batch (each rank gets 2 rows), then as 2 accumulated batches of 2.
     results = {accum: _fit(accum) for accum in (1, 2)}
     banks = _fit_crd()
+    aux = _fit_aux()
     if rank == 0:
-        torch.save({"token": {a: (w, r) for a, (w, r) in results.items()}, "crd": banks}, out)
+        torch.save({"token": {a: (w, r) for a, (w, r) in results.items()}, "crd": banks,
+                    "aux": aux}, out)
     distributed.shutdown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_two_ranks_equal_one_process_token_weighting_and_crd_banks(tmp_path: Path) -> None:
+def test_two_ranks_equal_one_process_token_weighting_crd_banks_auxiliary(tmp_path: Path
+                                                                         ) -> None:
     out = tmp_path / "ddp.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     saved = torch.load(out, weights_only=True)
@@ -100,6 +113,8 @@ def test_two_ranks_equal_one_process_token_weighting_and_crd_banks(tmp_path: Pat
     single, single_records = _fit(1)
     for key, bank in _fit_crd().items():  # every rank's rows reached rank 0's banks
         torch.testing.assert_close(saved["crd"][key], bank, atol=1e-5, rtol=1e-4, msg=key)
+    for a, b in zip(saved["aux"], _fit_aux(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     for accum in (1, 2):
         weights, records = ddp[accum]
         for a, b in zip(single, weights, strict=True):

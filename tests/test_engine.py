@@ -16,7 +16,8 @@ from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import TrainingError
 from kdistill.logger import MetricsLogger, read_metrics
-from kdistill.methods import build_method
+from kdistill.methods import Method, build_method
+from kdistill.methods.base import Auxiliary
 from kdistill.methods.ce import CEConfig
 from kdistill.methods.kd import KDConfig
 from kdistill.teachers import CachedTeacher, OnlineTeacher
@@ -111,29 +112,19 @@ def test_teacher_gets_no_gradient_and_stays_in_eval() -> None:
     assert all(p.grad is None and not p.requires_grad for p in teacher_net.parameters())
 
 
-class NaNAfter(nn.Module):
+class NaNAfter(Method):
     """A method whose loss turns NaN at a given step (what a diverging run looks like)."""
 
+    config_type = CEConfig
     uses_teacher = False
-    student_layers = teacher_layers = ()
-    cfg = CEConfig()
 
     def __init__(self, step: int) -> None:
-        super().__init__()
+        super().__init__(CEConfig())
         self.step = step
 
     def loss_terms(self, out, batch, progress):
         ce = nn.functional.cross_entropy(out.student_logits, batch["label"])
         return {"ce": ce * (float("nan") if progress.step >= self.step else 1.0)}
-
-    def batch_items(self, batch):
-        return len(batch["label"])
-
-    def prepare_batch(self, batch, student, progress):
-        return batch
-
-    def scalars(self, progress):
-        return {}
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -280,3 +271,91 @@ def test_resume_after_an_epoch_end_evaluation_logs_it_once(tmp_path: Path) -> No
     go(MetricsLogger(tmp_path / "m.jsonl"))
     val = [r["step"] for r in read_metrics(tmp_path / "m.jsonl") if r["split"] == "val"]
     assert val == [13, 26]
+
+
+class ToyAux(Method):
+    """CE, plus an auxiliary network: 4 inputs `z` pulled towards where the student outputs 1
+    (a stand-in for a data-free generator, whose loss also runs the student)."""
+
+    config_type = CEConfig
+    uses_teacher = False
+
+    def __init__(self, *, adam: bool = False, steps: int = 1, every: int = 1,
+                 nan_at: int | None = None) -> None:
+        super().__init__(CEConfig())
+        self.z = nn.Parameter(torch.randn(4, 12, generator=torch.Generator().manual_seed(0)))
+        self.adam, self.steps, self.every, self.nan_at = adam, steps, every, nan_at
+        self.calls = 0
+
+    def auxiliary(self) -> Auxiliary:
+        def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return (torch.optim.Adam(params, lr=0.05) if self.adam
+                    else torch.optim.SGD(params, lr=1.0))
+
+        return Auxiliary("toy", [self.z], optimizer, self.fit, steps=self.steps,
+                         every=self.every)
+
+    def fit(self, batch, student, progress):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        loss = (student(self.z) - 1).pow(2).mean()
+        return {"fit": loss * (float("nan") if progress.step == self.nan_at else 1.0)}
+
+    def loss_terms(self, out, batch, progress):  # type: ignore[no-untyped-def]
+        return {"ce": nn.functional.cross_entropy(out.student_logits, batch["label"])}
+
+
+def _fit_aux(method: ToyAux, cfg: TrainConfig, *, student: nn.Module | None = None,
+             ckpt: Path | None = None, logger: MetricsLogger | None = None) -> nn.Module:
+    x, y = data()
+    student = student or mlp(0)
+    opt = build_optimizer([*student.parameters(), *method.optimizer_parameters()],
+                          cfg.optimizer)
+    train(student, None, method, BatchLoader(x, y, batch_size=16, seed=1), opt, cfg, seed=5,
+          checkpoint_dir=ckpt, logger=logger)
+    return student
+
+
+def test_auxiliary_steps_are_clipped_scheduled_and_never_reach_the_student() -> None:
+    # SGD at lr 1 on z: one update moves z by lr · schedule · clipped gradient = 0.5 · 1e-3.
+    method = ToyAux()
+    assert method.optimizer_parameters() == []  # z is stepped by the engine alone
+    student = mlp(0)
+    backward_passes = []
+    student[0].weight.register_hook(lambda g: backward_passes.append(1))
+    z0 = method.z.detach().clone()
+    cfg = TrainConfig(epochs=1, max_steps=1, clip_grad_norm=1e-3, lr_schedule=0.5)
+    _fit_aux(method, cfg, student=student)
+    assert float((method.z.detach() - z0).norm()) == pytest.approx(5e-4, rel=1e-4)
+    # One gradient reached the student: its own loss's. The auxiliary loss ran the student
+    # too, but its gradient was taken w.r.t. z only.
+    assert method.calls == 1 and len(backward_passes) == 1
+    assert method.z.grad is None
+
+
+def test_auxiliary_cadence_logging_and_a_non_finite_auxiliary_loss(tmp_path: Path) -> None:
+    method = ToyAux(steps=2, every=3)
+    logger = MetricsLogger()
+    _fit_aux(method, TrainConfig(epochs=1, max_steps=7, log_every=1), logger=logger)
+    assert method.calls == 6  # steps 0, 3 and 6, two updates each
+    assert all("toy/fit" in r for r in logger.records)
+    with pytest.raises(TrainingError, match=r"non-finite loss in the auxiliary network 'toy' "
+                                            r"at step 2.*term 'fit'"):
+        _fit_aux(ToyAux(nan_at=2), TrainConfig(epochs=1, checkpoint_every_steps=1),
+                 ckpt=tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+def test_resume_with_an_auxiliary_optimizer_equals_the_straight_run(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, log_every=1, checkpoint_every_steps=5,
+                      lr_schedule={"kind": "cosine", "start": 1.0, "end": 0.1})
+    straight_method = ToyAux(adam=True, steps=2, every=2)
+    straight = _fit_aux(straight_method, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_aux(ToyAux(adam=True, steps=2, every=2), cfg, ckpt=tmp_path, logger=CrashAt(8))
+    trainer = torch.load(latest_checkpoint(tmp_path) / "trainer.pt", weights_only=True)
+    assert trainer["auxiliary"]["state"][0]["step"] == 6  # steps 0, 2, 4: 2 Adam updates each
+    resumed_method = ToyAux(adam=True, steps=2, every=2)
+    resumed = _fit_aux(resumed_method, cfg, student=mlp(123), ckpt=tmp_path)
+    assert torch.equal(straight_method.z, resumed_method.z)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import sys
 import tempfile
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
+import kdistill.methods
 from kdistill.build import build_optimizer
 from kdistill.capture import capture
 from kdistill.config import TrainConfig
@@ -17,6 +24,7 @@ from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.logger import MetricsLogger
 from kdistill.methods import METHODS, Outputs, build_method
+from kdistill.methods.base import Nets
 from kdistill.methods.kd import KDConfig
 from kdistill.schedules import Progress
 from kdistill.teachers import OnlineTeacher
@@ -73,55 +81,29 @@ def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-# A config for each method on the tiny nets above (student widths (3, 6), teacher (4, 8)).
-EXAMPLES: dict[str, dict] = {
-    "ce": {},
-    "kd": {},
-    "dkd": {"weight": 1.0},
-    "dist": {},
-    "fitnet": {"student_layer": "2", "teacher_layer": "2"},  # (6, 8, 8) -> (8, 8, 8): 1x1 conv
-    "at": {"pairs": [["0", "0"], ["2", "2"]]},
-    "sp": {"pairs": [["2", "2"]]},
-    "attn": {"pairs": [["blocks.0.attn.probs", "blocks.1.attn.probs"]]},
-    "tinybert": {"hidden_pairs": [["tokens.0", "tokens.0"], ["tokens.1", "tokens.2"]],
-                 "attention_pairs": [["bert.encoder.layer.0.attention.self",
-                                      "bert.encoder.layer.1.attention.self"]],
-                 "output_index": 1, "alpha": 0.5},
-    "rkd": {"student_layer": "3", "teacher_layer": "3"},
-    "pkt": {"student_layer": "3", "teacher_layer": "3"},
-    "crd": {"student_layer": "3", "teacher_layer": "3", "feat_dim": 8, "num_negatives": 16},
-    "self_distill": {"layers": ["1", "3"], "hint_layer": "4"},  # exits hint the flat final map
-    "multi_kd": {"confidence": True},  # one teacher here; several in test_pipeline
-    "token_kd": {"kind": "jsd", "beta": 0.3, "alpha": 0.7},
-    "gkd": {"lmbda": 0.5, "beta": 0.5, "alpha": 0.9, "prompt_tokens": 4},
-    "seq_kd": {"alpha": 0.5},  # word-level KD on the targets too (alpha 0: CE only)
-    "cross_attn": {"pairs": [["decoder.0.cross_attn.probs", "decoder.1.cross_attn.probs"]]},
-    "dafl": {"generator_width": 8, "latent_dim": 4, "alpha": 0.9, "replay_size": 8},
-    "dfad": {"generator_width": 8, "latent_dim": 4, "generator_every": 1},
-    "embed_kd": {"mse_weight": 1.0, "cos_weight": 0.5},  # (B, 10) "embeddings" -> (B, 12)
+# The fixed menu of `Example.nets` (kdistill.methods.base): name -> (student, teacher).
+NETS: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
+    "cnn": lambda: (_net(0, (3, 6)), _net(1)),
+    "transformer": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
+    "llama": lambda: (_llama(0, 8), _llama(1, 16)),
+    "bert": _berts,
+    "seq2seq": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
+    # A wider teacher output: a method's projection (an adapter) must get gradients.
+    "embedding": lambda: (_net(0, (3, 6)),
+                          nn.Sequential(*list(_net(1))[:-1], nn.Linear(8 * 64, 12))),
 }
-# Methods that need other nets than the tiny CNNs: name -> (student, teacher).
-NETS = {"attn": lambda: (_transformer(0, 8, 2), _transformer(1, 16, 4)),
-        "tinybert": _berts,
-        "token_kd": lambda: (_llama(0, 8), _llama(1, 16)),
-        "gkd": lambda: (_llama(0, 8), _llama(1, 16)),
-        "seq_kd": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
-        "cross_attn": lambda: (_seq2seq(0, 8, 1), _seq2seq(1, 16, 2)),
-        # A wider teacher output: the method's projection (an adapter) must get gradients.
-        "embed_kd": lambda: (_net(0, (3, 6)),
-                             nn.Sequential(*list(_net(1))[:-1], nn.Linear(8 * 64, 12)))}
 
 
-def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """32 training items: images and classes, or token blocks (labels = the ids) for LMs."""
-    if "causal_lm" in METHODS[name].tasks and "classification" not in METHODS[name].tasks:
+def _data(nets: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 training items for the menu entry: images and classes, or token rows."""
+    if nets == "llama":  # token blocks, labels = the ids
         ids = torch.randint(0, 20, (32, 9))
         return ids, ids.clone()
-    if name == "tinybert":  # token ids, the last positions of some rows padded (id 0)
+    if nets == "bert":  # token ids, the last positions of some rows padded (id 0)
         ids = torch.randint(1, 100, (32, 12))
         ids[::2, 8:] = 0
         return ids, torch.randint(0, 10, (32,))
-    if METHODS[name].tasks == ("seq2seq",):  # packed rows, see kdistill.data.translation
+    if nets == "seq2seq":  # packed rows, see kdistill.data.translation
         from kdistill.data.translation import pack
 
         src = [torch.randint(4, 20, (int(n),)).tolist() for n in torch.randint(1, 7, (32,))]
@@ -130,16 +112,40 @@ def _data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
 
 
-def test_every_method_has_a_contract_example() -> None:
-    assert set(EXAMPLES) == set(METHODS)
+def test_the_menu_covers_every_example() -> None:
+    assert set(get_args(Nets)) == set(NETS)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_contract(name: str) -> None:
-    method = build_method(METHODS[name].config_type(**EXAMPLES[name]))
-    student, teacher_net = NETS[name]() if name in NETS else (_net(0, (3, 6)), _net(1))
+    """One epoch of the method's own example (`Method.example`) through the engine."""
+    _contract(name)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_under_bf16_autocast(name: str) -> None:
+    """Features arrive in bf16 under autocast; a method's own modules (fp32) must take them."""
+    _contract(name, precision="bf16", max_steps=1)
+
+
+def test_the_worked_example_in_docs_methods_passes_the_contract(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    section = text[text.index("## Adding a method"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n")]
+    module = types.ModuleType("kdistill.methods.logit_mse")  # as if it were the file
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "docs/methods.md", "exec"), module.__dict__)  # our own docs, tested
+    monkeypatch.setitem(METHODS, "logit_mse", module.LogitMSE)
+    _contract("logit_mse")
+
+
+def _contract(name: str, precision: str = "fp32", max_steps: int | None = None) -> None:
+    example = METHODS[name].example
+    method = build_method(METHODS[name].config_type(**example.config))
+    student, teacher_net = NETS[example.nets]()
     before = [p.detach().clone() for p in student.parameters()]
-    x, y = _data(name)
+    x, y = _data(example.nets)
     # Hooks a library installs itself on a first forward (transformers' output recorders)
     # are not kdistill's: count after one forward, then require exactly those at the end.
     with torch.no_grad():
@@ -150,18 +156,54 @@ def test_method_contract(name: str) -> None:
     loader = BatchLoader(x, y, batch_size=16, seed=0)
     opt = build_optimizer([*student.parameters(), *method.optimizer_parameters()],
                           TrainConfig().optimizer)
+    aux = method.auxiliary()
+    aux_before = [p.detach().clone() for p in aux.parameters] if aux else []
     logger = MetricsLogger()
     teacher = OnlineTeacher(teacher_net) if method.uses_teacher else None
-    train(student, teacher, method, loader, opt, TrainConfig(epochs=1, log_every=1),
-          logger=logger)
+    cfg = TrainConfig(epochs=1, log_every=1, precision=precision, max_steps=max_steps)
+    train(student, teacher, method, loader, opt, cfg, logger=logger)
     assert all(math.isfinite(r["loss"]) for r in logger.records)
     assert all(r["loss"] > 0 for r in logger.records)
     assert all(p.grad is None for p in teacher_net.parameters())
-    # Every adapter trained (a data-free generator has its own optimizer, so it is left out).
+    # Every adapter trained; an auxiliary network (a data-free generator) was stepped by the
+    # engine with its own optimizer.
     assert all(p.grad is not None for p in method.optimizer_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    if aux is not None:
+        assert any(not torch.equal(a, b) for a, b in zip(aux_before, aux.parameters,
+                                                          strict=True))
     assert (_hooks(student), _hooks(teacher_net)) == own_hooks
     assert METHODS[name].paper
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"ce"}))
+def test_every_method_has_a_recipe(name: str) -> None:
+    """Adding a method is its file, one line in METHODS and one recipe naming it."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    named = [p.name for p in sorted(recipes.glob("*.yaml"))
+             if _method_name(yaml.safe_load(p.read_text())) == name]
+    assert named, f"no recipe in recipes/ uses method '{name}'"
+
+
+def _method_name(recipe: dict) -> str:
+    method = recipe.get("method") or {}
+    return method.get("name", "kd") if isinstance(method, dict) else str(method)
+
+
+def test_methods_import_only_what_the_contract_allows() -> None:
+    """Methods see the run through `Collectives` and `DataTools`, never its modules."""
+    allowed = ("kdistill.losses", "kdistill.capture", "kdistill.adapters",
+               "kdistill.schedules", "kdistill.types", "kdistill.errors", "kdistill.methods",
+               "kdistill.models.generator")
+    folder = Path(kdistill.methods.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for module in names:
+                if module.startswith("kdistill") and module != "kdistill":
+                    assert module.startswith(allowed), f"{path.name} imports {module}"
+                assert module != "kdistill", f"{path.name} imports the kdistill package"
 
 
 def test_kd_terms_by_hand() -> None:

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from kdistill.cache import CacheKey, TeacherCache, build_cache
+from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
 from kdistill.capture import capture
-from kdistill.data.translation import BOS, EOS, IGNORE_INDEX, PAD, pack, translation_splits
+from kdistill.data.translation import (
+    BOS,
+    EOS,
+    IGNORE_INDEX,
+    PAD,
+    pack,
+    replace_targets,
+    translation_splits,
+)
 from kdistill.losses import shift_labels, token_distill_loss
 from kdistill.losses.attention import attention_probs_loss
 from kdistill.methods import Outputs, build_method
@@ -120,8 +129,37 @@ def _tiny_splits():  # type: ignore[no-untyped-def]
                               test_size=0.1, split_seed=0, pairs=synthetic_pairs(120))
 
 
-def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class FakeTools:
+    """A small `DataTools` (kdistill.methods.base) over a folder: the task's decoding is
+    `translate` of the sources, targets replaced by `replace_targets`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.lines, self.decoded = directory, [], 0
+        self.echo = self.lines.append
+
+    def fingerprint(self, model: torch.nn.Module) -> str:
+        return fingerprint_model(model)
+
+    def cached_tensors(self, name: str, make):  # type: ignore[no-untyped-def]
+        path = self.directory / f"{name}.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        tensors = make()
+        save_file(tensors, str(path))
+        return tensors
+
+    def decode(self, model, inputs, *, beam, length_penalty, batch_size):  # type: ignore[no-untyped-def]
+        self.decoded += 1
+        return translate(model, inputs[:, 0], beam=beam, max_len=inputs.shape[-1] - 1,
+                         length_penalty=length_penalty, batch_size=batch_size)
+
+    def with_decoded_targets(self, splits, ids, key):  # type: ignore[no-untyped-def]
+        rows = [row.tolist() for row in ids]
+        targets = [[i for i in (r[: r.index(EOS)] if EOS in r else r) if i != PAD] for r in rows]
+        return replace_targets(splits, targets, f"{splits.fingerprint}|{key}")
+
+
+def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(tmp_path: Path) -> None:
     splits = _tiny_splits()
     torch.manual_seed(0)
     teacher = build_model("seq2seq_transformer", input_shape=splits.input_shape,
@@ -130,12 +168,9 @@ def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(
                                 "ff": 32}).eval()
     method = build_method(SeqKDConfig(beam=2))
     assert not method.uses_teacher  # alpha 0: the teacher only makes the targets
-    from kdistill.pipeline.teaching import RunDataTools
-    from kdistill.tasks import TASKS
-
-    lines: list[str] = []
-    tools = RunDataTools(tmp_path, TASKS["seq2seq"], lines.append)
+    tools = FakeTools(tmp_path)
     new = method.prepare_data(splits, teacher, tools)
+    assert tools.decoded == 1 and "beam-2 translations" in tools.lines[-1]
     expected = translate(teacher, splits.train_x[:, 0], beam=2, max_len=11)
     for row, out in zip(new.train_x[:, 1], expected, strict=True):
         ids = out.tolist()
@@ -146,16 +181,17 @@ def test_seq_kd_trains_on_the_teachers_beam_outputs_cached_by_teacher(
     assert torch.equal(new.val_x, splits.val_x) and new.fingerprint != splits.fingerprint
     assert len(list(tmp_path.glob("seq_kd-*.safetensors"))) == 1
 
-    def no_decoding(*args: object, **kwargs: object) -> None:
-        raise AssertionError("decoded again instead of reading the cache")
-
-    monkeypatch.setattr("kdistill.tasks.seq2seq.translate", no_decoding)
-    again = method.prepare_data(splits, teacher, tools)
+    again = method.prepare_data(splits, teacher, tools)  # read back, not decoded again
+    assert tools.decoded == 1
     assert torch.equal(again.train_x, new.train_x) and again.fingerprint == new.fingerprint
-    with torch.no_grad():  # another teacher: another cache file, decoded anew
+    with torch.no_grad():  # another teacher: another cache entry, decoded anew
         teacher.embed.weight.mul_(2)
-    with pytest.raises(AssertionError, match="decoded again"):
-        method.prepare_data(splits, teacher, tools)
+    other = method.prepare_data(splits, teacher, tools)
+    assert tools.decoded == 2 and other.fingerprint != new.fingerprint
+    assert len(list(tmp_path.glob("seq_kd-*.safetensors"))) == 2
+    # Another beam is another key as well.
+    beam3 = build_method(SeqKDConfig(beam=3)).prepare_data(splits, teacher, tools)
+    assert tools.decoded == 3 and beam3.fingerprint not in (new.fingerprint, other.fingerprint)
     # The loss: next-token CE on the new targets only (alpha 0).
     logits = torch.randn(4, 12, splits.num_classes)
     terms = method.loss_terms(Outputs(logits), {"label": new.train_y[:4]}, P)

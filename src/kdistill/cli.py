@@ -124,28 +124,41 @@ def report(
 
 
 @app.command()
-def methods() -> None:
-    """List the distillation methods with their parameters and papers."""
-    from pydantic import BaseModel
-    from pydantic.fields import FieldInfo
-
+def methods(
+    name: Annotated[str | None, typer.Argument(
+        help="a method: print its recipe keys (type, default, description)")] = None,
+) -> None:
+    """List the distillation methods, or one method's parameters."""
+    from kdistill.errors import ConfigError
     from kdistill.methods import METHODS
+    from kdistill.report.recipes_doc import method_intro, method_parameters
 
-    def show(field: FieldInfo) -> str:
-        if field.is_required():
-            return "(required)"
-        default = field.default
-        if isinstance(default, BaseModel):  # a schedule: show it as a recipe would
-            return "{" + ", ".join(f"{k}: {v}" for k, v in default.model_dump().items()) + "}"
-        return repr(default)
+    def data(tasks: tuple[str, ...]) -> str:
+        return ", ".join("text (causal LM)" if t == "causal_lm" else t for t in tasks)
 
-    table = Table("method", "data", "parameters (default)", "paper")
-    for name, cls in METHODS.items():
-        fields = cls.config_type.model_fields
-        params = ", ".join(f"{k}={show(v)}" for k, v in fields.items() if k != "name")
-        data = ", ".join("text (causal LM)" if t == "causal_lm" else t for t in cls.tasks)
-        table.add_row(name, data, params, cls.paper)
-    console.print(table)
+    if name is None:
+        table = Table("method", "data", "paper")
+        for key, cls in METHODS.items():
+            table.add_row(key, data(cls.tasks), cls.paper)
+        console.print(table)
+        console.print("`kdistill methods NAME`: that method's recipe keys.", highlight=False,
+                      markup=False)
+        return
+    if name not in METHODS:
+        raise ConfigError("method.name", f"unknown method '{name}'; one of "
+                          f"{', '.join(METHODS)}")
+    cls = METHODS[name]
+    console.print(f"method.name: {name} ({data(cls.tasks)}). {method_intro(name)}",
+                  highlight=False, markup=False)
+    console.print(f"Paper: {cls.paper}", highlight=False, markup=False)
+    rows = method_parameters(name)
+    if not rows:
+        console.print("No further keys.", highlight=False)
+        return
+    table = Table("key", "type", "default", "description")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table, markup=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -25,8 +25,9 @@ Conventions, shared with `kdistill.losses.logits` (whose checks and `kd_kl` are 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -168,85 +169,18 @@ def token_kd(
     return reduce_loss(per_token, mask=valid, reduction=reduction, normalizer=normalizer)
 
 
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    labels: Tensor | None = None,
-    ignore_index: int = -100,
-    mask: Tensor | None = None,
-    reduction: Reduction = "mean",
-    scale_by_t2: bool = True,
-    normalizer: float | Tensor | None = None,
-) -> Tensor:
-    """KL(teacher ‖ student) per token (arXiv:1503.02531): `token_kd(kind="forward_kl")`."""
-    return token_kd(
-        student_logits, teacher_logits, kind="forward_kl", temperature=temperature,
-        labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction,
-        scale_by_t2=scale_by_t2, normalizer=normalizer,
-    )
+def _kind(kind: TokenKDKind, doc: str) -> Callable[..., Tensor]:
+    """`token_kd` with `kind` fixed: the same keyword arguments and defaults otherwise."""
+    fn = functools.partial(token_kd, kind=kind)
+    fn.__doc__ = doc  # type: ignore[attr-defined]
+    return fn
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    labels: Tensor | None = None,
-    ignore_index: int = -100,
-    mask: Tensor | None = None,
-    reduction: Reduction = "mean",
-    scale_by_t2: bool = True,
-    normalizer: float | Tensor | None = None,
-) -> Tensor:
-    """KL(student ‖ teacher) per token (MiniLLM, arXiv:2306.08543); kind="reverse_kl"."""
-    return token_kd(
-        student_logits, teacher_logits, kind="reverse_kl", temperature=temperature,
-        labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction,
-        scale_by_t2=scale_by_t2, normalizer=normalizer,
-    )
-
-
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    beta: float = 0.5,
-    temperature: float | Tensor = 1.0,
-    labels: Tensor | None = None,
-    ignore_index: int = -100,
-    mask: Tensor | None = None,
-    reduction: Reduction = "mean",
-    scale_by_t2: bool = True,
-    normalizer: float | Tensor | None = None,
-) -> Tensor:
-    """JSD(β) per token (GKD, arXiv:2306.13649): `token_kd(kind="jsd")`; see its docstring."""
-    return token_kd(
-        student_logits, teacher_logits, kind="jsd", beta=beta, temperature=temperature,
-        labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction,
-        scale_by_t2=scale_by_t2, normalizer=normalizer,
-    )
-
-
-def total_variation(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    labels: Tensor | None = None,
-    ignore_index: int = -100,
-    mask: Tensor | None = None,
-    reduction: Reduction = "mean",
-    scale_by_t2: bool = True,
-    normalizer: float | Tensor | None = None,
-) -> Tensor:
-    """½ Σ_v |p − q| per token, in [0, 1] at T = 1: `token_kd(kind="tv")`."""
-    return token_kd(
-        student_logits, teacher_logits, kind="tv", temperature=temperature,
-        labels=labels, ignore_index=ignore_index, mask=mask, reduction=reduction,
-        scale_by_t2=scale_by_t2, normalizer=normalizer,
-    )
+# The four divergences by name (one function, `token_kd`, underneath).
+forward_kl = _kind("forward_kl", "KL(teacher ‖ student) per token (arXiv:1503.02531).")
+reverse_kl = _kind("reverse_kl", "KL(student ‖ teacher) per token (MiniLLM, arXiv:2306.08543).")
+generalized_jsd = _kind("jsd", "JSD(β) per token (GKD, arXiv:2306.13649); see `token_kd`.")
+total_variation = _kind("tv", "½ Σ_v |p − q| per token, in [0, 1] at T = 1.")
 
 
 def token_distill_loss(

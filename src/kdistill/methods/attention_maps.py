@@ -13,7 +13,7 @@ from kdistill.capture import capture
 from kdistill.errors import ConfigError
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.attention import attention_probs_loss
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 
 
@@ -54,6 +54,8 @@ class AttentionDistill(Method):
     config_type = AttentionDistillConfig
     paper = ("Wang et al. 2020, MiniLM: Deep Self-Attention Distillation (arXiv:2002.10957); "
              "Jiao et al. 2020, TinyBERT (arXiv:1909.10351)")
+    example = Example({"pairs": [["blocks.0.attn.probs", "blocks.1.attn.probs"]]},
+                      nets="transformer")
     cfg: AttentionDistillConfig
 
     def _key(self, name: str) -> str:

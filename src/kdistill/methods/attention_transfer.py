@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.features import attention_transfer
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
 
@@ -31,6 +31,7 @@ class AT(Method):
 
     config_type = ATConfig
     paper = "Zagoruyko & Komodakis 2017, Paying More Attention to Attention (arXiv:1612.03928)"
+    example = Example({"pairs": [["0", "0"], ["2", "2"]]})
     cfg: ATConfig
 
     @property

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, shift_labels
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress
 
 
@@ -30,6 +30,7 @@ class CE(Method):
     uses_teacher = False
     tasks = ("classification", "causal_lm", "seq2seq")
     paper = "supervised baseline (no teacher)"
+    example = Example()
     cfg: CEConfig
 
     def batch_items(self, batch: Batch) -> int:

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
-from kdistill import distributed
 from kdistill.adapters import probe_shapes
 from kdistill.errors import ConfigError
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.contrastive import crd_nce, info_nce, nce_normalizer
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, bounds, check_range, value_at
 
 Weight = Annotated[Schedule, AfterValidator(lambda v: check_range(v, "weight", low=0.0))]
@@ -77,6 +76,8 @@ class CRD(Method):
     config_type = CRDConfig
     paper = "Tian, Krishnan & Isola 2019, Contrastive Representation Distillation " \
             "(arXiv:1910.10699)"
+    example = Example({"student_layer": "3", "teacher_layer": "3", "feat_dim": 8,
+                       "num_negatives": 16})
     cfg: CRDConfig
 
     def __init__(self, cfg: CRDConfig) -> None:
@@ -134,10 +135,11 @@ class CRD(Method):
         # `where` instead of an `if` on the buffer avoids a host sync every step.
         with torch.no_grad():
             estimate = nce_normalizer(scores.detach(), temperature=tau, num_samples=n)
-            if distributed.info().enabled and not bool(self.z[side] > 0):
+            ranks = self.collectives
+            if ranks.distributed and not bool(self.z[side] > 0):
                 # The first batch is split over ranks: average the ranks' estimates, so Z is
                 # the global batch's (the sync happens once: Z is kept afterwards).
-                estimate = distributed.all_reduce_sum(estimate.clone()) / distributed.info().world
+                estimate = ranks.all_reduce_sum(estimate.clone()) / ranks.world
             z = torch.where(self.z[side] > 0, self.z[side], estimate)
             if self.training:
                 self.z[side] = z
@@ -167,7 +169,7 @@ class CRD(Method):
 
         Under DDP every rank applies every rank's rows, so the banks stay one global bank
         (as in a single process with the same global batch), not one stale bank per rank."""
-        index, emb_s, emb_t = distributed.all_gather_rows(index, emb_s, emb_t)
+        index, emb_s, emb_t = self.collectives.all_gather_rows(index, emb_s, emb_t)
         m = self.cfg.momentum
         for bank, emb in ((self.student_bank, emb_s), (self.teacher_bank, emb_t)):
             rows = bank.index_select(0, index).mul_(m).add_(emb.to(bank.dtype), alpha=1 - m)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kdistill.losses import shift_labels, token_distill_loss, topk_distill_loss
 from kdistill.losses.attention import attention_probs_loss
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 from kdistill.types import IGNORE_INDEX
 
@@ -46,6 +46,8 @@ class CrossAttentionDistill(Method):
     reads_topk = True
     paper = ("Kim & Rush 2016 (arXiv:1606.07947) word-level KD; attention KL as MiniLM "
              "(arXiv:2002.10957), on decoder cross-attention")
+    example = Example({"pairs": [["decoder.0.cross_attn.probs",
+                                  "decoder.1.cross_attn.probs"]]}, nets="seq2seq")
     cfg: CrossAttnConfig
 
     @property

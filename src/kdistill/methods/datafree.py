@@ -6,13 +6,13 @@ al. 2019, arXiv:1912.11006), whose generator seeks the inputs where student and 
 most while the student closes the gap. Both can add DeepInversion's batch-norm statistics prior
 (arXiv:1912.08795) and a prioritised replay of the generated samples the student got most wrong.
 
-Both are on-policy: `prepare_batch` trains the generator, then replaces the real batch by
-generated inputs (only its size is read; no real image reaches the student), so the pipeline runs
-the teacher online. The generator belongs to the method, so checkpoints carry it, but
-`optimizer_parameters()` leaves it out of the student's optimizer: it has its own Adam, whose
-moments are method buffers, so a resumed run continues exactly. Shared machinery lives in
-`Synthesizer` (composition, not inheritance); the two methods differ in their generator loss and
-student loss only.
+Both are on-policy: `prepare_batch` replaces the real batch by generated inputs (only its size
+is read; no real image reaches the student), so the pipeline runs the teacher online. The
+generator belongs to the method, so checkpoints carry it, and `auxiliary()` declares it with
+its Adam and loss: the engine steps it (clipping, non-finite checks, LR schedule and optimiser
+state in its checkpoints, like the student's). Shared machinery lives in `Synthesizer`
+(composition, not inheritance); the two methods differ in their generator loss and student
+loss only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from kdistill.losses import (
     l1_discrepancy,
     one_hot_loss,
 )
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.models.generator import Generator
+from kdistill.methods.base import Auxiliary, Batch, Example, Method, MethodConfig, Outputs
+from kdistill.models.generator import Generator, save_sample_grid
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 # (teacher logits, features or None, BN-statistics loss or None) for generated inputs.
@@ -102,7 +102,7 @@ class DFADConfig(_DataFreeConfig):
 
 
 class Synthesizer(nn.Module):
-    """The generator, its Adam state, the teacher's hooks and the replay buffer.
+    """The generator, the teacher's hooks, the replay buffer and the last generator samples.
 
     Built by `build` once the teacher and the input shape are known. The teacher is held in a
     tuple, not as a submodule: its weights must stay out of `state_dict()` and `parameters()`.
@@ -113,7 +113,9 @@ class Synthesizer(nn.Module):
         self.cfg = cfg
         self._teacher: tuple[nn.Module, ...] = ()
         self._bn: list[nn.modules.batchnorm._BatchNorm] = []
-        self.last: dict[str, float] = {}  # the last generator step's terms, for logging
+        # The last generator step's samples and teacher logits, reused as the next batch (as
+        # DAFL does) so the teacher is not run once more; consumed by `synthesize`.
+        self._fresh: tuple[Tensor, Tensor] | None = None
 
     def build(self, teacher: nn.Module | None, example: Tensor, method: str) -> None:
         if teacher is None:
@@ -126,22 +128,33 @@ class Synthesizer(nn.Module):
                               "running statistics to match; set bn_weight: 0")
         self.generator = Generator(example.shape[1:], latent_dim=self.cfg.latent_dim,
                                    width=self.cfg.generator_width).to(example.device)
-        params = list(self.generator.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.generator_lr,
-                                          betas=self.cfg.generator_betas)
-        # Adam's moments made now and registered as buffers: Adam updates them in place, so
-        # checkpoints (which save method buffers) carry them and loading restores them.
-        for i, p in enumerate(params):
-            state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                     "exp_avg_sq": torch.zeros_like(p)}
-            self.optimizer.state[p] = state
-            for key, value in state.items():
-                self.register_buffer(f"adam_{key}_{i}", value)
         size = self.cfg.replay_size
         self.register_buffer("replay_x", example.new_zeros(size, *example.shape[1:]))
         self.register_buffer("replay_label", torch.zeros(size, dtype=torch.long))
         # -inf marks an empty slot: any real sample outranks it.
         self.register_buffer("replay_score", torch.full((size,), -math.inf))
+
+    def auxiliary(self, loss: Callable[[Tensor, nn.Module], tuple[dict[str, Tensor], Tensor]]
+                  ) -> Auxiliary:
+        """The generator as the engine's auxiliary network: Adam at `generator_lr`, trained on
+        `loss(x, student) -> (weighted terms, teacher logits)` for samples x as many as the
+        batch has; the samples of its last step are kept for `synthesize`."""
+        if not hasattr(self, "generator"):
+            raise RuntimeError("call the method's setup() before training")
+        c = self.cfg
+
+        def loss_terms(batch: Batch, student: nn.Module, progress: Progress
+                       ) -> dict[str, Tensor]:
+            x = self.generator.sample(len(batch["label"]))
+            terms, logits = loss(x, student)
+            self._fresh = (x.detach(), logits.detach())
+            return terms
+
+        return Auxiliary(
+            name="gen", parameters=list(self.generator.parameters()),
+            optimizer=lambda params: torch.optim.Adam(params, lr=c.generator_lr,
+                                                      betas=c.generator_betas),
+            loss_terms=loss_terms, steps=c.generator_steps, every=c.generator_every)
 
     @property
     def teacher(self) -> nn.Module:
@@ -194,34 +207,18 @@ class Synthesizer(nn.Module):
               if self.cfg.bn_weight > 0 else None)
         return logits, feats, bn
 
-    def synthesize(self, batch: Batch, progress: Progress,
-                   generator_terms: Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]
-                   ) -> Batch:
-        """Train the generator (`generator_terms(x) -> (weighted terms, teacher logits)`), then
-        return a batch of its samples, as many as `batch` has, labelled with the teacher's
-        argmax. The samples of the last generator step are reused (as DAFL does) so the teacher
-        is not run once more; a replay share replaces the tail of the batch."""
+    def synthesize(self, batch: Batch) -> Batch:
+        """A batch of generated samples, as many as `batch` has, labelled with the teacher's
+        argmax: those of the generator's last step when it just stepped (the engine runs it
+        before `prepare_batch`), else fresh ones; a replay share replaces the tail."""
         n = len(batch["label"])
-        x: Tensor | None = None
-        logits: Tensor | None = None
-        params = list(self.generator.parameters())
-        if progress.step % self.cfg.generator_every == 0:
-            for _ in range(self.cfg.generator_steps):
-                x = self.generator.sample(n)
-                terms, logits = generator_terms(x)
-                loss = sum(terms.values())
-                # autograd.grad, not backward(): no gradient lands on the teacher or student.
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g
-                self.optimizer.step()
-                for p in params:
-                    p.grad = None
-                self.last = {f"gen/{k}": float(v.detach()) for k, v in terms.items()}
-        if x is None or logits is None:
+        if self._fresh is not None and len(self._fresh[0]) == n:
+            x, logits = self._fresh
+        else:
             with torch.no_grad():
                 x = self.generator.sample(n)
                 logits = self.teacher(x)
+        self._fresh = None
         x, labels = x.detach(), logits.detach().argmax(dim=1)
         slots = torch.full((n,), -1, dtype=torch.long, device=x.device)
         filled = torch.isfinite(self.replay_score).nonzero().flatten()
@@ -264,9 +261,8 @@ def _kd_terms(out: Outputs, batch: Batch, temperature: float, alpha: float) -> d
 
 
 class _DataFree(Method):
-    """What both data-free methods share: the synthesizer (generator, its optimizer, replay),
-    set up from the teacher; the generator outside the student's optimizer; logged scalars;
-    the sample grid as the stage's artifact."""
+    """What both data-free methods share: the synthesizer (generator, replay), set up from the
+    teacher; the generator as the auxiliary network; the sample grid as the stage's artifact."""
 
     on_policy = True
     cfg: _DataFreeConfig
@@ -279,17 +275,22 @@ class _DataFree(Method):
               num_samples: int | None = None) -> None:
         self.synth.build(teacher, example, self.cfg.name)
 
-    def optimizer_parameters(self) -> list[nn.Parameter]:
-        return []  # the generator has its own optimizer and objective
+    def generator_loss(self, x: Tensor, student: nn.Module) -> tuple[dict[str, Tensor], Tensor]:
+        """The generator's weighted terms on its samples `x`, and the teacher's logits."""
+        raise NotImplementedError
+
+    def auxiliary(self) -> Auxiliary:
+        return self.synth.auxiliary(self.generator_loss)
+
+    def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
+        return self.synth.synthesize(batch)
 
     def scalars(self, progress: Progress) -> dict[str, float]:
         return {"temperature": value_at(self.cfg.temperature, progress),
-                "alpha": value_at(self.cfg.alpha, progress), **self.synth.last}
+                "alpha": value_at(self.cfg.alpha, progress)}
 
     def save_artifacts(self, stage_dir: Path) -> list[Path]:
         """The generator's samples, one row per teacher class: what the student learned from."""
-        from kdistill.models.generator import save_sample_grid
-
         return [save_sample_grid(self.synth.generator, self.synth.teacher,
                                  stage_dir / "generated-samples.png")]
 
@@ -300,9 +301,10 @@ class DAFL(_DataFree):
 
     config_type = DAFLConfig
     paper = "Chen et al. 2019, Data-Free Learning of Student Networks (arXiv:1904.01186)"
+    example = Example({"generator_width": 8, "latent_dim": 4, "alpha": 0.9, "replay_size": 8})
     cfg: DAFLConfig
 
-    def _generator_terms(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def generator_loss(self, x: Tensor, student: nn.Module) -> tuple[dict[str, Tensor], Tensor]:
         c = self.cfg
         logits, feats, bn = self.synth.teacher_pass(x, c.feature_layer,
                                                     features=c.activation_weight > 0)
@@ -313,9 +315,6 @@ class DAFL(_DataFree):
         if bn is not None:
             terms["bn"] = c.bn_weight * bn
         return terms, logits
-
-    def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
-        return self.synth.synthesize(batch, progress, self._generator_terms)
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         self.synth.remember(out, batch)
@@ -329,17 +328,15 @@ class DFAD(_DataFree):
 
     config_type = DFADConfig
     paper = "Fang et al. 2019, Data-Free Adversarial Distillation (arXiv:1912.11006)"
+    example = Example({"generator_width": 8, "latent_dim": 4, "generator_every": 1})
     cfg: DFADConfig
 
-    def prepare_batch(self, batch: Batch, student: nn.Module, progress: Progress) -> Batch:
-        def generator_terms(x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-            logits, _, bn = self.synth.teacher_pass(x, None, features=False)
-            terms = {"discrepancy": -l1_discrepancy(student(x), logits)}
-            if bn is not None:
-                terms["bn"] = self.cfg.bn_weight * bn
-            return terms, logits
-
-        return self.synth.synthesize(batch, progress, generator_terms)
+    def generator_loss(self, x: Tensor, student: nn.Module) -> tuple[dict[str, Tensor], Tensor]:
+        logits, _, bn = self.synth.teacher_pass(x, None, features=False)
+        terms = {"discrepancy": -l1_discrepancy(student(x), logits)}
+        if bn is not None:
+            terms["bn"] = self.cfg.bn_weight * bn
+        return terms, logits
 
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         self.synth.remember(out, batch)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.logit_variants import dist_loss
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, value_at
 
 
@@ -32,6 +32,7 @@ class DIST(Method):
 
     config_type = DISTConfig
     paper = "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher (arXiv:2205.10536)"
+    example = Example()
     cfg: DISTConfig
 
     def scalars(self, progress: Progress) -> dict[str, float]:

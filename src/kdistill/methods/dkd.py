@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.logit_variants import dkd
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, Warmup, value_at
 
 
@@ -33,6 +33,7 @@ class DKD(Method):
 
     config_type = DKDConfig
     paper = "Zhao et al. 2022, Decoupled Knowledge Distillation (arXiv:2203.08679)"
+    example = Example({"weight": 1.0})
     cfg: DKDConfig
 
     def scalars(self, progress: Progress) -> dict[str, float]:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill.adapters import make_adapter, probe_shapes
 from kdistill.errors import ConfigError
-from kdistill.evaluate import predict
 from kdistill.losses import cosine_distance, embedding_mse
 from kdistill.losses.features import hidden_mse
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
 
@@ -40,6 +40,17 @@ class EmbedKDConfig(MethodConfig):
     hidden_weight: Schedule = 1.0
 
 
+@torch.no_grad()
+def _output_width(model: nn.Module, x: Tensor) -> int:
+    """The width of `model`'s (B, D) output on `x`, in eval mode (its mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return int(model(x).shape[1])
+    finally:
+        model.train(was_training)
+
+
 class EmbedKD(Method):
     """Embedding MSE + cosine through an owned projection, plus optional hidden states."""
 
@@ -48,6 +59,8 @@ class EmbedKD(Method):
     paper = ("Reimers & Gurevych 2020, Making Monolingual Sentence Embeddings Multilingual "
              "using Knowledge Distillation (arXiv:2004.09813); Sanh et al. 2019, DistilBERT "
              "(arXiv:1910.01108)")
+    # (B, 10) "embeddings" to (B, 12): the projection (an adapter) must get gradients.
+    example = Example({"mse_weight": 1.0, "cos_weight": 0.5}, nets="embedding")
     cfg: EmbedKDConfig
 
     def __init__(self, cfg: EmbedKDConfig) -> None:
@@ -69,7 +82,7 @@ class EmbedKD(Method):
         """Probe both output widths (and hidden shapes) on `example`; build the adapters."""
         if teacher is None:
             raise ConfigError("method", "embed_kd needs the teacher network to probe its width")
-        d_s, d_t = predict(student, example[:2]).shape[1], predict(teacher, example[:2]).shape[1]
+        d_s, d_t = _output_width(student, example[:2]), _output_width(teacher, example[:2])
         self.projection = nn.Identity() if d_s == d_t else nn.Linear(d_s, d_t)
         self.pad_id = getattr(student, "pad_id", None)
         if not self.cfg.hidden_pairs:
@@ -95,7 +108,7 @@ class EmbedKD(Method):
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         assert out.teacher_logits is not None, "embed_kd needs the teacher's embeddings"
         w = self.scalars(progress)
-        student = self.projection(out.student_logits)
+        student = self.projection(out.student_logits.float())  # fp32 under bf16 autocast too
         terms = {"mse": w["mse_weight"] * embedding_mse(student, out.teacher_logits),
                  "cos": w["cos_weight"] * cosine_distance(student, out.teacher_logits)}
         if self.cfg.hidden_pairs:
@@ -104,7 +117,7 @@ class EmbedKD(Method):
             total: Tensor | float = 0.0
             for adapter, (s_name, t_name) in zip(self.hidden_adapters, self.cfg.hidden_pairs,
                                                  strict=True):
-                total = total + hidden_mse(adapter(out.student_feats[s_name]),
+                total = total + hidden_mse(adapter(out.student_feats[s_name].float()),
                                                  out.teacher_feats[t_name], mask=mask)
             terms["hidden"] = w["hidden_weight"] * total
         return terms

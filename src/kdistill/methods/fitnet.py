@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from kdistill.adapters import adapt_target, make_adapter, probe_shapes, target_shape
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.features import hint_mse
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 
 
@@ -35,6 +35,7 @@ class FitNet(Method):
 
     config_type = FitNetConfig
     paper = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets (arXiv:1412.6550)"
+    example = Example({"student_layer": "2", "teacher_layer": "2"})  # (6, 8, 8) -> (8, 8, 8)
     cfg: FitNetConfig
 
     def __init__(self, cfg: FitNetConfig) -> None:
@@ -72,7 +73,7 @@ class FitNet(Method):
         hint_stage = progress.epoch < self.cfg.hint_epochs
         terms: dict[str, Tensor] = {}
         if hint_stage or self.cfg.hint_epochs == 0:
-            student = self.adapter(out.student_feats[self.cfg.student_layer])
+            student = self.adapter(out.student_feats[self.cfg.student_layer].float())
             teacher = adapt_target(out.teacher_feats[self.cfg.teacher_layer], self._target)
             terms["hint"] = s["hint_weight"] * hint_mse(student, teacher)
         if not hint_stage:

@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
 from kdistill.losses import hard_cross_entropy, shift_labels, token_kd
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
-from kdistill.models.hf import CausalLM
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 from kdistill.types import IGNORE_INDEX
 
@@ -86,15 +85,16 @@ def sample_continuation(student: nn.Module, prompt: Tensor, length: int, *,
                         vocab: int | None = None) -> Tensor:
     """`prompt` (B, P) int64 extended to (B, length) by sampling from `student` (ids -> logits).
 
-    A `CausalLM` reuses its key/value cache (one forward of the prompt, then one token per
-    step); any other causal model is re-run over the whole prefix for each new token. Both draw
-    from torch's global RNG, so `torch.manual_seed` makes the samples reproducible. `vocab`
-    limits the tokens drawn to the first `vocab` ids (a teacher with a smaller table).
+    A wrapped transformers LM (`kdistill.models.hf.CausalLM`: the transformers model as
+    `.model`, see `_kv_cached`) reuses its key/value cache (one forward of the prompt, then one
+    token per step); any other causal model is re-run over the whole prefix for each new token.
+    Both draw from torch's global RNG, so `torch.manual_seed` makes the samples reproducible.
+    `vocab` limits the tokens drawn to the first `vocab` ids (a teacher with a smaller table).
     """
     ids = prompt
     if ids.shape[1] >= length:
         return ids[:, :length]
-    cached = isinstance(student, CausalLM)
+    cached = _kv_cached(student)
     if cached:
         out = student.model(input_ids=ids, use_cache=True)
         logits, past = out.logits[:, -1], out.past_key_values
@@ -112,6 +112,15 @@ def sample_continuation(student: nn.Module, prompt: Tensor, length: int, *,
             logits = student(ids)[:, -1]
 
 
+def _kv_cached(model: nn.Module) -> bool:
+    """True for a wrapper whose `.model` is a transformers generation model (it takes
+    `input_ids`, `past_key_values` and `use_cache` and returns `.logits`, `.past_key_values`):
+    duck typing, so methods import no model code."""
+    inner = getattr(model, "model", None)
+    return isinstance(inner, nn.Module) and callable(
+        getattr(inner, "prepare_inputs_for_generation", None))
+
+
 def _embedding_rows(model: nn.Module | None) -> int | None:
     """Rows of a transformers model's input embedding table (None when there is none)."""
     inner = getattr(model, "model", model)
@@ -127,6 +136,8 @@ class GKD(Method):
     tasks = ("causal_lm",)
     on_policy = True
     paper = "Agarwal et al. 2023, On-Policy Distillation of Language Models (arXiv:2306.13649)"
+    example = Example({"lmbda": 0.5, "beta": 0.5, "alpha": 0.9, "prompt_tokens": 4},
+                      nets="llama")
     cfg: GKDConfig
 
     def __init__(self, cfg: GKDConfig) -> None:

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, kd_kl, soft_cross_entropy
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
@@ -33,6 +33,7 @@ class KD(Method):
 
     config_type = KDConfig
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (arXiv:1503.02531)"
+    example = Example()
     cfg: KDConfig
 
     def scalars(self, progress: Progress) -> dict[str, float]:

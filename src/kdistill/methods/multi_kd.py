@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, kd_kl
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
@@ -52,6 +52,7 @@ class MultiKD(Method):
     config_type = MultiKDConfig
     multi_teacher = True
     paper = "Hinton et al. 2015 (arXiv:1503.02531) ensemble targets; You et al. 2017 (KDD)"
+    example = Example({"confidence": True})  # one teacher here
     cfg: MultiKDConfig
 
     def scalars(self, progress: Progress) -> dict[str, float]:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.features import pkt
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
 
@@ -27,6 +27,7 @@ class PKT(Method):
     config_type = PKTConfig
     paper = "Passalis & Tefas 2018, Learning Deep Representations with Probabilistic " \
             "Knowledge Transfer (arXiv:1803.10837)"
+    example = Example({"student_layer": "3", "teacher_layer": "3"})
     cfg: PKTConfig
 
     @property

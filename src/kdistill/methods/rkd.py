@@ -8,7 +8,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.features import rkd_angle, rkd_distance
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
 
@@ -31,6 +31,7 @@ class RKD(Method):
 
     config_type = RKDConfig
     paper = "Park et al. 2019, Relational Knowledge Distillation (arXiv:1904.05068)"
+    example = Example({"student_layer": "3", "teacher_layer": "3"})
     cfg: RKDConfig
 
     @property

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from kdistill.adapters import adapt_target, make_adapter, probe_shapes, target_shape
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.features import hint_mse
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 
 
@@ -43,6 +43,7 @@ class SelfDistill(Method):
     config_type = SelfDistillConfig
     uses_teacher = False
     paper = "Zhang et al. 2019, Be Your Own Teacher (arXiv:1905.08094)"
+    example = Example({"layers": ["1", "3"], "hint_layer": "4"})  # exits hint the flat map
     cfg: SelfDistillConfig
 
     def __init__(self, cfg: SelfDistillConfig) -> None:
@@ -95,11 +96,12 @@ class SelfDistill(Method):
         if hint_layer is not None:
             final_feat = adapt_target(out.student_feats[hint_layer].detach(), self._hint_target)
         for i, name in enumerate(self.cfg.layers):
-            logits = self.heads[str(i)](out.student_feats[name])
+            feat = out.student_feats[name].float()  # bf16 under autocast; heads stay fp32
+            logits = self.heads[str(i)](feat)
             ce_exits = ce_exits + hard_cross_entropy(logits, batch["label"])
             kd_exits = kd_exits + kd_kl(logits, target, temperature=s["temperature"])
             if hint_layer is not None:
-                adapted = self.hint_adapters[str(i)](out.student_feats[name])
+                adapted = self.hint_adapters[str(i)](feat)
                 hints = hints + hint_mse(adapted, final_feat)
         terms = {
             "ce": hard_cross_entropy(final, batch["label"]),

@@ -3,9 +3,9 @@
 The student is trained on the teacher's beam-search translations of the training sources in
 place of the human references: it learns the teacher's mode (one consistent output per
 source) rather than every variation in the data, which is easier for a small model. Made once
-per teacher by `prepare_data` (the engine and the pipeline know nothing about it), cached in
-the run directory; optionally mixed with word-level KD on the new targets (Kim & Rush's
-"Seq-KD + Word-KD")."""
+per teacher by `prepare_data` (the engine and the pipeline know nothing about it) through the
+task's decoding and the run's storage (`DataTools`); optionally mixed with word-level KD on
+the new targets (Kim & Rush's "Seq-KD + Word-KD")."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from kdistill.losses import (
     token_distill_loss,
     topk_distill_loss,
 )
-from kdistill.methods.base import Batch, DataTools, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, DataTools, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 from kdistill.types import IGNORE_INDEX, DataSplits
 
@@ -48,6 +48,8 @@ class SeqKD(Method):
     tasks = ("seq2seq",)
     reads_topk = True
     paper = "Kim & Rush 2016, Sequence-Level Knowledge Distillation (arXiv:1606.07947)"
+    # Word-level KD on the teacher's targets too (alpha 0: CE only).
+    example = Example({"alpha": 0.5}, nets="seq2seq")
     cfg: SeqKDConfig
 
     @property
@@ -55,8 +57,8 @@ class SeqKD(Method):
         # Pure Seq-KD reads the teacher only through its decoded targets (prepare_data).
         return not (isinstance(self.cfg.alpha, int | float) and self.cfg.alpha == 0)
 
-    def prepare_data(self, splits: DataSplits, teacher: nn.Module, tools: DataTools
-                     ) -> DataSplits:
+    def prepare_data(self, splits: DataSplits, teacher: nn.Module,
+                     tools: DataTools) -> DataSplits:
         settings = {"beam": self.cfg.beam, "length_penalty": self.cfg.length_penalty}
         key = hashlib.sha256(json.dumps([tools.fingerprint(teacher), splits.fingerprint,
                                          settings]).encode()).hexdigest()[:16]
@@ -92,3 +94,4 @@ class SeqKD(Method):
             assert out.teacher_logits is not None, "seq_kd with alpha > 0 reads the teacher"
             res = token_distill_loss(out.student_logits, out.teacher_logits, labels, **kwargs)
         return {"kd": s["alpha"] * res.kd, "ce": (1 - s["alpha"]) * res.ce}
+

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy
 from kdistill.losses.features import similarity_preserving
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, value_at
 
 
@@ -29,6 +29,7 @@ class SP(Method):
 
     config_type = SPConfig
     paper = "Tung & Mori 2019, Similarity-Preserving Knowledge Distillation (arXiv:1907.09682)"
+    example = Example({"pairs": [["2", "2"]]})
     cfg: SPConfig
 
     @property

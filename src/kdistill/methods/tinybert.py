@@ -13,7 +13,7 @@ from kdistill.errors import ConfigError
 from kdistill.losses import hard_cross_entropy, kd_kl
 from kdistill.losses.attention import attention_probs_loss
 from kdistill.losses.features import hidden_mse
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Schedule, Temperature, UnitWeight, value_at
 
 
@@ -69,6 +69,11 @@ class TinyBERT(Method):
 
     config_type = TinyBERTConfig
     paper = "Jiao et al. 2020, TinyBERT: Distilling BERT for NLU (arXiv:1909.10351)"
+    example = Example(
+        {"hidden_pairs": [["tokens.0", "tokens.0"], ["tokens.1", "tokens.2"]],
+         "attention_pairs": [["bert.encoder.layer.0.attention.self",
+                              "bert.encoder.layer.1.attention.self"]],
+         "output_index": 1, "alpha": 0.5}, nets="bert")
     cfg: TinyBERTConfig
 
     def __init__(self, cfg: TinyBERTConfig) -> None:
@@ -138,7 +143,7 @@ class TinyBERT(Method):
                 hidden: Tensor | float = 0.0
                 for adapter, (s_name, t_name) in zip(self.adapters, self.cfg.hidden_pairs,
                                                       strict=True):
-                    hidden = hidden + hidden_mse(adapter(out.student_feats[s_name]),
+                    hidden = hidden + hidden_mse(adapter(out.student_feats[s_name].float()),
                                                  out.teacher_feats[t_name], mask=mask)
                 terms["hidden"] = s["hidden_weight"] * hidden
             if self.cfg.attention_pairs:

@@ -17,7 +17,7 @@ from kdistill.losses import (
     topk_distill_loss,
 )
 from kdistill.losses.tokens import TokenKDKind
-from kdistill.methods.base import Batch, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 from kdistill.types import IGNORE_INDEX
 
@@ -62,6 +62,7 @@ class TokenKD(Method):
     reads_topk = True
     paper = ("Hinton et al. 2015 (arXiv:1503.02531); MiniLLM (arXiv:2306.08543); "
              "GKD (arXiv:2306.13649)")
+    example = Example({"kind": "jsd", "beta": 0.3, "alpha": 0.7}, nets="llama")
     cfg: TokenKDConfig
 
     def batch_items(self, batch: Batch) -> int:

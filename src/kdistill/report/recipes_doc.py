@@ -3,8 +3,10 @@
     python -m kdistill.report.recipes_doc            # (re)write docs/recipes.md
     python -m kdistill.report.recipes_doc --check    # exit 1 when docs/recipes.md is stale
 
-Every key of `RunConfig` (sections walked recursively, in schema order) and of every method
-config in `METHODS` becomes a table row: dotted key, type, default, constraints, description.
+Every key of `RunConfig` (sections walked recursively, in schema order) and of every data
+source becomes a table row: dotted key, type, default, constraints, description. Methods' own
+keys are not here (adding a method must not need this file regenerated): `kdistill methods
+NAME` prints them from `method_parameters`.
 """
 
 from __future__ import annotations
@@ -219,15 +221,25 @@ def _schedule_table() -> str:
     return "| kind | keys (= default) | value over training |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def _method_section(name: str) -> str:
-    cls = METHODS[name]
-    cfg = cls.config_type
-    intro = _first_paragraph(cfg)
-    rows = [_row(f"method.{key}", field, _shown(_field_default(cfg, key), field))
-            for key, field in cfg.model_fields.items() if key != "name"]
-    table = _TABLE_HEAD + "\n" + "\n".join(rows) if rows else "No further keys."
-    return (f"### `method.name: {name}`\n\n{_cell(intro)}\n\nPaper: {cls.paper}. "
-            f"Data: {', '.join(cls.tasks)}.\n\n{table}")
+def method_parameters(name: str) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, constraints and description) of each key of method `name`'s
+    config, for `kdistill methods NAME`: made at run time from the config, so adding a method
+    needs no regenerated document."""
+    cfg = METHODS[name].config_type
+    rows = []
+    for key, field in cfg.model_fields.items():
+        if key == "name":
+            continue
+        limits = constraints(field)
+        about = " ".join(t for t in (field.description or "", limits and f"({limits})") if t)
+        rows.append((f"method.{key}", type_name(field.annotation),
+                     _shown(_field_default(cfg, key), field).strip("`"), " ".join(about.split())))
+    return rows
+
+
+def method_intro(name: str) -> str:
+    """The first paragraph of method `name`'s config docstring (its loss, in one formula)."""
+    return " ".join(_first_paragraph(METHODS[name].config_type).split())
 
 
 def _source_section(cls: type[Source]) -> str:
@@ -244,9 +256,9 @@ def recipes_markdown() -> str:
     parts = [
         HEADER,
         "# Recipe keys",
-        "Every key a recipe accepts, generated from the schema (`src/kdistill/config/`, each "
-        f"data source's and each method's config) by `{COMMAND}`; change the schema, then "
-        "rerun the command. "
+        "Every key a recipe accepts, generated from the schema (`src/kdistill/config/` and each "
+        f"data source's config) by `{COMMAND}`; change the schema, then rerun the command "
+        "(each method's own keys: `kdistill methods NAME`). "
         "Unknown keys are errors. Any key can also be given on the command line as "
         "`key.path=value` (a YAML value), which changes that key only.",
         "**Defaults** are what `kdistill run` uses with no recipe (`RunConfig()`). A section "
@@ -263,10 +275,12 @@ def recipes_markdown() -> str:
         "source's own, and a key it does not use is an error. A `data` section without "
         "`name` means `mnist1d`.",
         *(_source_section(cls) for cls in dict.fromkeys(SOURCES.values())),
-        "## Methods\n\n`method.name` picks one of these; the other `method.*` keys are that "
-        "method's own. A `method` section without `name` means `kd`; `ce` is the baseline "
-        "(`baseline: true`), not a distillation method.",
-        *(_method_section(name) for name in METHODS),
+        "## Methods\n\n`method.name` picks a distillation method; the other `method.*` keys are "
+        "that method's own, and a key it does not use is an error. A `method` section without "
+        "`name` means `kd`; `ce` is the baseline (`baseline: true`), not a distillation method. "
+        "`kdistill methods` lists the methods (data, paper); `kdistill methods NAME` prints "
+        "NAME's keys with their type, default, constraints and description, made from its "
+        "config when you run it. `docs/methods.md` describes each method.",
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -136,5 +136,6 @@ class Seq2Seq(CausalLM):
                          length_penalty=length_penalty, batch_size=batch_size)
 
     def with_decoded_targets(self, splits: DataSplits, ids: Tensor, key: str) -> DataSplits:
-        fingerprint = hashlib.sha256(f"{splits.fingerprint}|decoded|{key}".encode()).hexdigest()
+        # The key names the method ("seq_kd|<hash>"): the same fingerprint as before DataTools.
+        fingerprint = hashlib.sha256(f"{splits.fingerprint}|{key}".encode()).hexdigest()
         return replace_targets(splits, [_until_eos(row) for row in ids], fingerprint)
