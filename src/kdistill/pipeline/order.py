@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill import distributed
+from kdistill import devices, distributed
 from kdistill.build import build_data, build_network
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
@@ -118,7 +118,10 @@ def prepare(cfg: RunConfig, echo: Echo) -> Run:
 
 
 def check_launch(cfg: RunConfig) -> None:
-    """What the recipe cannot know: stages that run in one process refuse torchrun."""
+    """What the recipe cannot know: the devices this machine has, and stages that run in one
+    process (which refuse torchrun)."""
+    device = devices.resolve(cfg.train.device, where="train.device")
+    devices.check_precision(cfg.train.precision, device, where="train.precision")
     if not distributed.info().enabled:
         return
     if cfg.compress:  # the chain runs after evaluation, which rank 0 does alone
@@ -135,7 +138,10 @@ def teach(r: Run) -> Teachers:
     configs: list[tuple[str, str, TeacherConfig]] = [("teacher", "teacher", cfg.teacher)]
     configs += [(f"teacher-{k + 2}", f"more_teachers.{k}", t)
                 for k, t in enumerate(cfg.more_teachers)]
-    models = [teacher_stage(cfg, tcfg, r.splits, r.run_dir, role, where, r.echo)
+    # Each frozen teacher sits on its own device (teacher.device, else train.device): its
+    # cache pass and online outputs run there; the engine brings outputs to the student.
+    models = [teacher_stage(cfg, tcfg, r.splits, r.run_dir, role, where, r.echo).to(
+                  devices.resolve(tcfg.device or cfg.train.device, where=f"{where}.device"))
               for role, where, tcfg in configs]
     build_network(cfg.student.model, r.splits, where="student.model")  # fail fast, before work
     # The teacher's targets where the data has no labels (sentence embeddings).
@@ -226,9 +232,13 @@ def compress(r: Run, teachers: Teachers, students: dict[str, list[nn.Module]],
     r.echo(f"compress: {len(cfg.compress)} stage(s) on the seed-{seed} student")
     first = {**evaluated.rows["student"][0], "stage": "distilled student", "what": "",
              "runtime": "torch"}
-    return [first, *run_chain(cfg.compress, student=students["student"][0],
-                              teacher=teachers.models[0], splits=r.splits, run_dir=r.run_dir,
-                              train_cfg=cfg.train, echo=r.echo, eval_cfg=cfg.eval, seed=seed)]
+    # Pruning, int8 kernels and ONNX export are CPU work: the chain starts from CPU copies.
+    cpu = torch.device("cpu")
+    chain_cfg = cfg.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+    return [first, *run_chain(cfg.compress, student=copy.deepcopy(students["student"][0]).to(cpu),
+                              teacher=copy.deepcopy(teachers.models[0]).to(cpu), splits=r.splits,
+                              run_dir=r.run_dir, train_cfg=chain_cfg, echo=r.echo,
+                              eval_cfg=cfg.eval, seed=seed)]
 
 
 def report(r: Run, evaluated: Evaluated, chain: list[dict[str, Any]]) -> None:
