@@ -55,33 +55,32 @@ def read_conversation(value: object, where: str, *, prompt_only: bool = False) -
     return messages
 
 
-def _format(table: Table) -> str:
-    if "messages" in table.columns:
-        return "messages"
-    if {"prompt", "completion"} <= set(table.columns):
-        return "pairs"
-    raise ConfigError(str(table.path), f"needs a 'messages' column, or 'prompt' and "
-                                       f"'completion' columns (columns: "
-                                       f"{', '.join(table.columns) or 'none'})")
+def _check_columns(table: Table) -> None:
+    if "messages" not in table.columns and not {"prompt", "completion"} <= set(table.columns):
+        raise ConfigError(str(table.path), f"needs a 'messages' column, or 'prompt' and "
+                                           f"'completion' columns (columns: "
+                                           f"{', '.join(table.columns) or 'none'})")
 
 
 def conversations(rows: SplitRows, system: str | None) -> list[list[Message]]:
-    """The rows as conversations, `system` first where a row has no system message."""
+    """The rows as conversations, `system` first where a row has no system message. A row is
+    its `messages`, or else its `prompt` and `completion` (a file may mix the two)."""
+    _check_columns(rows.table)
+    columns = {c: rows.column(c) for c in CHAT_COLUMNS if c in rows.table.columns}
     out = []
-    kind = _format(rows.table)
-    columns = {c: rows.column(c) for c in (("messages",) if kind == "messages"
-                                           else ("prompt", "completion"))}
     for k in range(len(rows)):
         where = rows.locate(k)
-        if kind == "messages":
+        if columns.get("messages", [None] * len(rows))[k] is not None:
             messages = read_conversation(columns["messages"][k], where)
-        else:
+        elif "prompt" in columns and "completion" in columns:
             prompt, answer = columns["prompt"][k], columns["completion"][k]
             for field, v in (("prompt", prompt), ("completion", answer)):
                 if not isinstance(v, str) or not v.strip():
                     raise ConfigError(where, f"column '{field}' is {v!r}; expected text")
             messages = [{"role": "user", "content": prompt},
                         {"role": "assistant", "content": answer}]
+        else:
+            raise ConfigError(where, "has neither 'messages' nor 'prompt' and 'completion'")
         if system is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         out.append(messages)
@@ -105,7 +104,7 @@ class ChatRows(FileSplits):
         where = ctx.where
         tables = read_split_tables(self, [], CHAT_COLUMNS, where=where)
         for table in tables.values():
-            _format(table)
+            _check_columns(table)
         rows = assign_rows(self, tables, where=where, what="conversations")
         tokenizer = _tokenizer(self.tokenizer, f"{where}.tokenizer")
         if tokenizer.eos_token_id is None:

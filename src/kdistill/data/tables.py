@@ -46,10 +46,11 @@ class Table:
 
     path: Path
     columns: dict[str, list[Any]]
+    n_rows: int
     lines: list[int] | None = field(default=None, repr=False)  # line where row i starts
 
     def __len__(self) -> int:
-        return len(next(iter(self.columns.values()), []))
+        return self.n_rows
 
     def locate(self, i: int) -> str:
         """Where row i is, for an error message: `file:line` or `file row i`."""
@@ -114,7 +115,7 @@ def _read_delimited(path: Path, delimiter: str, required: Sequence[str],
             start = reader.line_num + 1
     except csv.Error as exc:
         raise ConfigError(f"{path}:{start}", f"is not valid CSV: {exc}") from None
-    return Table(path, columns, lines)
+    return Table(path, columns, len(lines), lines)
 
 
 def _read_jsonl(path: Path, required: Sequence[str], optional: Sequence[str]) -> Table:
@@ -137,7 +138,7 @@ def _read_jsonl(path: Path, required: Sequence[str], optional: Sequence[str]) ->
     # An optional field is a column when any row has it (None in the rows without it).
     present = [c for c in optional if any(c in r for r in records)]
     columns = {c: [r.get(c) for r in records] for c in (*required, *present)}
-    return Table(path, columns, lines)
+    return Table(path, columns, len(records), lines)
 
 
 def _read_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) -> Table:
@@ -150,16 +151,17 @@ def _read_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) 
         table = pq.read_table(path, memory_map=True)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid / OSError kinds
         raise ConfigError(str(path), f"is not a readable Parquet file: {exc}") from None
-    return _from_arrow(path, table.column_names, table.column, required, optional)
+    return _from_arrow(path, table.column_names, table.column, table.num_rows, required,
+                       optional)
 
 
-def _from_arrow(path: Path, names: Sequence[str], column: Any, required: Sequence[str],
-                optional: Sequence[str]) -> Table:
+def _from_arrow(path: Path, names: Sequence[str], column: Any, n_rows: int,
+                required: Sequence[str], optional: Sequence[str]) -> Table:
     for c in required:
         if c not in names:
             raise _missing(path, names, c)
     columns = {c: list(column(c).to_pylist()) for c in (*required, *optional) if c in names}
-    return Table(path, columns)
+    return Table(path, columns, n_rows)
 
 
 def _datasets() -> Any:
@@ -188,13 +190,13 @@ def read_dataset_splits(path: Path, required: Sequence[str],
             if name is not None:
                 d = loaded[name]
                 tables[split] = _from_arrow(path / name, d.column_names, d.data.column,
-                                            required, optional)
+                                            d.num_rows, required, optional)
         if "train" not in tables:
             raise ConfigError(str(path), f"holds no 'train' split (splits: "
                                          f"{', '.join(loaded)})")
         return tables
-    return {"train": _from_arrow(path, loaded.column_names, loaded.data.column, required,
-                                 optional)}
+    return {"train": _from_arrow(path, loaded.column_names, loaded.data.column,
+                                 loaded.num_rows, required, optional)}
 
 
 def read_table(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> Table:
