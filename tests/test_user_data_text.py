@@ -180,6 +180,14 @@ def test_text_files_pack_documents_like_the_built_in_corpora(tmp_path: Path, tok
     assert torch.equal(splits.train_x, splits.train_y)  # packed: every label a real token
     stream = splits.train_x.flatten().tolist()
     assert stream.count(tok.eos_token_id) >= 5  # EOS between documents
+    # The very split and packing of the built-in corpora (`lm_splits_from_documents`).
+    from kdistill.data.text import lm_splits_from_documents
+
+    builtin = lm_splits_from_documents(paragraphs, tok, name="corpus", seq_len=8,
+                                       val_fraction=0.2, test_fraction=0.2, split_seed=0,
+                                       max_train_tokens=None, max_eval_tokens=None)
+    for split in ("train_x", "val_x", "test_x"):
+        assert torch.equal(getattr(splits, split), getattr(builtin, split))
     # The same documents as a folder of files and as a JSON Lines table's text column.
     folder = tmp_path / "docs"
     folder.mkdir()

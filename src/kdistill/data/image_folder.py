@@ -66,6 +66,7 @@ class Look:
     mode: str
     size: tuple[int, int]
     resize: bool  # False: a different size is an error, not resized
+    reference: str = ""  # the image the mode and size were taken from (for messages)
 
     @property
     def channels(self) -> int:
@@ -234,7 +235,8 @@ def _first_look(files: Sequence[str], channels: int | None, size: tuple[int, int
         except Exception:
             continue  # the scan reports it
         c = channels or (1 if mode in GREY else 3)
-        return Look("L" if c == 1 else "RGB", size or own, resize=size is not None)
+        return Look("L" if c == 1 else "RGB", size or own, resize=size is not None,
+                    reference=path)
     raise ConfigError(str(Path(files[0]).parent.parent), "no image in it can be opened")
 
 
@@ -307,12 +309,14 @@ class ImageFolder(FileSplits):
             reason = results[k][1]
             if reason.startswith("size:"):
                 raise ConfigError(f"{where}.image_size", f"{files[k]} is {reason[5:]} but "
-                                  f"{files[0]} is {look.size[0]}x{look.size[1]}; set image_size "
-                                  "to resize every image")
+                                  f"{look.reference} is {look.size[0]}x{look.size[1]}; set "
+                                  "image_size to resize every image")
             if not self.skip_bad:
                 raise ConfigError(files[k], f"cannot read the image ({reason}); fix or remove "
                                             "it, or set data.skip_bad: true to skip such files")
         kept = [k for k in range(len(files)) if results[k][0] is not None]
+        if not kept:
+            raise ConfigError(str(Path(files[0]).parent.parent), "holds no readable image")
         note = [f"data: skipped {len(bad)} unreadable image(s) (first: {files[bad[0]]}: "
                 f"{results[bad[0]][1]})"] if bad else []
         return results, kept, note
