@@ -288,8 +288,7 @@ def validate_generate(cfg: GenerateConfig) -> str:
     """What `kdistill validate` checks of a generate recipe, without loading the teacher's
     weights: the prompt set, the teacher's files and tokenizer, and that an existing output
     file was written with these settings. Returns a one-line summary."""
-    prompts = load_prompts(cfg.prompts.name, limit=cfg.prompts.limit, seed=cfg.prompts.seed,
-                           where="prompts")
+    prompts = cfg.prompts.load(where="prompts")
     resolve_source(cfg.teacher.path, where="teacher.path")
     load_tokenizer(cfg.teacher.path, where="teacher.path")
     done = _read_done(Path(cfg.output.path), _recipe_params(cfg), cfg.teacher.path,
