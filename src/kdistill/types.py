@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -39,6 +40,14 @@ class DataSplits:
     labels (N, L) are row 1 with -100 at BOS and padding, shifted like causal LMs (decoder
     position t predicts label t + 1). `tokenizer_json` is the tokenizer that made the ids (to
     decode outputs) and `references` the test split's raw target texts (for BLEU / chrF).
+
+    The user's files (`kdistill.data` sources such as `image_folder`, `text_classification`)
+    may add: `class_names`, the name of each class id (for reports and export; also saved as
+    `labels.json` in the run directory); `notes`, lines the run should echo (exact duplicates
+    across splits, skipped files, converted images); `augment`, a random augmentation of
+    training batches, `f(x_batch, generator) -> x_batch`, that the training loader applies
+    (inputs are then not deterministic: no teacher cache). An image folder's `*_x` are not
+    tensors but `kdistill.data.image_folder.ImageFiles`, decoded on indexing.
     """
 
     name: str
@@ -54,5 +63,6 @@ class DataSplits:
     task: str = "classification"  # or "causal_lm", "seq2seq"
     tokenizer_json: str | None = None
     references: tuple[str, ...] = ()
-
-
+    class_names: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    augment: Callable[[Tensor, Any], Tensor] | None = None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from kdistill.config.loading import apply_overrides, read_tree, validated
+from kdistill.data.prompts import Prompt, load_prompts, read_prompt_file
 from kdistill.errors import ConfigError
 
 
@@ -19,9 +20,31 @@ class TeacherSource(_Strict):
 
 
 class PromptSource(_Strict):
+    """A built-in prompt set (`kdistill.data.prompts.PROMPT_SETS`), or `name: file` with the
+    `path` of the user's prompts (JSON Lines, CSV, ...; `read_prompt_file`)."""
+
     name: str = "stdlib_functions"
+    path: str | None = Field(None, validate_default=True,
+                             description="name: file only: the file of prompts")
     limit: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @field_validator("path")
+    @classmethod
+    def _path_with_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("name") == "file" and v is None:
+            raise ValueError("name: file reads the prompts from a file; give its path")
+        if info.data.get("name") != "file" and v is not None:
+            raise ValueError(f"only with name: file; '{info.data.get('name')}' is a built-in "
+                             "prompt set")
+        return v
+
+    def load(self, *, where: str = "prompts") -> list[Prompt]:
+        """The prompts, shuffled once by `seed`, the first `limit` kept."""
+        if self.name == "file":
+            assert self.path is not None  # checked above
+            return read_prompt_file(self.path, limit=self.limit, seed=self.seed, where=where)
+        return load_prompts(self.name, limit=self.limit, seed=self.seed, where=where)
 
 
 class OutputSpec(_Strict):

@@ -11,6 +11,12 @@ Prompt sets (`PROMPT_SETS`, read by `load_prompts`):
 - "fortunes": "Explain the following saying in one or two sentences: ..." over the short
   (<= 200 characters) entries of the Debian `fortunes` package; no reference answer.
 
+A file of the user's prompts (`read_prompt_file`, `prompts: {name: file, path: ...}` in a
+generate recipe): a table (JSON Lines, CSV, TSV, Parquet, a saved HF dataset) whose rows hold a
+`prompt` string or a `messages` conversation ending before the assistant's turn, and
+optionally an `id` (else the row number: give ids if the file will change and a generation
+must resume) and a `reference` answer.
+
 Order: the prompts are collected in a fixed order (modules as listed, names sorted), then
 shuffled once by `seed`, so a small `limit` samples across all modules and a larger limit with
 the same seed extends a smaller one (its prompts are a prefix): a resumed generation can grow.
@@ -45,7 +51,7 @@ class Prompt:
     and a reference answer when the prompt set has one."""
 
     id: str
-    prompt: str
+    prompt: str | list[dict[str, str]]  # the user's text, or a conversation (messages)
     reference: str | None = None
 
 
@@ -134,4 +140,38 @@ def load_prompts(name: str, *, limit: int | None, seed: int, where: str) -> list
         raise ConfigError(f"{where}.limit", f"expected a positive integer or null, got {limit!r}")
     prompts = PROMPT_SETS[name](f"{where}.name")
     random.Random(seed).shuffle(prompts)  # a private generator: the global one is untouched
+    return prompts if limit is None else prompts[:limit]
+
+
+def read_prompt_file(path: str, *, limit: int | None, seed: int, where: str) -> list[Prompt]:
+    """The prompts of a file, shuffled once by `seed` and cut to `limit`, as `load_prompts`."""
+    from kdistill.data.chat import read_conversation
+    from kdistill.data.splitting import existing
+    from kdistill.data.tables import read_table
+
+    table = read_table(existing(path, f"{where}.path"), [], ("id", "prompt", "messages",
+                                                              "reference"))
+    if "prompt" not in table.columns and "messages" not in table.columns:
+        raise ConfigError(path, f"needs a 'prompt' or a 'messages' column (columns: "
+                                f"{', '.join(table.columns) or 'none'})")
+    prompts, seen = [], {}
+    for i in range(len(table)):
+        row = {c: values[i] for c, values in table.columns.items()}
+        text: str | list[dict[str, str]]
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            text = row["prompt"]
+        elif row.get("messages") is not None:
+            text = read_conversation(row["messages"], table.locate(i), prompt_only=True)
+        else:
+            raise ConfigError(table.locate(i), "has neither a 'prompt' text nor 'messages'")
+        key = str(i + 1) if row.get("id") is None else str(row["id"])
+        if key in seen:
+            raise ConfigError(table.locate(i), f"id {key!r} is also row {seen[key] + 1}'s; ids "
+                                               "must be unique (a resumed generation keys on "
+                                               "them)")
+        seen[key] = i
+        reference = row.get("reference")
+        prompts.append(Prompt(id=key, prompt=text,
+                              reference=reference if isinstance(reference, str) else None))
+    random.Random(seed).shuffle(prompts)
     return prompts if limit is None else prompts[:limit]

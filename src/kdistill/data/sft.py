@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,75 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def chat_text(tokenizer: Any, prompt: str, *, system: str | None,
+Message = dict[str, str]
+
+
+def chat_text(tokenizer: Any, prompt: str | Sequence[Message], *, system: str | None,
               response: str | None = None) -> str:
-    """The chat-formatted text of a prompt (ready for generation), or of prompt + response."""
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": prompt})
+    """The chat-formatted text of a prompt (ready for generation), or of prompt + response.
+
+    `prompt` is the user's text, or a conversation (`[{"role", "content"}, ...]`, ending
+    before the turn to answer); `system` is added first unless the conversation has its own.
+    """
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+    if system is not None and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system})
     if response is not None:
         messages.append({"role": "assistant", "content": response})
+    return render_chat(tokenizer, messages, generation_prompt=response is None)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool) -> str:
+    """`messages` through the tokenizer's chat template (or the plain one when it has none)."""
     template = None if getattr(tokenizer, "chat_template", None) else PLAIN_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=response is None
-    )
+        list(messages), chat_template=template, tokenize=False,
+        add_generation_prompt=generation_prompt)
 
 
-def encode_pair(tokenizer: Any, prompt: str, response: str, *, system: str | None,
-                finished: bool = True) -> tuple[list[int], list[int]]:
+def _end_of_turn(tokenizer: Any, answer_ids: list[int]) -> list[int]:
+    if not answer_ids or answer_ids[-1] not in set(tokenizer.all_special_ids):
+        answer_ids.append(tokenizer.eos_token_id)  # the plain template marks no end of turn
+    return answer_ids
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Message], *,
+                where: str = "data.tokenizer") -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation: labels are the ids on every assistant turn (its text
+    and end-of-turn token) and -100 elsewhere, so only the assistant's words are learnt.
+
+    Each turn is tokenised separately, as `encode_pair` does for one: the text before an
+    assistant turn is the template's rendering up to the generation prompt, exactly what the
+    model sees at inference. The whitespace a template puts after an end-of-turn token is
+    never predicted at inference, so it goes with the next (untrained) part.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = render_chat(tokenizer, messages[:k], generation_prompt=True)
+        full = render_chat(tokenizer, messages[:k + 1], generation_prompt=False)
+        if not head.startswith(done) or not full.startswith(head):
+            raise ConfigError(where, "the tokenizer's chat template does not render a "
+                                     "conversation turn by turn (a turn changes the text "
+                                     "before it); use another tokenizer or one-turn rows")
+        answer = full[len(head):].rstrip()
+        context_ids = tokenizer(head[len(done):], add_special_tokens=False)["input_ids"]
+        answer_ids = _end_of_turn(
+            tokenizer, tokenizer(answer, add_special_tokens=False)["input_ids"])
+        ids += context_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(context_ids) + answer_ids
+        done = head + answer
+    return ids, labels
+
+
+def encode_pair(tokenizer: Any, prompt: str | Sequence[Message], response: str, *,
+                system: str | None, finished: bool = True) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids ending in an end-of-turn token) under the tokenizer's template.
 
     The two parts are tokenised separately so the prompt ids are exactly those the student gets
@@ -73,8 +128,8 @@ def encode_pair(tokenizer: Any, prompt: str, response: str, *, system: str | Non
         tail = response  # the answer without the template's end-of-turn markup
     prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-    if finished and (not answer_ids or answer_ids[-1] not in set(tokenizer.all_special_ids)):
-        answer_ids.append(tokenizer.eos_token_id)  # the plain template marks no end of turn
+    if finished:
+        answer_ids = _end_of_turn(tokenizer, answer_ids)
     return prompt_ids, answer_ids
 
 
@@ -94,28 +149,44 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                                   "was interrupted, resume `kdistill generate` to repair the "
                                   "file") from None
             if not isinstance(record, dict) or not all(
-                isinstance(record.get(k), str) for k in ("id", "prompt", "response")
-            ):
+                isinstance(record.get(k), str) for k in ("id", "response")
+            ) or not (isinstance(record.get("prompt"), str) or is_conversation(
+                    record.get("prompt"))):
                 raise ConfigError(f"{path}:{number}", "expected an object with string fields "
-                                                      "'id', 'prompt' and 'response'")
+                                                      "'id', 'prompt' (or a list of messages) "
+                                                      "and 'response'")
             records.append(record)
     if not records:
         raise ConfigError(str(path), "holds no records")
     return records
 
 
+def is_conversation(value: object) -> bool:
+    """A list of {"role": str, "content": str} messages."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in value)
+
+
 def _rows(pairs: list[tuple[list[int], list[int]]], seq_len: int,
           pad_id: int) -> tuple[Tensor, Tensor]:
-    """(N, seq_len) ids and labels, right-padded; rows with no trained token are dropped.
+    """(N, seq_len) ids and labels of (prompt ids, answer ids) pairs; see `labelled_rows`."""
+    return labelled_rows([(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in pairs], seq_len,
+                         pad_id)
+
+
+def labelled_rows(rows: list[tuple[list[int], list[int]]], seq_len: int,
+                  pad_id: int) -> tuple[Tensor, Tensor]:
+    """(N, seq_len) ids and labels of (ids, labels) rows, cut on the right and right-padded;
+    rows with no trained token are dropped.
 
     Right padding needs no attention mask: attention is causal, so a real token never attends
     to the padding after it, and the padded positions carry label -100 (never trained on). This
     is why the padding goes on the right rather than the left.
     """
     ids, labels = [], []
-    for prompt_ids, answer_ids in pairs:
-        row = (prompt_ids + answer_ids)[:seq_len]
-        label = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
+    for row_ids, row_labels in rows:
+        row, label = row_ids[:seq_len], row_labels[:seq_len]
         # Position t predicts label t + 1, so a label at position 0 is never scored.
         if all(v == IGNORE_INDEX for v in label[1:]):
             continue  # the prompt alone fills the row

@@ -201,24 +201,36 @@ def translation_splits(
              "train": order[n_test + n_val :]}
     if train_limit is not None:
         parts["train"] = parts["train"][:train_limit]
-    train_texts = [text for i in parts["train"] for text in pairs[i]]
+    return pack_pair_splits(
+        name, {split: [pairs[i] for i in idx] for split, idx in parts.items()},
+        seq_len=seq_len, vocab_size=vocab_size, where=where,
+        params=[name, seq_len, vocab_size, val_size, test_size, split_seed, train_limit])
+
+
+def pack_pair_splits(name: str, parts: dict[str, list[tuple[str, str]]], *, seq_len: int,
+                     vocab_size: int, params: list[object], where: str = "data",
+                     extra: bytes = b"") -> DataSplits:
+    """The joint BPE trained on `parts["train"]` and every split packed (see the module
+    docstring); pairs longer than `seq_len - 2` tokens a side are dropped. The fingerprint
+    hashes `params`, the tokenizer, the training rows and `extra` (e.g. the files' digests)."""
+    train_texts = [text for pair in parts["train"] for text in pair]
     tokenizer_json = train_tokenizer(train_texts, vocab_size)
     codec = TextCodec(tokenizer_json)
     tensors: dict[str, tuple[Tensor, Tensor]] = {}
     references: tuple[str, ...] = ()
-    for split, idx in parts.items():
-        src = [codec.encode(pairs[i][0]) for i in idx]
-        tgt = [codec.encode(pairs[i][1]) for i in idx]
-        keep = [k for k in range(len(idx)) if max(len(src[k]), len(tgt[k])) <= seq_len - 2]
+    for split, chosen in parts.items():
+        src = [codec.encode(s) for s, _ in chosen]
+        tgt = [codec.encode(t) for _, t in chosen]
+        keep = [k for k in range(len(chosen)) if max(len(src[k]), len(tgt[k])) <= seq_len - 2]
         if not keep:
             raise ConfigError(f"{where}.seq_len", f"no {split} pair fits {seq_len} tokens")
         tensors[split] = pack([src[k] for k in keep], [tgt[k] for k in keep], seq_len)
         if split == "test":  # the raw reference text, for sacrebleu (not ids decoded back)
-            references = tuple(pairs[idx[k]][1] for k in keep)
-    params = [name, seq_len, vocab_size, val_size, test_size, split_seed, train_limit]
+            references = tuple(chosen[k][1] for k in keep)
     h = hashlib.sha256(repr(params).encode())
     h.update(tokenizer_json.encode())
     h.update(memoryview(tensors["train"][0].numpy()).cast("B"))
+    h.update(extra)
     return DataSplits(
         name=name, train_x=tensors["train"][0], train_y=tensors["train"][1],
         val_x=tensors["val"][0], val_y=tensors["val"][1],

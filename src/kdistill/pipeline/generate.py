@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kdistill.config.generate import GenerateConfig
-from kdistill.data.prompts import Prompt, load_prompts
+from kdistill.data.prompts import Prompt
 from kdistill.data.sft import chat_text
 from kdistill.errors import ConfigError
 from kdistill.models.hf import _transformers, load_tokenizer, resolve_source
@@ -288,8 +288,7 @@ def validate_generate(cfg: GenerateConfig) -> str:
     """What `kdistill validate` checks of a generate recipe, without loading the teacher's
     weights: the prompt set, the teacher's files and tokenizer, and that an existing output
     file was written with these settings. Returns a one-line summary."""
-    prompts = load_prompts(cfg.prompts.name, limit=cfg.prompts.limit, seed=cfg.prompts.seed,
-                           where="prompts")
+    prompts = cfg.prompts.load(where="prompts")
     resolve_source(cfg.teacher.path, where="teacher.path")
     load_tokenizer(cfg.teacher.path, where="teacher.path")
     done = _read_done(Path(cfg.output.path), _recipe_params(cfg), cfg.teacher.path,
@@ -301,8 +300,7 @@ def validate_generate(cfg: GenerateConfig) -> str:
 def run_generate(cfg: GenerateConfig, *,
                  echo: Callable[[str], None] = lambda line: None) -> GenerateResult:
     """The `kdistill generate` command: load the prompts named by the recipe and generate."""
-    prompts = load_prompts(cfg.prompts.name, limit=cfg.prompts.limit, seed=cfg.prompts.seed,
-                           where="prompts")
+    prompts = cfg.prompts.load(where="prompts")
     s = cfg.sampling
     return generate(cfg.teacher.path, prompts, Path(cfg.output.path),
                     batch_size=cfg.batch_size, max_new_tokens=s.max_new_tokens,
