@@ -195,3 +195,21 @@ def test_chain_refuses_bad_stages_before_training(tmp_path: Path, digits: DataSp
     with pytest.raises(ConfigError, match=r"compress\.rounds|compress.*rounds"):
         run_chain([{"kind": "prune", "rounds": 0}], student=trained, teacher=trained,
                   splits=digits, run_dir=tmp_path, train_cfg=cfg, echo=lambda _line: None)
+
+
+def test_exported_files_name_the_classes(tmp_path: Path, digits: DataSplits) -> None:
+    # A user's label map (labels.json) travels with the exported model.
+    import json
+
+    import onnx
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, hidden=[8]).eval()
+    names = [f"class-{i}" for i in range(10)]
+    path = save_safetensors(model, tmp_path / "m.safetensors", quantized=False, class_names=names)
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["class_names"]) == names
+    path = export_onnx(model, digits.test_x[:2], tmp_path / "m.onnx", class_names=names)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["class_names"]) == names

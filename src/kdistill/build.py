@@ -12,7 +12,7 @@ from kdistill.capture import resolve_modules, split_name
 from kdistill.config import ModelSpec, OptimizerConfig, RunConfig, TrainSettings, TransferConfig
 from kdistill.data import DataSplits, LoadContext, Source
 from kdistill.data.general_text import held_out_texts
-from kdistill.data.loader import BatchLoader, jitter
+from kdistill.data.loader import BatchLoader, compose, jitter
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
 from kdistill.methods import Method, build_method
@@ -78,8 +78,9 @@ def build_train_loader(
             raise ConfigError(f"{where}.augment", f"jitter needs images; '{splits.name}' "
                                                   f"inputs have shape {splits.input_shape}")
         augment = jitter(cfg.jitter_pixels)
+    # The source's own augmentation (e.g. an image folder's random crops) after the recipe's.
     return BatchLoader(splits.train_x, splits.train_y, batch_size=cfg.batch_size, shuffle=True,
-                       seed=seed, augment=augment)
+                       seed=seed, augment=compose(augment, splits.augment))
 
 
 def _contains(value: object, name: str) -> bool:

@@ -279,7 +279,8 @@ def _export(chain: _Chain, stage: ExportStage, ctx: _Context, stage_dir: Path,
     files: dict[str, int] = {}
     if "safetensors" in stage.formats:
         path = save_safetensors(chain.model, stage_dir / "model.safetensors",
-                                quantized=chain.quantized is not None)
+                                quantized=chain.quantized is not None,
+                                class_names=ctx.splits.class_names)
         files[path.name] = path.stat().st_size
     if "onnx" not in stage.formats:  # the torch model stays what runs
         row = _row(chain, ctx, chain.model, sum(files.values()), teacher_logits, "torch")
@@ -288,7 +289,8 @@ def _export(chain: _Chain, stage: ExportStage, ctx: _Context, stage_dir: Path,
     x = ctx.splits.test_x
     (stage_dir / "model.onnx.data").unlink(missing_ok=True)  # an earlier run's side file
     path = export_onnx(chain.model, x[:2], stage_dir / "model.onnx", quantized=chain.quantized,
-                       float_model=chain.float_model, opset=stage.opset)
+                       float_model=chain.float_model, opset=stage.opset,
+                       class_names=ctx.splits.class_names)
     rtol = stage.rtol or (INT8_RTOL if chain.quantized else FP32_RTOL)
     runner, check = check_onnx(path, chain.model, x[: ctx.eval_cfg.batch_size], rtol=rtol)
     data = path.with_name(path.name + ".data")  # weights stored beside the graph, if any

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Path, *, quantized: str | None = None,
-                float_model: nn.Module | None = None, opset: int | None = None) -> Path:
+                float_model: nn.Module | None = None, opset: int | None = None,
+                class_names: Sequence[str] = ()) -> Path:
     """Write `model` to `path` as ONNX with a dynamic batch axis (input `input`, output
     `logits`). `quantized`: None, "static", "qat" or "dynamic" (see the module doc; dynamic
-    needs `float_model`, the fp32 model it was quantized from)."""
+    needs `float_model`, the fp32 model it was quantized from). `class_names` (the name of
+    each logit) go into the model's metadata as JSON under `class_names`."""
     _require("onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {"input_names": ["input"], "output_names": ["logits"]}
@@ -98,7 +101,19 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path, *, quantized: str
             ort_dynamic(str(target), str(path), weight_type=QuantType.QInt8)
         target.unlink()
         target.with_name(target.name + ".data").unlink(missing_ok=True)
+    if class_names:
+        _stamp_onnx(path, class_names)
     return path
+
+
+def _stamp_onnx(path: Path, class_names: Sequence[str]) -> None:
+    """Record the class names in the ONNX file's metadata (weights stored beside it stay)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "class_names", json.dumps(list(class_names))
+    onnx.save(graph, str(path))
 
 
 class OnnxModel(nn.Module):
@@ -159,12 +174,15 @@ def check_onnx(path: Path, model: nn.Module, x: Tensor, *, rtol: float,
     return runner, compare_outputs(runner, model, x, rtol=rtol)
 
 
-def save_safetensors(model: nn.Module, path: Path, *, quantized: bool) -> Path:
+def save_safetensors(model: nn.Module, path: Path, *, quantized: bool,
+                     class_names: Sequence[str] = ()) -> Path:
     """fp32: the state dict as it is (shared tensors handled); int8: integer values with their
-    scales and zero points (`quantize.int8_tensors`), what an int8 checkpoint really weighs."""
+    scales and zero points (`quantize.int8_tensors`), what an int8 checkpoint really weighs.
+    `class_names` go into the file's metadata as JSON under `class_names`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"class_names": json.dumps(list(class_names))} if class_names else None
     if quantized:
-        save_file(int8_tensors(model), str(path))
+        save_file(int8_tensors(model), str(path), metadata=metadata)
     else:
-        save_model(model, str(path))
+        save_model(model, str(path), metadata=metadata)
     return path

@@ -111,6 +111,8 @@ def prepare(cfg: RunConfig, echo: Echo) -> Run:
     splits = build_data(cfg.data, transfer=cfg.transfer, run_dir=run_dir)
     task = task_of(splits)
     echo(f"data: {task.describe(splits)}")
+    for note in splits.notes:  # duplicates across splits, skipped files, converted images
+        echo(f"data: {note}")
     distributed.on_main(lambda: task.save_artifacts(
         splits, lambda name, text: atomic_write_text(run_dir / name, text)))
     task.check_recipe(cfg)

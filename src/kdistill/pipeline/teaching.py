@@ -38,8 +38,8 @@ def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
     """Why the teacher must run online (a sentence for the log), or None to cache it."""
     if not cfg.cache.enabled:
         return "cache disabled"
-    if cfg.train.augment != "none":
-        return "augmented inputs"
+    if cfg.train.augment != "none" or splits.augment is not None:
+        return "augmented inputs: the teacher sees each view the student sees"
     if method.on_policy:
         return "on-policy: the teacher scores the student's samples"
     layers = tuple(method.teacher_layers)
