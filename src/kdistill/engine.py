@@ -15,7 +15,6 @@ evaluates, logs and checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -109,17 +108,8 @@ def _restore(
 
 def _truncate_metrics(logger: MetricsLogger | None, step: int) -> None:
     """Drop records after `step` (they will be written again) and any torn last line."""
-    if logger is None or logger.path is None or not logger.path.is_file():
-        return
-    kept = []
-    for line in logger.path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    logger.path.write_text("".join(line + "\n" for line in kept))
+    if logger is not None:
+        logger.truncate_after(step)  # never through a link planted at metrics.jsonl
 
 
 def train(
