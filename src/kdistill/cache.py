@@ -121,7 +121,8 @@ def _to_disk(value: Tensor, dtype: str) -> np.ndarray:
         return value.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     if np.issubdtype(np.dtype(dtype), np.integer):
         return value.numpy().astype(dtype, copy=False)
-    return value.float().numpy().astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # beyond float16: inf, refused by `_check_finite`
+        return value.float().numpy().astype(dtype, copy=False)
 
 
 def _from_disk(rows: np.ndarray, dtype: str) -> Tensor:

@@ -244,13 +244,13 @@ def import_target(target: str, *, where: str = "model.target") -> Callable[..., 
     # Where the object is defined, not where it was imported into: a user module that does
     # `from os import system` or `from torch.nn import Linear` does not make them its own.
     home = getattr(obj, "__module__", None)
-    if not isinstance(home, str) or home not in sys.modules:
-        raise ConfigError(where, f"{target!r} is not a class or function defined in a module")
+    if not callable(obj) or not isinstance(home, str) or home not in sys.modules:
+        raise ConfigError(where, f"{target!r} is a {type(obj).__name__} value, not a class or "
+                          "function defined in a module")
     _refuse_package(home, target, where)
     is_model_class = isinstance(obj, type) and issubclass(obj, nn.Module)
     if not (is_model_class or _returns_module(obj)):
-        kind = "a class" if isinstance(obj, type) else (
-            "a function" if callable(obj) else type(obj).__name__)
+        kind = "a class" if isinstance(obj, type) else "a function"
         raise ConfigError(where, f"{target!r} is {kind}, not an nn.Module subclass or a function "
                           "annotated to return one (def make(...) -> nn.Module); kdistill "
                           f"checks this before calling anything ({SECURITY})")
