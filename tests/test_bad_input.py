@@ -563,6 +563,10 @@ def test_report_on_a_crafted_run_works(kdistill, tmp_path: Path) -> None:
     assert result.code == 0, result.err
     page = (run / "report.html").read_text()
     assert "crafted" in page and "leak.png" not in page  # a linked image is not embedded
+    secret.write_text("name: secret-token\n")  # a YAML file of the machine's
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(secret)
+    one_line(kdistill("report", str(run)), 2, "config.yaml: a run file is a symbolic link")
 
 
 @pytest.mark.parametrize(("file", "data", "text"), [

@@ -7,6 +7,7 @@ with `-m slow`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ from .conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TREES = {p.name: read_yaml(p) for p in RECIPES}
+QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 DEFAULT = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=3000, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+                   suppress_health_check=QUIET)
+SLOW = settings(max_examples=3000, deadline=None, database=None, suppress_health_check=QUIET)
 
 # The tests reuse one tmp_path per test function: each example overwrites its recipe file.
 # Values a recipe field might wrongly hold: other types, edge numbers, hostile strings.
@@ -81,10 +82,8 @@ def _mutated(tree: Any, path: tuple[Any, ...], action: str, value: Any) -> Any:
 def _load(name: str, path: Path, overrides: list[str] | None = None) -> None:
     """kdistill validate's parsing: success or a KDistillError, nothing else."""
     loader = load_generate_config if name.startswith("generate") else load_config
-    try:
+    with contextlib.suppress(KDistillError):
         loader(path, overrides)
-    except KDistillError:
-        pass
 
 
 @st.composite

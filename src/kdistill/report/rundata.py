@@ -4,8 +4,9 @@ Every file is decoded and type-checked as it is read: config.yaml (bounded YAML,
 eval.json ({role: [row per seed]}, numbers), samples.json ([{model: text}]), compress/eval.json
 (a row per stage) are each one `ConfigError` naming the file when they are not what
 `kdistill run` writes, never a traceback; a metrics.jsonl line that is not a record (a torn last
-line, undecodable bytes, another type) is skipped, and a record keeps only numbers. An image
-that is a symbolic link is not read (it could point at any file of the machine).
+line, undecodable bytes, another type) is skipped, and a record keeps only numbers. A run file
+that is a symbolic link is refused (a linked config.yaml would put the file it names into the
+page); a linked image or metrics file is left out.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.errors import ConfigError
-from kdistill.io import parse_yaml_value, read_json, read_text
+from kdistill.io import parse_yaml_value, read_json, read_text, refuse_symlink
 from kdistill.report.markdown import _is_embedding
 
 Rows = dict[str, list[dict[str, Any]]]
@@ -97,6 +98,9 @@ def load_run(path: Path) -> RunData:
     if missing:
         raise ConfigError(str(path), f"missing {' and '.join(missing)}; {expected}; "
                           "a run stopped before its evaluate stage has no eval.json")
+    for name in ("config.yaml", "eval.json", "samples.json", "compress/eval.json"):
+        # A linked config.yaml would put whatever file it names into the page.
+        refuse_symlink(path / name, "a run file")
     config_text = read_text(path / "config.yaml", what="the resolved recipe")
     config = parse_yaml_value(config_text, where=str(path / "config.yaml"))
     if not isinstance(config, dict):
@@ -112,8 +116,9 @@ def load_run(path: Path) -> RunData:
 
 def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
     """The records of one split, numbers only (plus their `step` and `epoch` counters); a
-    half-written last line (a killed run) or a line of anything else is skipped."""
-    if not path.is_file():
+    half-written last line (a killed run) or a line of anything else is skipped, and so is a
+    file that is a link."""
+    if path.is_symlink() or not path.is_file():
         return []
     out = []
     for raw in path.read_bytes().splitlines():
