@@ -33,7 +33,14 @@ from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError, load_failure
-from kdistill.io import atomic_write_text, file_digest, read_json, refuse_symlink, write_failed
+from kdistill.io import (
+    atomic_write_text,
+    file_digest,
+    fsync_file,
+    read_json,
+    refuse_symlink,
+    write_failed,
+)
 from kdistill.weights import load_weights
 
 # What the engine writes into a checkpoint (`engine.train`'s `checkpoint()`): checked on load so
@@ -43,14 +50,6 @@ TRAIN_STATE_COUNTERS = ("step", "epoch", "batch", "samples")  # engine.TrainStat
 FILES = ("student.safetensors", "method.safetensors", "trainer.pt", "state.json")
 CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"step-(\d{8,})(?:\.(\d+))?")  # what save_checkpoint names a checkpoint
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -84,11 +83,11 @@ def save_checkpoint(
         for name, write in writes.items():
             target = final / name  # errors name the file as it would have been called
             write(tmp / name)
-            _fsync(tmp / name)  # on disk before the rename publishes it
+            fsync_file(tmp / name)  # on disk before the rename publishes it
         target = final / CHECKSUMS
         digests = {name: file_digest(tmp / name) for name in writes}
         (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2))
-        _fsync(tmp / CHECKSUMS)
+        fsync_file(tmp / CHECKSUMS)
         target = final
         os.replace(tmp, final)
     except BaseException as exc:
