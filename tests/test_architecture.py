@@ -27,7 +27,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "weights": FOUNDATION,
     "schedules": FOUNDATION,
     "distributed": (*FOUNDATION, "devices"),
-    "logger": FOUNDATION,
+    "logger": (*FOUNDATION, "io"),
     "losses": FOUNDATION,
     "capture": FOUNDATION,
     "adapters": (*FOUNDATION, "capture"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,12 +354,25 @@ def test_truncated_checkpoint(kdistill, tiny_recipe: Path, interrupted: Path) ->
     assert result.code == 0 and "resumed from step 5" in result.out, result.err
 
 
+def _resum(ckpt: Path) -> None:
+    """Recompute a checkpoint's checksums: a tamperer who knows the format."""
+    from kdistill.io import file_digest
+
+    sums = {name: file_digest(ckpt / name) for name in json.loads(
+        (ckpt / "checksums.json").read_text())}
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+
+
 def test_tampered_checkpoint_with_pickled_code(
     kdistill, tiny_recipe: Path, interrupted: Path
 ) -> None:
     marker = tiny_recipe.parent / "PWNED"
     trainer = interrupted / "step-00000010" / "trainer.pt"
     torch.save({"optimizer": _Payload(marker), "scheduler": {}, "rng": torch.zeros(1)}, trainer)
+    # The checksum no longer matches: the file is refused before it is even opened.
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(trainer), "checksum")
+    # With matching checksums, weights_only=True refuses the pickled call, naming it.
+    _resum(trainer.parent)
     one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(trainer), "mkdir")
     assert not marker.exists()
 
@@ -366,7 +380,34 @@ def test_tampered_checkpoint_with_pickled_code(
 def test_tampered_checkpoint_state(kdistill, tiny_recipe: Path, interrupted: Path) -> None:
     state = interrupted / "step-00000010" / "state.json"
     state.write_text(json.dumps({"step": "ten"}))
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(state), "damaged checkpoint")
+    _resum(state.parent)
     one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(state), "unreadable checkpoint")
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe garbage", b"../../../../../../etc",
+                                     b"outside"], ids=["undecodable", "parent", "link"])
+def test_a_bad_latest_pointer_resumes_from_the_newest_checkpoint(
+    kdistill, tiny_recipe: Path, interrupted: Path, pointer: bytes
+) -> None:
+    outside = tiny_recipe.parent / "outside"
+    shutil.copytree(interrupted / "step-00000005", outside)  # a real checkpoint elsewhere
+    (interrupted / "outside").symlink_to(outside)
+    (interrupted / "latest").write_bytes(pointer)
+    result = kdistill("run", str(tiny_recipe), *EVERY_5)
+    assert result.code == 0 and "resumed from step 10" in result.out, result.err
+
+
+def test_a_planted_metrics_link_is_refused_not_written_through(
+    kdistill, tiny_recipe: Path, interrupted: Path
+) -> None:
+    target = tiny_recipe.parent / "precious.txt"
+    target.write_text("keep\n")
+    metrics = interrupted.parent / "metrics.jsonl"
+    metrics.unlink()
+    metrics.symlink_to(target)
+    one_line(kdistill("run", str(tiny_recipe), *EVERY_5), 2, str(metrics), "symbolic link")
+    assert target.read_text() == "keep\n"
 
 
 def test_truncated_stage_model(kdistill, tiny_recipe: Path) -> None:
@@ -432,3 +473,131 @@ def test_atomic_tensor_file_keeps_the_old_file_on_a_full_disk(tmp_path: Path,
         checkpoint.save_tensors_atomic({"targets": torch.zeros(1)}, path)
     assert torch.equal(load_file(str(path))["targets"], torch.arange(6).view(2, 3).t())
     assert sorted(p.name for p in path.parent.iterdir()) == ["targets.safetensors"]
+
+
+# --- trust and integrity (#15) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "args"), [
+    ("os:system", "{command: 'touch {marker}'}"),
+    ("subprocess:run", "{args: [touch, '{marker}']}"),
+    ("builtins:eval", "{source: \"open('{marker}', 'w')\"}"),
+    ("pathlib:Path.touch", "{self: '{marker}'}"),
+], ids=["os-system", "subprocess-run", "eval", "path-touch"])
+def test_a_recipe_cannot_run_commands_even_under_validate(
+    kdistill, tiny_recipe: Path, tmp_path: Path, target: str, args: str
+) -> None:
+    marker = tmp_path / "PWNED"
+    one_line(kdistill("validate", str(tiny_recipe), "teacher.model.arch=custom",
+                      f"teacher.model.target={target}",
+                      "teacher.model.args=" + args.replace("{marker}", str(marker))), 2,
+             "teacher.model.target", "standard library", "docs/security.md")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override", [
+    "method.temperature=.nan", "method.temperature=.inf", "method.alpha=.nan",
+    "method.temperature={kind: cosine, start: .inf, end: 1}",
+])
+def test_non_finite_hyper_parameters_are_refused_by_validate(
+    kdistill, tiny_recipe: Path, override: str
+) -> None:
+    field = override.split("=")[0]
+    one_line(kdistill("validate", str(tiny_recipe), override), 2, field,
+             "Input should be a finite number")
+
+
+def test_a_student_too_large_to_allocate(kdistill, tiny_recipe: Path) -> None:
+    one_line(kdistill("validate", str(tiny_recipe), "student.model.args.hidden=[1099511627776]"),
+             2, "student.model: arch 'mlp' is too large to allocate",
+             f"{(64 + 1 + 10) * 2**40 + 10:,} parameters")  # digits: 64 inputs, 10 classes
+
+
+def test_weights_file_whose_keys_are_not_names(kdistill, tiny_recipe: Path,
+                                               tmp_path: Path) -> None:
+    path = tmp_path / "ints.pt"
+    torch.save({1: torch.zeros(3)}, path)
+    one_line(kdistill("validate", str(tiny_recipe), f"teacher.model.weights={path}"), 2,
+             "teacher.model.weights", "does not hold a state dict")
+
+
+def test_a_teacher_with_nan_outputs_is_blamed_before_distillation(
+    kdistill, tiny_recipe: Path, tmp_path: Path
+) -> None:
+    teacher = MLP((64,), 10, hidden=[64])
+    with torch.no_grad():
+        teacher.head.weight.fill_(float("nan"))
+    path = tmp_path / "nan.safetensors"
+    save_model(teacher, str(path))
+    one_line(kdistill("run", str(tiny_recipe), *QUICK, "teacher.train=null",
+                      f"teacher.model.weights={path}"), 1,
+             "teacher: its output 'logits' is NaN or infinite for training sample 0",
+             "nothing was cached")
+
+
+def test_a_zeroed_teacher_cache_is_rebuilt_not_read(kdistill, tiny_recipe: Path) -> None:
+    assert kdistill("run", str(tiny_recipe), *QUICK).code == 0
+    logits = tiny_recipe.parent / "runs" / "tiny" / "cache" / "teacher" / "logits.npy"
+    size = logits.stat().st_size
+    data = bytearray(logits.read_bytes())
+    data[128:] = bytes(size - 128)  # the header kept, every value zero: a crash without fsync
+    logits.write_bytes(bytes(data))
+    result = kdistill("run", str(tiny_recipe), *QUICK, "train.epochs=2")  # redo the student
+    assert result.code == 0, result.err
+    assert "stale teacher cache" in result.out or "damaged" in result.out
+    assert logits.read_bytes() != bytes(data)
+
+
+# `kdistill report` on run directories whose files hold the wrong bytes or types.
+
+EVAL = {"teacher": [{"accuracy": 0.9, "errors": 10, "params": 100, "seed": None}],
+        "student": [{"accuracy": 0.8, "errors": 20, "params": 10, "seed": 0,
+                     "per_class_accuracy": [0.8, None]}]}
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "seed-0" / "student").mkdir(parents=True)
+    write(run / "config.yaml", "name: crafted\ndata: {name: digits}\n")
+    write(run / "eval.json", json.dumps(EVAL))
+    return run
+
+
+def test_report_on_a_crafted_run_works(kdistill, tmp_path: Path) -> None:
+    run = _run_dir(tmp_path)
+    (run / "seed-0" / "student" / "metrics.jsonl").write_bytes(
+        b'{"split": "train", "step": 1, "loss": 0.5}\n\xff\xfe\n[1]\n{"split": "train", '
+        b'"step": "x", "loss": 1}\n{"split": "val", "epoch": 0, "step": 2, "accuracy": "hi"}\n{')
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not an image of this run")
+    (run / "seed-0" / "student" / "leak.png").symlink_to(secret)
+    result = kdistill("report", str(run))
+    assert result.code == 0, result.err
+    page = (run / "report.html").read_text()
+    assert "crafted" in page and "leak.png" not in page  # a linked image is not embedded
+    secret.write_text("name: secret-token\n")  # a YAML file of the machine's
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to(secret)
+    one_line(kdistill("report", str(run)), 2, "config.yaml: a run file is a symbolic link")
+
+
+@pytest.mark.parametrize(("file", "data", "text"), [
+    ("eval.json", b"null", "eval.json: the evaluation rows should be an object, got null"),
+    ("eval.json", b"[]", "should be an object, got an array"),
+    ("eval.json", b'{"student": {"accuracy": 1}}', "'student' is not a list of rows"),
+    ("eval.json", b'{"student": [{"accuracy": "high"}]}', "student.accuracy: expected a number"),
+    ("eval.json", b"\x89PNG\r\n", "is not UTF-8 text (byte 0x89 at offset 0)"),
+    ("config.yaml", "name: caf\u00e9\n".encode("latin-1"), "config.yaml: the resolved recipe "
+     "is not UTF-8 text"),
+    ("config.yaml", b"- a\n", "expected the resolved recipe (a mapping)"),
+    ("samples.json", b'{"a": 1}', "samples.json: the samples should be an array"),
+    ("samples.json", b'[{"prompt": 3}]', "expected a list of {model: text} objects"),
+    ("compress/eval.json", b'[{"accuracy": "x"}]', "row 0: expected an object with numbers"),
+], ids=["eval-null", "eval-array", "eval-role", "eval-value", "eval-binary", "config-latin1",
+        "config-list", "samples-object", "samples-value", "compress-value"])
+def test_report_on_run_files_of_the_wrong_types(kdistill, tmp_path: Path, file: str,
+                                                 data: bytes, text: str) -> None:
+    run = _run_dir(tmp_path)
+    (run / file).parent.mkdir(exist_ok=True)
+    (run / file).write_bytes(data)
+    one_line(kdistill("report", str(run)), 2, text)

@@ -11,6 +11,7 @@ from torch import nn
 
 from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
 from kdistill.data.loader import BatchLoader, jitter
+from kdistill.errors import ConfigError, TrainingError
 
 
 def test_batches_are_a_function_of_seed_and_epoch_and_resume_mid_epoch() -> None:
@@ -110,3 +111,114 @@ def test_cache_stores_teacher_layers_in_eval_mode(tmp_path: Path) -> None:
     # Other layers are another cache.
     assert not TeacherCache.is_valid(tmp_path / "c", CacheKey(key.teacher, "d", "float16",
                                                                layers=("0",)))
+
+
+def _small_cache(tmp_path: Path) -> tuple[Path, CacheKey]:
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 4)
+    key = CacheKey(teacher=fingerprint_model(teacher), data="d1", layers=())
+    build_cache(tmp_path / "c", teacher, torch.randn(300, 6), key, batch_size=64)
+    return tmp_path / "c", key
+
+
+@pytest.mark.parametrize("damage", ["flip", "zero", "truncate"])
+def test_a_damaged_cache_file_is_detected_by_its_checksum(tmp_path: Path, damage: str) -> None:
+    directory, key = _small_cache(tmp_path)
+    assert TeacherCache.open_valid(directory, key)[1] == ""
+    logits = directory / "logits.npy"
+    data = bytearray(logits.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x01  # one bit of one logit
+    elif damage == "zero":  # a crash without fsync: the right size, every value zero
+        header = len(data) - 300 * 4 * 4
+        data[header:] = bytes(len(data) - header)
+    else:
+        data = data[:-16]
+    logits.write_bytes(bytes(data))
+    cache, why = TeacherCache.open_valid(directory, key)
+    assert cache is None and why.startswith("damaged:") and "logits.npy" in why
+    assert not TeacherCache.is_valid(directory, key)
+    with pytest.raises(ConfigError, match=r"logits.npy: damaged teacher cache file .*rebuild"):
+        TeacherCache(directory)
+
+
+def test_an_old_format_cache_is_stale_not_misread(tmp_path: Path) -> None:
+    directory, key = _small_cache(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["version"] = 3  # written before checksums: rebuilt rather than read unchecked
+    for spec in manifest["fields"].values():
+        del spec["sha256"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    cache, why = TeacherCache.open_valid(directory, key)
+    assert cache is None and "stale: written by another kdistill (format 3, now 4)" in why
+    assert TeacherCache.open_valid(tmp_path / "none", key) == (None, "no cache")
+
+
+@pytest.mark.parametrize(("manifest", "text"), [
+    ("[]", "should be an object, got an array"),
+    ("null", "should be an object, got null"),
+    ("\xff", "is not UTF-8 text"),
+    ('{"fields": {"logits": {"file": "../../x.npy", "dtype": "float32", "shape": [300, 4], '
+     '"sha256": "0"}}, "key": {}, "num_samples": 300}', "is not a file name in the cache"),
+    ('{"fields": {"logits": {"file": "logits.npy", "dtype": "object", "shape": [300, 4], '
+     '"sha256": "0"}}, "key": {}, "num_samples": 300}', "unknown dtype 'object'"),
+    ('{"fields": {"logits": {"file": "logits.npy", "dtype": "float32", "shape": "big", '
+     '"sha256": "0"}}, "key": {}, "num_samples": 300}', "should have a file, dtype, shape"),
+    ('{"fields": {"logits": {"file": "logits.npy", "dtype": "float32", "shape": [300, 4], '
+     '"sha256": "0"}}, "key": {}, "num_samples": true}', "'num_samples' should be a count"),
+    ('{"fields": {}, "key": {}, "num_samples": 3}', "'fields' should be a non-empty object"),
+], ids=["array", "null", "undecodable", "outside", "object-dtype", "shape", "count", "empty"])
+def test_a_manifest_of_the_wrong_types_is_one_error(tmp_path: Path, manifest: str,
+                                                    text: str) -> None:
+    directory, key = _small_cache(tmp_path)
+    (directory / "manifest.json").write_text(manifest, encoding="latin-1")
+    with pytest.raises(ConfigError) as info:
+        TeacherCache(directory)
+    assert "manifest.json" in info.value.where and text in info.value.message
+    assert "delete it and run again" in info.value.message
+    assert TeacherCache.open_valid(directory, key)[0] is None
+
+
+class _Broken(nn.Module):
+    """A teacher whose output for sample `bad` is NaN (or +inf, or a value beyond float16)."""
+
+    def __init__(self, bad: int, value: float) -> None:
+        super().__init__()
+        self.bad, self.value, self.seen = bad, value, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, :3].clone()
+        if len(x) > 1:  # not the one-sample probe
+            rows = torch.arange(self.seen, self.seen + len(x))
+            out[rows == self.bad, 1] = self.value
+            self.seen += len(x)
+        return out
+
+
+@pytest.mark.parametrize(("value", "dtype", "text"), [
+    (float("nan"), "float32", "is NaN or infinite for training sample 37"),
+    (float("inf"), "bfloat16", "is NaN or infinite for training sample 37"),
+    (1e6, "float16", "for training sample 37 is beyond the range of float16"),
+])
+def test_non_finite_teacher_outputs_are_refused_naming_the_sample(
+    tmp_path: Path, value: float, dtype: str, text: str
+) -> None:
+    key = CacheKey("t", "d", dtype=dtype)
+    with pytest.raises(TrainingError) as info:
+        build_cache(tmp_path / "c", _Broken(37, value), torch.randn(50, 5), key, batch_size=16,
+                    what="teacher-2")
+    assert str(info.value).startswith("teacher-2: its output 'logits'") and text in str(info.value)
+    assert not list(tmp_path.iterdir())  # nothing cached, no temporary directory left
+    # -inf is a masked logit (probability 0): stored as it is.
+    cache = build_cache(tmp_path / "m", _Broken(3, float("-inf")), torch.randn(8, 5), key)
+    assert cache.read("logits", torch.tensor([3]))[0, 1] == float("-inf")
+
+
+def test_a_linked_cache_directory_is_refused(tmp_path: Path) -> None:
+    directory, key = _small_cache(tmp_path)
+    (tmp_path / "link").symlink_to(directory)
+    with pytest.raises(ConfigError, match="the teacher cache directory is a symbolic link"):
+        TeacherCache(tmp_path / "link")
+    with pytest.raises(ConfigError, match="symbolic link"):
+        build_cache(tmp_path / "link", nn.Linear(6, 4), torch.randn(5, 6), key)
+    assert TeacherCache.open_valid(directory, key)[1] == ""  # the real one was left alone

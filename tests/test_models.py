@@ -41,7 +41,7 @@ class TinyNet(nn.Module):
         return self.head(torch.relu(self.body(x.flatten(1))))
 
 
-def make_linear(features: int = 6):
+def make_linear(features: int = 6) -> nn.Linear:
     """A custom factory function that does not take input_shape / num_classes."""
     return nn.Linear(features, 3)
 
@@ -254,7 +254,8 @@ def test_custom_target_class_and_function():
     [
         (None, "model.target", "needs target"),
         ("no_such_module_kd:Net", "model.target", "cannot import module 'no_such_module_kd'"),
-        ("torch.nn:NoSuchLayer", "model.target", "has no attribute 'NoSuchLayer'"),
+        (f"{__name__}:NoSuchLayer", "model.target", "has no attribute 'NoSuchLayer'"),
+        ("torch.nn:Linear", "model.target", "is in an installed package"),
         ("torch.nn.Linear", "model.target", "expected 'package.module:Name'"),
         (f"{__name__}:not_a_model", "model.target", "not an nn.Module"),
         (f"{__name__}:TinyNet", "model.args", "unknown argument 'depth'"),

@@ -29,6 +29,12 @@ def unsafe_calls(source: str) -> list[str]:
     """`line: what` for every call that could run code from a file or a string."""
     found = []
     for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):  # a YAML loader of our own must be a SafeLoader
+            bases = {b.attr for b in node.bases if isinstance(b, ast.Attribute)
+                     and isinstance(b.value, ast.Name) and b.value.id == "yaml"}
+            if bases - {"SafeLoader", "CSafeLoader", "SafeDumper", "CSafeDumper"}:
+                found.append(f"{node.lineno}: class {node.name} extends an unsafe yaml loader")
+            continue
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -69,8 +75,11 @@ pickle.loads(blob)
 np.load(f, allow_pickle=True)
 AutoModel.from_pretrained(d, trust_remote_code=True)
 eval(text)
+class L(yaml.FullLoader): pass
+class U(yaml.UnsafeLoader): pass
 """.replace("{load}", "torch." + "load")
-    assert len(unsafe_calls(bad)) == 7
+    assert len(unsafe_calls(bad)) == 9
     good = "torch.load(f, weights_only=True)\nyaml.safe_load(t)\nnp.load(f, mmap_mode='r')\n"
     good += "m.eval()\nself.model.eval()\nX.from_pretrained(d, trust_remote_code=False)\n"
+    good += "class B(yaml.SafeLoader): pass\n"
     assert unsafe_calls(good) == []

@@ -27,6 +27,7 @@ from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train
 from kdistill.errors import ConfigError
+from kdistill.io import file_digest
 from kdistill.logger import MetricsLogger
 from kdistill.losses import densify_topk, kd_kl, shift_labels, token_kd, topk_kd
 from kdistill.methods import Outputs, build_method
@@ -70,8 +71,9 @@ def test_topk_cache_stores_the_teachers_top_k_log_probabilities(tmp_path: Path) 
     assert (got_v.diff(dim=-1) <= 0).all() and (got_v.exp().sum(-1) < 1).all()
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["format"] == "topk" and manifest["topk"] == 5 and manifest["vocab"] == V
-    assert manifest["fields"]["topk_indices"] == {"file": "topk_indices.npy", "dtype": "uint8",
-                                                   "shape": [11, T, 5]}
+    indices = manifest["fields"]["topk_indices"]
+    assert indices == {"file": "topk_indices.npy", "dtype": "uint8", "shape": [11, T, 5],
+                       "sha256": file_digest(tmp_path / "c" / "topk_indices.npy")}
     assert manifest["fields"]["topk_logprobs"]["dtype"] == "float32"
     assert not (tmp_path / "c" / "logits.npy").exists() and cache.topk == 5
     assert bytes_per_token(manifest) == 5 * 4 + 5 * 1

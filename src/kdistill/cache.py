@@ -24,6 +24,14 @@ loss (`kdistill.losses.topk`), not stored. The key holds a hash of the teacher's
 data fingerprint, the storage dtype, the cached layer names and k (None for dense); a mismatch
 means the cache is stale and is rebuilt. A cache is written into a temporary directory and
 renamed into place when complete, so a crash mid-build never leaves a cache that looks valid.
+
+Integrity: each field's entry in the manifest carries the sha256 of its file, computed when
+the cache is built (after the data is flushed to disk) and checked once when the cache is
+opened (about 0.8 GiB/s on one core), so a flipped byte, a truncated file or an array zeroed by
+a crash is detected and the cache rebuilt, never read. The manifest itself is type-checked (a
+field's file must be a plain name inside the cache directory). Non-finite teacher outputs (NaN,
++inf; -inf is a masked logit, probability 0) are refused while the cache is built, naming the
+first bad training sample.
 """
 
 from __future__ import annotations
@@ -44,12 +52,19 @@ from torch import Tensor, nn
 
 from kdistill.capture import capture
 from kdistill.errors import ConfigError, KDistillError, TrainingError
+from kdistill.io import file_digest, fsync_file, read_json, refuse_symlink
 
-FORMAT_VERSION = 3  # 2: cached teacher layers are part of the key; 3: top-k format, bfloat16
+# 2: cached teacher layers are part of the key; 3: top-k format, bfloat16; 4: a sha256 per
+# field file (older caches have none: they are rebuilt, not read unchecked)
+FORMAT_VERSION = 4
+REBUILD = "delete it and run again to rebuild it"
 
 # Value dtype name -> numpy dtype on disk. bfloat16 bits are kept as uint16 (numpy has no bf16).
 _VALUE_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                   "bfloat16": np.dtype(np.uint16)}
+
+# Every dtype a manifest may name: the value dtypes and the index dtypes of `index_dtype`.
+_MANIFEST_DTYPES = (*_VALUE_STORAGE, "uint8", "uint16", "int32", "int64")
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -106,7 +121,8 @@ def _to_disk(value: Tensor, dtype: str) -> np.ndarray:
         return value.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     if np.issubdtype(np.dtype(dtype), np.integer):
         return value.numpy().astype(dtype, copy=False)
-    return value.float().numpy().astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # beyond float16: inf, refused by `_check_finite`
+        return value.float().numpy().astype(dtype, copy=False)
 
 
 def _from_disk(rows: np.ndarray, dtype: str) -> Tensor:
@@ -119,34 +135,67 @@ def _from_disk(rows: np.ndarray, dtype: str) -> Tensor:
 
 
 class TeacherCache:
-    """Read side of a complete cache directory."""
+    """Read side of a complete cache directory; with `verify` (the default) every field file
+    is checked against its checksum once, here."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, verify: bool = True) -> None:
         self.directory = Path(directory)
-        manifest_path = self.directory / "manifest.json"
+        refuse_symlink(self.directory, "the teacher cache directory")
+        self.manifest = read_json(self.directory / "manifest.json", what="the cache manifest",
+                                  hint=REBUILD)
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise KDistillError(f"{manifest_path}: unreadable cache manifest ({exc})") from None
+            _check_manifest(self.manifest)
+        except ValueError as exc:
+            raise ConfigError(str(self.directory / "manifest.json"),
+                              f"not a kdistill cache manifest ({exc}); {REBUILD}") from None
         self._arrays: dict[str, np.ndarray] = {}
-        try:
-            for name, spec in self.manifest["fields"].items():
+        for name, spec in self.manifest["fields"].items():
+            path = self.directory / spec["file"]
+            try:
+                refuse_symlink(path, "a cache file")
+                if verify and file_digest(path) != spec["sha256"]:
+                    raise ValueError("its content does not match the checksum written with it "
+                                     "(a crash before it reached the disk, or an edit)")
                 # Read-only mapping: pages load on demand as rows are read, and `read` copies
                 # the rows out, so the file is never modified. np.load refuses pickled object
                 # arrays (allow_pickle defaults to False): a cache file never runs code.
-                arr = np.load(self.directory / spec["file"], mmap_mode="r")
+                arr = np.load(path, mmap_mode="r")
                 if list(arr.shape) != spec["shape"] or arr.dtype != _disk_dtype(spec["dtype"]):
                     raise ValueError("does not match its manifest")
-                self._arrays[name] = arr
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KDistillError(f"{self.directory}: unreadable teacher cache ({exc}); delete "
-                                "it and run again to rebuild it") from None
+            except (OSError, ValueError, EOFError) as exc:
+                raise ConfigError(str(path), f"damaged teacher cache file ({exc}); "
+                                  f"{REBUILD}") from None
+            self._arrays[name] = arr
+
+    @classmethod
+    def open_valid(cls, directory: Path, key: CacheKey) -> tuple[TeacherCache | None, str]:
+        """(the verified cache, "") when a complete cache with this exact key is there, else
+        (None, why not: "no cache", "stale: ..." or "damaged: ..."), for the caller to say
+        before it rebuilds. Each file is hashed once (`is_valid` + a new TeacherCache twice)."""
+        directory = Path(directory)
+        if not (directory / "manifest.json").exists():
+            return None, "no cache"
+        try:
+            manifest = read_json(directory / "manifest.json", what="the cache manifest")
+            if manifest.get("version") != FORMAT_VERSION:
+                return None, (f"stale: written by another kdistill (format "
+                              f"{manifest.get('version')!r}, now {FORMAT_VERSION})")
+            if manifest.get("key") != key.as_dict():
+                return None, "stale: the teacher, data, dtype, layers or k changed"
+            return cls(directory), ""
+        except KDistillError as exc:
+            return None, f"damaged: {exc}"
 
     @property
     def key(self) -> CacheKey:
-        key = dict(self.manifest["key"])  # manifests before version 3 have no "topk": dense
-        return CacheKey(**{**key, "layers": tuple(key.get("layers", ())),
-                           "topk": key.get("topk")})
+        key = self.manifest["key"]  # manifests before version 3 have no "topk": dense
+        try:
+            return CacheKey(teacher=key["teacher"], data=key["data"],
+                            dtype=key.get("dtype", "float32"),
+                            layers=tuple(key.get("layers", ())), topk=key.get("topk"))
+        except (KeyError, TypeError):
+            raise ConfigError(str(self.directory / "manifest.json"),
+                              f"not a kdistill cache key: {key!r}; {REBUILD}") from None
 
     @property
     def format(self) -> str:
@@ -173,15 +222,38 @@ class TeacherCache:
 
     @staticmethod
     def is_valid(directory: Path, key: CacheKey) -> bool:
-        """True when a complete, readable cache with this exact key is there."""
-        try:
-            manifest = json.loads((Path(directory) / "manifest.json").read_text())
-            if manifest.get("version") != FORMAT_VERSION or manifest.get("key") != key.as_dict():
-                return False
-            TeacherCache(Path(directory))  # every field file present, with its manifest shape
-        except (OSError, ValueError, KeyError, KDistillError):  # truncated or missing files
-            return False
-        return True
+        """True when a complete, intact cache with this exact key is there."""
+        return TeacherCache.open_valid(directory, key)[0] is not None
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    """ValueError naming the first entry of a manifest that is not what build_cache writes."""
+    fields = manifest.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise ValueError("'fields' should be a non-empty object")
+    if not isinstance(manifest.get("key"), dict):
+        raise ValueError("'key' should be an object")
+    n = manifest.get("num_samples")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError("'num_samples' should be a count")
+    if manifest.get("format", "dense") not in ("dense", "topk"):
+        raise ValueError("'format' should be dense or topk")
+    if manifest.get("format") == "topk" and not isinstance(manifest.get("topk"), int):
+        raise ValueError("'topk' should be an integer")
+    for name, spec in fields.items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("file"), str)
+                and isinstance(spec.get("dtype"), str) and isinstance(spec.get("sha256"), str)
+                and isinstance(spec.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                        for d in spec["shape"])):
+            raise ValueError(f"field {name!r} should have a file, dtype, shape and sha256")
+        file = spec["file"]
+        if Path(file).name != file or file in (".", "..") or "\\" in file:
+            raise ValueError(f"field {name!r}: {file!r} is not a file name in the cache")
+        if spec["dtype"] not in _MANIFEST_DTYPES:
+            raise ValueError(f"field {name!r}: unknown dtype {spec['dtype']!r}")
+        if spec["shape"][:1] != [n]:
+            raise ValueError(f"field {name!r} does not hold num_samples = {n} rows")
 
 
 def bytes_per_token(manifest: dict[str, Any]) -> float:
@@ -232,6 +304,34 @@ def cache_bytes(num_samples: int, logits_shape: int | Sequence[int],
     return num_samples * per_sample
 
 
+def _first_bad_row(value: Tensor | np.ndarray) -> int | None:
+    """Index of the first row holding NaN or +inf (-inf is a masked logit: probability 0)."""
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.floating):
+            return None  # indices, or bfloat16 bits (checked before conversion)
+        value = torch.from_numpy(value)
+    if not value.is_floating_point():
+        return None
+    bad = (torch.isnan(value) | torch.isposinf(value)).flatten(1).any(1) if len(value) else None
+    return int(bad.nonzero()[0, 0]) if bad is not None and bool(bad.any()) else None
+
+
+def _check_finite(name: str, value: Tensor, rows: np.ndarray | None, start: int, dtype: str,
+                  what: str) -> None:
+    """TrainingError naming the teacher, the output and the first non-finite training sample."""
+    row = _first_bad_row(value)
+    if row is not None:
+        raise TrainingError(
+            f"{what}: its output {name!r} is NaN or infinite for training sample {start + row}; "
+            "the teacher is broken (check its weights, or teacher/metrics.jsonl if kdistill "
+            "trained it); nothing was cached")
+    row = None if rows is None else _first_bad_row(rows)
+    if row is not None:  # finite in float32, infinite once stored in float16
+        raise TrainingError(
+            f"{what}: its output {name!r} for training sample {start + row} is beyond the range "
+            f"of {dtype} (max 65504); set cache.dtype: bfloat16 or float32")
+
+
 @torch.no_grad()
 def build_cache(
     directory: Path,
@@ -241,6 +341,7 @@ def build_cache(
     *,
     batch_size: int = 1000,
     max_batch_mb: float = 256.0,
+    what: str = "teacher",
 ) -> TeacherCache:
     """Run `teacher` once over `inputs` (N, ...) in order (eval mode) and store, at row = index,
     its logits (N, *P, V) or, when `key.topk` = k, the top-k of its log-softmax at T = 1
@@ -250,15 +351,20 @@ def build_cache(
     outputs (twice that for top-k, which adds a log-softmax copy) would pass `max_batch_mb`
     MiB: a causal LM's (batch, T, V) logits grow fast (8 x 512 x 49,152 x 4 B = 805 MB), and
     the full (N, *P, V) logits are never held in memory.
+
+    A NaN or +inf output is a TrainingError naming `what` (the teacher's role in messages) and
+    the first bad sample; nothing is cached. Each file's sha256 goes into the manifest.
     """
     _check_value_dtype(key.dtype)
     directory = Path(directory)
+    refuse_symlink(directory, "the teacher cache directory")
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    refuse_symlink(tmp, "a temporary cache directory")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     was_training = teacher.training
     teacher.eval()
     try:
+        tmp.mkdir(parents=True)
         n, layers, k = len(inputs), key.layers, key.topk
         with capture(teacher, layers, where="method.teacher_layers") as feats:
             probe = teacher(inputs[:1])
@@ -284,30 +390,35 @@ def build_cache(
             step = max(1, min(batch_size, int(max_batch_mb * 2**20) // max(per_sample, 1)))
             for start in range(0, n, step):
                 logits = teacher(inputs[start : start + step])
-                if k is None:
-                    values = {"logits": logits}
-                else:
+                values = {"logits": logits}
+                if k is not None:
                     # log-softmax over the full vocabulary first, so the stored values are
                     # the teacher's true log-probabilities (the missing mass is 1 − Σ exp).
                     top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+                    _check_finite("logits", logits, None, start, key.dtype, what)
                     values = {"topk_logprobs": top.values, "topk_indices": top.indices}
                 values.update({m: feats[m] for m in layers})
                 for name, value in values.items():
                     rows = _to_disk(value, layout[name][1])
+                    _check_finite(name, value, rows, start, layout[name][1], what)
                     arrays[name][start : start + len(rows)] = rows
         for arr in arrays.values():
             arr.flush()
         del arrays
+        for file, _, _ in layout.values():  # on disk before the checksum and the rename
+            fsync_file(tmp / file)
         manifest: dict[str, Any] = {
             "version": FORMAT_VERSION,
             "format": "dense" if k is None else "topk",
             "key": key.as_dict(),
             "num_samples": n,
             **({} if k is None else {"topk": k, "vocab": vocab}),
-            "fields": {name: {"file": file, "dtype": dt, "shape": [n, *shape]}
+            "fields": {name: {"file": file, "dtype": dt, "shape": [n, *shape],
+                              "sha256": file_digest(tmp / file)}
                        for name, (file, dt, shape) in layout.items()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        fsync_file(tmp / "manifest.json")
         shutil.rmtree(directory, ignore_errors=True)
         directory.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, directory)
@@ -318,4 +429,4 @@ def build_cache(
     finally:
         teacher.train(was_training)
         shutil.rmtree(tmp, ignore_errors=True)
-    return TeacherCache(directory)
+    return TeacherCache(directory, verify=False)  # just hashed: the manifest holds the sums

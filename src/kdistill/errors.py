@@ -81,3 +81,26 @@ def pydantic_message(error: Mapping[str, Any], own: Mapping[str, str] | None = N
 def more_errors(errors: list[Any]) -> str:
     """" (and N more error(s))" after the first of several validation errors."""
     return f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+
+
+# What torch and Python say when an allocation fails (CPU allocator, CUDA, MPS).
+_OOM_TEXT = ("not enough memory", "can't allocate memory", "out of memory",
+             "defaultcpuallocator", "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: a MemoryError, torch.OutOfMemoryError, or a RuntimeError
+    from an allocator ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
+
+
+def too_large(where: str, what: str, params: int | None) -> ConfigError:
+    """A model that cannot be allocated, as one line with its size (None: size unknown)."""
+    if params is None:
+        size = "its size could not be estimated"
+    else:
+        size = f"{params:,} parameters, {params * 4 / 2**30:,.1f} GiB in float32"
+    return ConfigError(where, f"{what} is too large to allocate ({size}); make it smaller "
+                       "(fewer or narrower layers) or run on a machine with more memory")

@@ -1,15 +1,25 @@
 """Metric sinks: every logged scalar goes to `metrics.jsonl`, one JSON object per line, and,
-when asked (`logging.tensorboard: true`), to TensorBoard event files as well."""
+when asked (`logging.tensorboard: true`), to TensorBoard event files as well.
+
+`metrics.jsonl` is opened with O_NOFOLLOW: a symbolic link planted under its name is refused,
+never written through (it could point anywhere). Reading it back keeps only JSON objects, so a
+torn last line (a killed run) or a hand-edited one is skipped, never a traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
+import os
 from pathlib import Path
 from typing import Any
 
 from kdistill.errors import MissingDependencyError, TrainingError
+from kdistill.io import atomic_write_text, make_dirs, refuse_symlink
+
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
 
 TENSORBOARD_INSTALL = "pip install -e '.[tensorboard]'"
 
@@ -50,20 +60,41 @@ class MetricsLogger:
         self._writer_type = require_tensorboard() if tensorboard_dir is not None else None
         self._writer: Any = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
+            refuse_symlink(path, "the metrics file")
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         self.records.append(clean)
         if self.path is not None:
-            try:
-                with self.path.open("a") as f:
-                    f.write(json.dumps(clean) + "\n")
-            except OSError as exc:  # a full disk: one line naming the file
-                raise TrainingError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+            self._append(json.dumps(clean) + "\n")
         if self._writer_type is not None:
             self._tensorboard(record)
+
+    def _append(self, line: str) -> None:
+        assert self.path is not None
+        try:
+            fd = os.open(self.path, _APPEND, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link planted since __init__
+                refuse_symlink(self.path, "the metrics file")
+            raise TrainingError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+        try:
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:  # a full disk: one line naming the file
+            raise TrainingError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the records of steps <= `step` (a resumed run logs the rest again) and
+        drop any torn or foreign line; rewritten atomically, never through a link."""
+        if self.path is None or not self.path.exists():
+            return
+        refuse_symlink(self.path, "the metrics file")
+        kept = [json.dumps(r) for r in read_metrics(self.path)
+                if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         step = int(record.get("step", len(self.records)))
@@ -91,6 +122,16 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl file, in order; lines that are not one (a torn
+    last line, undecodable bytes, an array) are skipped. No file: no records."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

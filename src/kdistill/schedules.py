@@ -10,6 +10,9 @@ A recipe writes a plain number for a constant, or a mapping with a `kind`:
 Positions are fractions of training in [0, 1]: by optimiser step (`unit: step`, the default) or
 by finished epochs (`unit: epoch`, the value only changes at epoch boundaries). `milestones`
 and `warmup` are fractions too, so a schedule keeps its shape when the run length changes.
+
+Every value is a finite number: `.nan` or `.inf` is refused when the recipe is read (one field
+error), never met mid-run as a NaN loss.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class _Base(BaseModel):
 
 class Constant(_Base):
     kind: Literal["constant"]
-    value: float
+    value: FiniteFloat
 
     def at(self, x: float) -> float:
         return self.value
@@ -53,8 +56,8 @@ class Constant(_Base):
 
 class Linear(_Base):
     kind: Literal["linear"]
-    start: float
-    end: float
+    start: FiniteFloat
+    end: FiniteFloat
 
     def at(self, x: float) -> float:
         return self.start + (self.end - self.start) * x
@@ -62,8 +65,8 @@ class Linear(_Base):
 
 class Cosine(_Base):
     kind: Literal["cosine"]
-    start: float
-    end: float
+    start: FiniteFloat
+    end: FiniteFloat
 
     def at(self, x: float) -> float:
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * x))
@@ -73,7 +76,7 @@ class Step(_Base):
     """Piecewise constant: `values[i]` until the fraction reaches `milestones[i]`."""
 
     kind: Literal["step"]
-    values: list[float] = Field(min_length=1)
+    values: list[FiniteFloat] = Field(min_length=1)
     milestones: list[Annotated[float, Field(gt=0, lt=1)]] = []
 
     @model_validator(mode="after")
@@ -93,8 +96,8 @@ class Warmup(_Base):
     """Linear ramp from `start` to `value` over the first `warmup` fraction, then constant."""
 
     kind: Literal["warmup"]
-    value: float
-    start: float = 0.0
+    value: FiniteFloat
+    start: FiniteFloat = 0.0
     warmup: float = Field(gt=0, le=1)
 
     def at(self, x: float) -> float:
@@ -104,8 +107,8 @@ class Warmup(_Base):
 
 
 ScheduleModel = Annotated[Constant | Linear | Cosine | Step | Warmup, Field(discriminator="kind")]
-Schedule = float | ScheduleModel
-"""The type recipe fields use: a plain number or one of the schedule mappings."""
+Schedule = FiniteFloat | ScheduleModel
+"""The type recipe fields use: a plain (finite) number or one of the schedule mappings."""
 
 
 def value_at(schedule: Schedule, progress: Progress) -> float:

@@ -35,8 +35,13 @@ def read_state_dict(path: Path, *, where: str, hint: str = "") -> dict[str, Tens
         raise ConfigError(
             where, f"unsupported weights file {str(path)!r}; expected .safetensors, .pt or .pth"
         )
-    if not path.is_file():
-        raise ConfigError(where, f"file not found: {path}{tail}")
+    try:
+        found = path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror or exc}{tail}") from None
+    if not found:
+        what = "a directory, not a file" if path.is_dir() else "file not found"
+        raise ConfigError(where, f"{what}: {path}{tail}")
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -52,7 +57,8 @@ def read_state_dict(path: Path, *, where: str, hint: str = "") -> dict[str, Tens
                                  f"{type(e).__name__}: {reason}{tail}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint that wraps the state dict
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                              for k, v in state.items()):
         raise ConfigError(where, f"{path} does not hold a state dict (name -> tensor){tail}")
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
@@ -105,5 +111,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, where: str |
         what = "does not fit" if where == str(path) else f"{path} does not fit"
         raise ConfigError(where, f"{what} the model ({type(model).__name__}): "
                                  + "; ".join(problems) + tail)
-    model.load_state_dict(state, strict=False)  # tied names absent from the file share storage
+    try:  # tied names absent from the file share storage with one that is there
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # e.g. a complex tensor for a real parameter
+        tail = f"; {hint}" if hint else ""
+        raise ConfigError(where, f"{path} does not fit the model ({type(model).__name__}): "
+                          f"{exc}{tail}") from None
     return model

@@ -2,29 +2,25 @@
 external URL) for one run directory, or a comparison of several.
 
 It reads only what `kdistill run` leaves on disk (config.yaml, eval.json, the metrics.jsonl of
-every stage, samples.json), so it works on old runs and on runs from another machine.
+every stage, samples.json), so it works on old runs and on runs from another machine; reading
+and checking those files is `kdistill.report.rundata`.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from kdistill.errors import ConfigError
 from kdistill.io import atomic_write_text
 from kdistill.report import plots
-from kdistill.report.markdown import _is_embedding, _label, summary_table
-
-Rows = dict[str, list[dict[str, Any]]]
+from kdistill.report.markdown import _label, summary_table
+from kdistill.report.rundata import Rows, RunData, artifact_pngs, compress_rows, curves, load_run
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -41,102 +37,6 @@ td.text { white-space: pre-wrap; min-width: 40em; font-family: ui-monospace, mon
           font-size: 0.85em; }
 .note { color: #666; font-size: 0.9em; }
 """
-
-
-@dataclass
-class RunData:
-    """What one run directory holds, as the report needs it."""
-
-    path: Path
-    name: str
-    config_text: str
-    config: dict[str, Any]
-    rows: Rows
-    samples: list[dict[str, str]]
-
-    @property
-    def lm(self) -> bool:
-        return any("perplexity" in r for seeds in self.rows.values() for r in seeds)
-
-    @property
-    def embedding(self) -> bool:
-        """General distillation: encoders scored by agreement, probe and fine-tuning."""
-        return _is_embedding(self.rows)
-
-    @property
-    def metric(self) -> str:
-        """The test quality figure plotted: accuracy, perplexity for a causal LM, BLEU for
-        translation, the cosine agreement with the teacher for a sentence encoder."""
-        if any("bleu" in r for seeds in self.rows.values() for r in seeds):
-            return "bleu"
-        return self.val_metric
-
-    @property
-    def val_metric(self) -> str:
-        """The figure logged per validation epoch (translation: teacher-forced perplexity)."""
-        return "perplexity" if self.lm else "cosine" if self.embedding else "accuracy"
-
-
-def load_run(path: Path) -> RunData:
-    """Read a run directory; ConfigError naming the path when it is not one."""
-    path = Path(path)
-    expected = "expected a run directory written by `kdistill run` (config.yaml and eval.json)"
-    if not path.is_dir():
-        raise ConfigError(str(path), f"not a directory; {expected}")
-    missing = [f for f in ("config.yaml", "eval.json") if not (path / f).is_file()]
-    if missing:
-        raise ConfigError(str(path), f"missing {' and '.join(missing)}; {expected}; "
-                          "a run stopped before its evaluate stage has no eval.json")
-    config_text = (path / "config.yaml").read_text(encoding="utf-8")
-    samples_path = path / "samples.json"
-    try:
-        config = yaml.safe_load(config_text)
-        rows = json.loads((path / "eval.json").read_text(encoding="utf-8"))
-        samples = (json.loads(samples_path.read_text(encoding="utf-8"))
-                   if samples_path.is_file() else [])
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(str(path), f"unreadable run file: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ConfigError(str(path / "config.yaml"), "expected the resolved recipe (a mapping)")
-    if not (isinstance(rows, dict) and all(
-            isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in rows.values())):
-        raise ConfigError(str(path / "eval.json"), "expected {role: [row per seed]}")
-    return RunData(path, str(config.get("name") or path.name), config_text, config, rows,
-                   samples if isinstance(samples, list) else [])
-
-
-def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
-    """The records of one split; a half-written last line (a killed run) is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("split") == split:
-            out.append(record)
-    return out
-
-
-def _seed_dirs(run: RunData) -> list[Path]:
-    def number(p: Path) -> int:
-        return int(p.name.removeprefix("seed-"))
-    return sorted((p for p in run.path.glob("seed-*") if re.fullmatch(r"seed-\d+", p.name)),
-                  key=number)
-
-
-def curves(run: RunData, split: str) -> dict[str, list[list[dict[str, Any]]]]:
-    """role -> one record list per seed, for the trained students and the baseline."""
-    out: dict[str, list[list[dict[str, Any]]]] = {}
-    for role in run.rows:
-        if role.startswith("teacher"):
-            continue  # trained on another budget (or not here at all): its own x axis
-        seeds = [_read_records(d / role / "metrics.jsonl", split) for d in _seed_dirs(run)]
-        if any(seeds):
-            out[role] = [s for s in seeds if s]
-    return out
 
 
 def _mean_per_class(seeds: list[dict[str, Any]]) -> list[float | None] | None:
@@ -269,17 +169,16 @@ def _samples_section(run: RunData) -> str:
     return "\n".join(parts)
 
 
-def _artifact_pngs(run: RunData) -> list[Path]:
-    """Images the methods left in finished student stages (e.g. data-free samples)."""
-    return sorted(run.path.glob("seed-*/student*/*.png"))
-
-
 def _artifact_section(run: RunData) -> str:
     parts = []
-    for png in _artifact_pngs(run):
+    for png in artifact_pngs(run):
         uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         parts.append(f"<h4>{_e(png.relative_to(run.path))}</h4>" + _img(uri, png.stem, ""))
     return "\n".join(parts) or '<p class="note">None.</p>'
+
+
+def _fmt(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return "–" if value is None else fmt.format(value * scale)
 
 
 def _compress_section(run: RunData) -> str:
@@ -289,11 +188,12 @@ def _compress_section(run: RunData) -> str:
         return '<p class="note">No compression chain in this run.</p>'
     table = [["stage", "what", "runs in", "test acc %", "params", "non-zero", "bytes",
               "latency ms (batch 1)", "samples/s"]]
-    for r in json.loads(path.read_text(encoding="utf-8")):
+    for r in compress_rows(path):
+        nonzero = r.get("nonzero_params", r.get("params"))
         table.append([str(r.get("stage", "")), str(r.get("what", "")), str(r.get("runtime", "")),
-                      f"{100 * r['accuracy']:.2f}", f"{r['params']:,}",
-                      f"{r.get('nonzero_params', r['params']):,}", f"{r['bytes']:,}",
-                      f"{r['latency_ms']:.4f}", f"{r['throughput']:,.0f}"])
+                      _fmt(r.get("accuracy"), "{:.2f}", 100), _fmt(r.get("params"), "{:,}"),
+                      _fmt(nonzero, "{:,}"), _fmt(r.get("bytes"), "{:,}"),
+                      _fmt(r.get("latency_ms"), "{:.4f}"), _fmt(r.get("throughput"), "{:,.0f}")])
     return _table(table, labels=3)
 
 
@@ -350,7 +250,7 @@ def render(runs: list[RunData]) -> str:
                  else "Greedy continuations")
         sections += [f"<h2>{title} (test split)</h2>",
                      _per_run([r for r in runs if r.samples], _samples_section)]
-    if any(_artifact_pngs(r) for r in runs):
+    if any(artifact_pngs(r) for r in runs):
         sections += ["<h2>What the method made</h2>",
                      '<p class="note">Images a method saved in its finished stage, such as the '
                      "samples a data-free generator produced, one row per teacher class.</p>",
