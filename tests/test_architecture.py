@@ -37,7 +37,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "data": (*FOUNDATION, "io", "models"),
     # A method composes losses; it owns its adapters and, for data-free methods, a generator.
     "methods": (*FOUNDATION, "losses", "capture", "adapters", "schedules", "models.generator"),
-    "config": (*FOUNDATION, "data", "devices", "methods", "schedules", "tasks"),
+    "config": (*FOUNDATION, "data", "devices", "io", "methods", "schedules", "tasks"),
     "cache": (*FOUNDATION, "devices", "io", "capture"),
     "teachers": (*FOUNDATION, "devices", "cache", "capture"),
     "checkpoint": (*FOUNDATION, "io", "weights"),

@@ -204,7 +204,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_teacher_student_class_count_mismatch(kdistill, tiny_recipe: Path, user_module: Path):
-    one_line(kdistill("validate", str(tiny_recipe), "teacher.model.arch=custom",
+    one_line(kdistill("validate", "--build", str(tiny_recipe), "teacher.model.arch=custom",
                       "teacher.model.target=usermodels:ThreeWay", "teacher.model.args={}"), 2,
              "teacher.model: outputs 3 classes but data 'digits' has 10")
     assert user_module.exists()  # arch: custom is the explicit request to import it
@@ -423,7 +423,7 @@ def test_stale_teacher_cache_is_rebuilt(kdistill, tiny_recipe: Path) -> None:
     logits.write_bytes(logits.read_bytes()[:1000])  # torn by a crash or a full disk
     result = kdistill("run", str(tiny_recipe), *QUICK)
     assert result.code == 0, result.err
-    assert "stale teacher cache" in result.out
+    assert "damaged teacher cache" in result.out  # a torn file fails its checksum
     assert logits.stat().st_size > 1000
 
 
@@ -601,3 +601,52 @@ def test_report_on_run_files_of_the_wrong_types(kdistill, tmp_path: Path, file: 
     (run / file).parent.mkdir(exist_ok=True)
     (run / file).write_bytes(data)
     one_line(kdistill("report", str(run)), 2, text)
+
+
+# --- the run directory: containment, the lock, damaged markers ------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("..", "'..' is not a run name"), (".", "'.' is not a run name"),
+    ("a" * 300, "name: String should have at most 100 characters")])
+def test_run_names_that_leave_output_dir_are_refused(kdistill, tiny_recipe: Path, name: str,
+                                                     expected: str) -> None:
+    before = sorted(p.name for p in tiny_recipe.parent.iterdir())
+    one_line(kdistill("run", str(tiny_recipe), *QUICK, f"name={name}"), 2, expected)
+    assert sorted(p.name for p in tiny_recipe.parent.iterdir()) == before  # nothing written
+
+
+def test_a_second_run_on_the_same_directory_stops_naming_the_first(tiny_recipe: Path) -> None:
+    import subprocess
+    import time
+
+    first = subprocess.Popen([sys.executable, "-m", "kdistill", "run", str(tiny_recipe),
+                              "train.epochs=200"], cwd=tiny_recipe.parent,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tiny_recipe.parent / "runs" / "tiny" / ".lock"
+        for _ in range(600):  # until the first run holds the lock (its pid is written)
+            if lock.is_file() and lock.read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "kdistill", "run", str(tiny_recipe)],
+                                cwd=tiny_recipe.parent, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"another kdistill run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("marker", ["null", "[]", "\x00\xff"])
+def test_a_damaged_stage_marker_redoes_the_stage(kdistill, tiny_recipe: Path,
+                                                 marker: str) -> None:
+    assert kdistill("run", str(tiny_recipe), *QUICK).code == 0
+    stage = tiny_recipe.parent / "runs" / "tiny" / "seed-0" / "student" / "stage.json"
+    stage.write_bytes(marker.encode("latin-1"))
+    result = kdistill("run", str(tiny_recipe), *QUICK)
+    assert result.code == 0, result.err
+    assert "student (seed 0): training" in result.out
+    assert json.loads(stage.read_text())["complete"] is True

@@ -37,7 +37,7 @@ def test_validate_and_methods(tiny_recipe: Path, tmp_path: Path) -> None:
         (["train.epochs=lots"], "train.epochs"),
         (["method.temperature=-2"], "temperature must be > 0"),
         (["teacher.model.weights=missing.safetensors"], "teacher.model.weights: file not found"),
-        (["teacher.model.arch=custom", "teacher.model.target=usermodels:ThreeWay",
+        (["--build", "teacher.model.arch=custom", "teacher.model.target=usermodels:ThreeWay",
           "teacher.model.args={}"], "teacher.model: outputs 3 classes but data 'digits' has 10"),
         (["teacher.model.arch=resnet9000"], "teacher.model"),
     ],
@@ -111,3 +111,25 @@ def test_absurd_or_non_finite_settings_are_refused(override: str, expected: str,
     proc = kdistill("validate", override, cwd=tmp_path)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_validate_checks_a_custom_target_without_building_it(tiny_recipe: Path,
+                                                              tmp_path: Path) -> None:
+    # The model's __init__ would leave a file: plain `validate` imports and inspects the
+    # class, never calls it; `--build` builds it (and so runs the user's code).
+    (tmp_path / "usermodels.py").write_text(
+        "import pathlib\nimport torch\n\nclass Marker(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        pathlib.Path('built').touch()\n        self.fc = torch.nn.Linear(64, 10)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n")
+    args = ["student.model.arch=custom", "student.model.target=usermodels:Marker",
+            "student.model.args={}"]
+    proc = kdistill("validate", str(tiny_recipe), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "built").exists()
+    proc = kdistill("validate", "--build", str(tiny_recipe), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "built").exists()
+    proc = kdistill("validate", str(tiny_recipe), "student.model.arch=custom",
+                    "student.model.target=os:system", cwd=tmp_path)
+    assert proc.returncode == 2 and "student.model.target" in proc.stderr

@@ -139,8 +139,9 @@ def test_teacher_student_class_mismatch_is_a_config_error() -> None:
     bad = load_config(None, [*base, "teacher.model.arch=custom",
                              "teacher.model.target=tests.test_config:FiveWay",
                              "teacher.model.args={}"])
+    validate(bad)  # without build_custom the user's class is checked, not built
     with pytest.raises(ConfigError, match=r"teacher\.model: outputs 5 classes but data .digits."):
-        validate(bad)
+        validate(bad, build_custom=True)
 
 
 def test_missing_teacher_weights_file(tmp_path: Path) -> None:

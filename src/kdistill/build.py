@@ -17,6 +17,7 @@ from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
 from kdistill.methods import Method, build_method
 from kdistill.models import build_model
+from kdistill.models.factory import CUSTOM, check_target
 from kdistill.tasks import task_of
 
 
@@ -99,12 +100,24 @@ def _layer_field(method: Method, side: str, name: str) -> str:
     return f"method.{fields[0][0]}" if fields else f"method ({side} layers)"
 
 
-def validate(cfg: RunConfig) -> DataSplits:
-    """Build data and both networks without training (what `kdistill validate` runs)."""
+def validate(cfg: RunConfig, *, build_custom: bool = False) -> DataSplits:
+    """Build data and both networks without training (what `kdistill validate` runs).
+
+    A model of `arch: custom` is the user's code: without `build_custom` (`validate --build`)
+    its target is only checked (imported and inspected, never called), and the checks that
+    need the built networks (layer names, adapter shapes) are left to the run."""
     if cfg.logging.tensorboard:
         require_tensorboard()  # a missing optional sink is reported before any real work
     splits = build_data(cfg.data, transfer=cfg.transfer)
     task_of(splits).check_recipe(cfg)  # e.g. tokenizers, before loading any model
+    specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
+             *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]
+    custom = [(where, spec) for where, spec in specs if spec.arch == CUSTOM]
+    if custom and not build_custom:
+        for where, spec in custom:
+            check_target(spec.target, where)
+        _check_loaders(cfg, splits)
+        return splits
     teacher = build_network(cfg.teacher.model, splits, where="teacher.model")
     student = build_network(cfg.student.model, splits, where="student.model")
     method = build_method(cfg.method)
@@ -114,7 +127,11 @@ def validate(cfg: RunConfig) -> DataSplits:
             resolve_modules(model, [name], where=_layer_field(method, side, name))
     # Adapters: shapes must be compatible.
     method.setup(student, teacher, splits.train_x[:2], num_samples=len(splits.train_x))
+    _check_loaders(cfg, splits)
+    return splits
+
+
+def _check_loaders(cfg: RunConfig, splits: DataSplits) -> None:
     for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
         if train_cfg is not None:
             build_train_loader(splits, train_cfg, seed=0, where=where)
-    return splits

@@ -75,7 +75,12 @@ def run(args: RecipeArg = None) -> None:
 @app.command(help="Check a recipe: parse it and build data and models, without training. "
              "A generate recipe is checked as `kdistill generate` would read it."
              + OVERRIDES_HELP)
-def validate(args: RecipeArg = None) -> None:
+def validate(
+    args: RecipeArg = None,
+    build: Annotated[bool, typer.Option(
+        "--build", help="also build arch: custom models (runs their code; without it the "
+        "target is imported and checked, never called)")] = False,
+) -> None:
     from kdistill.build import validate as validate_recipe
     from kdistill.config import load_config, read_tree
     from kdistill.config.generate import is_generate_recipe, load_generate_config
@@ -88,7 +93,7 @@ def validate(args: RecipeArg = None) -> None:
         console.print(f"ok: {recipe} (generate: {summary})", highlight=False)
         return
     cfg = load_config(recipe, overrides)
-    splits = validate_recipe(cfg)
+    splits = validate_recipe(cfg, build_custom=build)
     console.print(f"ok: {recipe or 'default recipe'} ({splits.name}, method {cfg.method.name})")
 
 

@@ -394,6 +394,8 @@ class RunDirectory:
     def close(self) -> None:
         """Release the lock (the file stays: removing it would let two runs lock two files)."""
         if self._fd is not None:
+            # Emptied first: a pid left in the file means its run ended without releasing it.
+            os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the only descriptor releases the flock
             self._fd = None
 

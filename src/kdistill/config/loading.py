@@ -18,6 +18,7 @@ from kdistill.config.compress import KINDS as COMPRESS_KINDS
 from kdistill.config.schema import DataConfig, RunConfig
 from kdistill.data import SOURCES, Source
 from kdistill.errors import ConfigError, more_errors, pydantic_message
+from kdistill.io import parse_yaml_value, read_yaml
 from kdistill.methods import METHODS
 
 Config = TypeVar("Config", bound=BaseModel)
@@ -43,10 +44,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError("override", f"'{text}' is not of the form key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(key, f"cannot parse override value '{raw}': {exc}") from None
+    value = parse_yaml_value(raw, where=key.strip()) if raw.strip() else None
     return key.strip(), value
 
 
@@ -57,12 +55,9 @@ def read_tree(path: str | Path | None) -> dict[str, Any]:
     source, p = str(path), Path(path)
     if not p.is_file():
         raise ConfigError(source, "recipe file not found")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(source, f"invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    # Bounded: undecodable bytes, a huge file or an alias bomb is one line, before anything
+    # is built or written.
+    loaded = read_yaml(p)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

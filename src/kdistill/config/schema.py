@@ -18,6 +18,7 @@ from kdistill.config.compress import CompressStage, check_order
 from kdistill.data import SOURCES, BuiltinImages
 from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
+from kdistill.io import MAX_NAME, check_run_name
 from kdistill.methods import METHODS
 from kdistill.schedules import Schedule, check_range
 from kdistill.tasks import TASKS
@@ -231,7 +232,14 @@ MethodConfigUnion = Annotated[
 class RunConfig(_Strict):
     """A whole run: teach -> cache -> baseline -> distill -> evaluate -> report."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$", max_length=MAX_NAME,
+                      description="the run directory's name, inside output_dir")
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, name: str) -> str:
+        check_run_name(name)  # `.` and `..` pass the pattern but leave output_dir
+        return name
     output_dir: str = "runs"
     threads: Annotated[int, Field(ge=0)] = Field(
         1, description="torch intra-op threads; 0 keeps torch's default (see docs on 2-vCPU VMs)"

@@ -28,7 +28,7 @@ from kdistill.build import build_data, build_network
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.errors import ConfigError
-from kdistill.io import atomic_write_text
+from kdistill.io import RunDirectory, atomic_write_text
 from kdistill.methods import Method, build_method
 from kdistill.pipeline.stages import finetune_stage, initial_student, student_stage, teacher_stage
 from kdistill.pipeline.teaching import RunDataTools, teacher_outputs
@@ -49,11 +49,15 @@ class Run:
     """What every stage of one run reads: the recipe, its directory, the data and its task."""
 
     cfg: RunConfig
-    run_dir: Path
+    rd: RunDirectory  # paths inside the run directory, checked (no `..`, no links)
     splits: DataSplits  # the data the baseline trains on (and evaluation scores)
     task: Task
     method: Method  # the recipe's method, for what it declares (fresh ones train)
     echo: Echo
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rd.root
 
 
 @dataclass
@@ -76,7 +80,13 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     dist = distributed.init_from_env()
     joined = joined and dist.enabled  # this call set the group up, so it takes it down
     try:
-        return _run(cfg, echo if dist.main else (lambda _line: None))
+        check_launch(cfg)  # before the run directory exists: nothing to undo
+        # Rank 0 holds the run directory's lock: a second run on the same name stops at once.
+        with RunDirectory.open(cfg.output_dir, cfg.name, lock=dist.main) as rd:
+            if rd.stale_pid is not None:
+                echo(f"run: took over the lock of a run that ended without releasing it "
+                     f"(pid {rd.stale_pid})")
+            return _run(cfg, rd, echo if dist.main else (lambda _line: None))
     except BaseException:
         if joined:  # another rank may be waiting in a collective: no barrier, just leave
             distributed.shutdown(barrier=False)
@@ -87,8 +97,8 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
             distributed.shutdown()
 
 
-def _run(cfg: RunConfig, echo: Echo) -> RunResult:
-    r = prepare(cfg, echo)
+def _run(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> RunResult:
+    r = prepare(cfg, rd, echo)
     teachers = teach(r)
     teachers.source = cache(r, teachers)
     students, forwards = distill(r, teachers)
@@ -100,23 +110,21 @@ def _run(cfg: RunConfig, echo: Echo) -> RunResult:
     return RunResult(r.run_dir, evaluated.rows, teacher_forwards=forwards)
 
 
-def prepare(cfg: RunConfig, echo: Echo) -> Run:
+def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
     """The run directory with the resolved recipe, the data, and checks made before training."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_launch(cfg)
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.on_main(lambda: atomic_write_text(run_dir / "config.yaml", dump_config(cfg)))
+    run_dir = rd.root
+    distributed.on_main(lambda: atomic_write_text(rd.path("config.yaml"), dump_config(cfg)))
     splits = build_data(cfg.data, transfer=cfg.transfer, run_dir=run_dir)
     task = task_of(splits)
     echo(f"data: {task.describe(splits)}")
     for note in splits.notes:  # duplicates across splits, skipped files, converted images
         echo(f"data: {note}")
     distributed.on_main(lambda: task.save_artifacts(
-        splits, lambda name, text: atomic_write_text(run_dir / name, text)))
+        splits, lambda name, text: atomic_write_text(rd.path(name), text)))
     task.check_recipe(cfg)
-    return Run(cfg, run_dir, splits, task, build_method(cfg.method), echo)
+    return Run(cfg, rd, splits, task, build_method(cfg.method), echo)
 
 
 def check_launch(cfg: RunConfig) -> None:
@@ -142,7 +150,7 @@ def teach(r: Run) -> Teachers:
                 for k, t in enumerate(cfg.more_teachers)]
     # Each frozen teacher sits on its own device (teacher.device, else train.device): its
     # cache pass and online outputs run there; the engine brings outputs to the student.
-    models = [teacher_stage(cfg, tcfg, r.splits, r.run_dir, role, where, r.echo).to(
+    models = [teacher_stage(cfg, tcfg, r.splits, r.rd, role, where, r.echo).to(
                   devices.resolve(tcfg.device or cfg.train.device, where=f"{where}.device"))
               for role, where, tcfg in configs]
     build_network(cfg.student.model, r.splits, where="student.model")  # fail fast, before work
@@ -152,7 +160,7 @@ def teach(r: Run) -> Teachers:
     prints = [fingerprint_model(m) for m in models]
     # The data the distilled student trains on: the method may make it from the trained
     # teacher (sequence-level KD: its translations); the baseline keeps the original.
-    tools = RunDataTools(r.run_dir / "cache" / "method", r.task, r.echo)
+    tools = RunDataTools(r.rd.path("cache", "method"), r.task, r.echo)
     kd_splits = distributed.on_main(lambda: r.method.prepare_data(r.splits, models[0], tools))
     return Teachers([role for role, _, _ in configs], models, prints, kd_splits)
 
@@ -160,7 +168,7 @@ def teach(r: Run) -> Teachers:
 def cache(r: Run, teachers: Teachers) -> Teacher | None:
     """Each teacher's outputs: cached once over the training set, or its live network."""
     sources = [teacher_outputs(r.cfg, r.method, teachers.kd_splits, model,
-                               r.run_dir / "cache" / role, r.echo, fp)
+                               r.rd.path("cache", role), r.echo, fp, role=role)
                for model, role, fp in zip(teachers.models, teachers.roles, teachers.prints,
                                           strict=True)]
     if len(sources) > 1:
@@ -179,11 +187,11 @@ def distill(r: Run, teachers: Teachers) -> tuple[dict[str, list[nn.Module]], int
     for seed in cfg.train.seeds:
         if cfg.baseline:
             models["baseline"].append(
-                student_stage("baseline", cfg, r.splits, seed, r.run_dir, None, r.echo))
+                student_stage("baseline", cfg, r.splits, seed, r.rd, None, r.echo))
         source, source_models, prints = teachers.source, teachers.models, teachers.prints
         for role in roles:  # born-again: each generation teaches the next (arXiv:1805.04770)
             before = source.forwards if source is not None else 0
-            model = student_stage(role, cfg, teachers.kd_splits, seed, r.run_dir, source,
+            model = student_stage(role, cfg, teachers.kd_splits, seed, r.rd, source,
                                   r.echo, source_models, prints)
             models[role].append(model)
             # Sources are shared across seeds and count cumulatively: add this stage's calls.
@@ -192,8 +200,8 @@ def distill(r: Run, teachers: Teachers) -> tuple[dict[str, list[nn.Module]], int
                 source_models = [freeze_teacher(copy.deepcopy(model))]
                 prints = [fingerprint_model(source_models[0])]
                 source = teacher_outputs(cfg, r.method, teachers.kd_splits, source_models[0],
-                                         r.run_dir / f"seed-{seed}" / role / "cache", r.echo,
-                                         prints[0])
+                                         r.rd.path(f"seed-{seed}", role, "cache"), r.echo,
+                                         prints[0], role=f"{role} (seed {seed})")
     return models, forwards
 
 
@@ -205,20 +213,19 @@ def evaluate(r: Run, teachers: Teachers, students: dict[str, list[nn.Module]]) -
               **{role: trained for role, trained in students.items() if trained}}
 
     def weights(role: str, index: int) -> Path:
-        stage = r.run_dir / role if role in teachers.roles else (
-            r.run_dir / f"seed-{seeds[index]}" / role)
-        return stage / "model.safetensors"
+        stage = (role,) if role in teachers.roles else (f"seed-{seeds[index]}", role)
+        return r.rd.path(*stage, "model.safetensors")
 
     def finetune(role: str, model: nn.Module, seed: int, task: DataSplits) -> nn.Module:
-        return finetune_stage(role, model, cfg, task, seed, r.run_dir, r.echo)
+        return finetune_stage(role, model, cfg, task, seed, r.rd, r.echo)
 
     evaluated = r.task.evaluate(Evaluation(
         cfg=cfg, splits=r.splits, models=models, teacher_roles=teachers.roles, seeds=seeds,
         weights=weights, initial_student=lambda seed: initial_student(cfg, r.splits, seed),
         finetune=finetune, echo=r.echo))
-    atomic_write_text(r.run_dir / "eval.json", json.dumps(evaluated.rows, indent=2))
+    atomic_write_text(r.rd.path("eval.json"), json.dumps(evaluated.rows, indent=2))
     if evaluated.samples:
-        atomic_write_text(r.run_dir / "samples.json", json.dumps(evaluated.samples, indent=2))
+        atomic_write_text(r.rd.path("samples.json"), json.dumps(evaluated.samples, indent=2))
     return evaluated
 
 

@@ -25,7 +25,8 @@ from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
-from kdistill.io import atomic_write_text, save_model_atomic
+from kdistill.errors import ConfigError
+from kdistill.io import RunDirectory, atomic_write_text, read_json, save_model_atomic
 from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
@@ -66,8 +67,8 @@ def stage_done(stage_dir: Path, fingerprint: str, echo: Echo) -> bool:
     marker = stage_dir / "stage.json"
     if marker.is_file():
         try:
-            info = json.loads(marker.read_text())
-        except json.JSONDecodeError:  # a torn marker: treat the stage as not done
+            info = read_json(marker, what="the stage marker", hint=REDO)
+        except ConfigError:  # torn, or not a marker (`null`, `[]`): the stage is not done
             info = {}
         if info.get("fingerprint") == fingerprint:
             return bool(info.get("complete")) and (stage_dir / "model.safetensors").is_file()
@@ -108,9 +109,9 @@ def train_model(
               echo=lambda line: echo(f"  {stage_dir.parent.name}/{stage_dir.name} {line}"))
 
 
-def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, run_dir: Path,
-                   role: str, where: str, echo: Echo) -> nn.Module:
-    stage_dir = run_dir / role
+def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits,
+                  rd: RunDirectory, role: str, where: str, echo: Echo) -> nn.Module:
+    stage_dir = rd.path(role)
     tcfg = tcfg_all.train
     # splits.fingerprint: the data's content, not only its recipe (a regenerated JSONL file,
     # another tokenizer version or Python's own docstrings change the tokens, not the text).
@@ -137,7 +138,7 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits, r
 
 
 def student_stage(
-    role: str, cfg: RunConfig, splits: DataSplits, seed: int, run_dir: Path,
+    role: str, cfg: RunConfig, splits: DataSplits, seed: int, rd: RunDirectory,
     teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
     teacher_prints: list[str] | None = None,
 ) -> nn.Module:
@@ -152,7 +153,7 @@ def student_stage(
             stored = cfg.cache.dtype if cfg.cache.topk is None else [cfg.cache.dtype,
                                                                       cfg.cache.topk]
         parts += [teacher_prints, stored]
-    stage_dir = run_dir / f"seed-{seed}" / role
+    stage_dir = rd.path(f"seed-{seed}", role)
     fingerprint = fingerprint_of(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
     model = build_network(cfg.student.model, splits, where="student.model")
@@ -170,12 +171,12 @@ def student_stage(
 
 
 def finetune_stage(role: str, encoder: nn.Module, cfg: RunConfig, task: DataSplits, seed: int,
-                    run_dir: Path, echo: Echo) -> EncoderWithHead:
+                    rd: RunDirectory, echo: Echo) -> EncoderWithHead:
     """General distillation: a copy of `encoder` + a new linear head trained with CE on the
     transfer task (`transfer.finetune`), as a fingerprinted, resumable stage."""
     assert cfg.transfer is not None and cfg.transfer.finetune is not None
     ft = cfg.transfer.finetune
-    stage_dir = run_dir / f"seed-{seed}" / f"finetune-{role}"
+    stage_dir = rd.path(f"seed-{seed}", f"finetune-{role}")
     fingerprint = fingerprint_of(fingerprint_model(encoder), task.fingerprint, training(ft), seed,
                                cfg.transfer.model_dump(mode="json"))
     torch.manual_seed(seed)  # the head's initial weights: the same for every encoder of a seed

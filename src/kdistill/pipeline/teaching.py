@@ -54,7 +54,8 @@ def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
 
 
 def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.Module,
-                    cache_dir: Path, echo: Echo, weights_print: str) -> Teacher | None:
+                    cache_dir: Path, echo: Echo, weights_print: str, *,
+                    role: str = "teacher") -> Teacher | None:
     """The cache (outputs, and the teacher layers `method` reads) when inputs are deterministic,
     caching is on and it fits `cache.max_mb`; else the live network; None when the method
     reads no teacher."""
@@ -69,18 +70,20 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
 
     def ensure_cache() -> None:  # rank 0 writes the cache; the others then open it
-        if TeacherCache.is_valid(cache_dir, key):
+        cache, why = TeacherCache.open_valid(cache_dir, key)  # checksums verified once
+        if cache is not None:
             echo("cache: valid teacher cache found")
             return
-        if (cache_dir / "manifest.json").is_file():
-            echo("cache: stale teacher cache (teacher, data, dtype, layers or k changed); "
-                 "rebuilding")
+        if why != "no cache":  # "stale: <what changed>" or "damaged: <what is wrong>"
+            kind, _, detail = why.partition(": ")
+            echo(f"cache: {kind} teacher cache ({detail}); rebuilding")
         what = (task_of(splits).output_name if cfg.cache.topk is None
                 else f"top-{cfg.cache.topk} log-probabilities")
         what += f" and {', '.join(layers)}" if layers else ""
         echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
              f"({what})")
-        build_cache(cache_dir, model, splits.train_x, key, batch_size=cfg.cache.batch_size)
+        build_cache(cache_dir, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
+                    what=role)
 
     distributed.on_main(ensure_cache)
     return CachedTeacher(TeacherCache(cache_dir))
