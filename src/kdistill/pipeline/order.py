@@ -30,6 +30,7 @@ from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.errors import ConfigError
 from kdistill.io import RunDirectory, atomic_write_text
 from kdistill.methods import Method, build_method
+from kdistill.pipeline.health import run_warnings
 from kdistill.pipeline.stages import finetune_stage, initial_student, student_stage, teacher_stage
 from kdistill.pipeline.teaching import RunDataTools, teacher_outputs
 from kdistill.tasks import Evaluated, Evaluation, Task, task_of
@@ -226,6 +227,13 @@ def evaluate(r: Run, teachers: Teachers, students: dict[str, list[nn.Module]]) -
     atomic_write_text(r.rd.path("eval.json"), json.dumps(evaluated.rows, indent=2))
     if evaluated.samples:
         atomic_write_text(r.rd.path("samples.json"), json.dumps(evaluated.samples, indent=2))
+    stages = {f"{role} (seed {seed})" if role not in teachers.roles else role:
+              weights(role, i).parent for role, trained in models.items()
+              for i, seed in enumerate(seeds[: len(trained)])}
+    evaluated.warnings = run_warnings(r.task, evaluated.rows, r.splits, stages)
+    for line in evaluated.warnings:
+        r.echo(f"warning: {line}")
+    atomic_write_text(r.rd.path("warnings.json"), json.dumps(evaluated.warnings, indent=2))
     return evaluated
 
 
@@ -255,5 +263,6 @@ def report(r: Run, evaluated: Evaluated, chain: list[dict[str, Any]]) -> None:
     from kdistill.report.html import write_html_report  # matplotlib: ~0.6 s to import
     from kdistill.report.markdown import write_report
 
-    write_report(r.run_dir, r.cfg, evaluated.rows, samples=evaluated.samples, compress=chain)
+    write_report(r.run_dir, r.cfg, evaluated.rows, samples=evaluated.samples, compress=chain,
+                 warnings=evaluated.warnings)
     write_html_report([r.run_dir])

@@ -36,6 +36,7 @@ pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 td.text { white-space: pre-wrap; min-width: 40em; font-family: ui-monospace, monospace;
           font-size: 0.85em; }
 .note { color: #666; font-size: 0.9em; }
+.warn { background: #fff4e5; border-left: 4px solid #e67e22; padding: 0.4em 1em; }
 """
 
 
@@ -222,9 +223,13 @@ def render(runs: list[RunData]) -> str:
     # One Pareto figure per quality metric: accuracy and perplexity share no axis.
     paretos = [plots.pareto({r.name: r.rows for r in runs if r.metric == m}, m)
                for m in sorted({r.metric for r in runs})]
+    warned = [f"<li><b>{_e(run.name)}</b>: {_e(w)}</li>" if len(runs) > 1 else
+              f"<li>{_e(w)}</li>" for run in runs for w in run.warnings]
     sections = [
         f"<h1>{_e(title)}</h1>",
         f"<ul>{''.join(described)}</ul>",
+        *([f'<div class="warn"><b>Warnings</b><ul>{"".join(warned)}</ul></div>']
+          if warned else []),
         "<h2>Summary</h2>",
         '<p class="note">Test-set figures, mean ± std over seeds; latency and throughput are '
         "medians on the machine that ran the evaluation.</p>",

@@ -181,7 +181,8 @@ def _chain_table(rows: list[dict[str, Any]]) -> str:
 
 def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, Any]]], *,
                  samples: list[dict[str, str]] | None = None,
-                 compress: list[dict[str, Any]] | None = None) -> Path:
+                 compress: list[dict[str, Any]] | None = None,
+                 warnings: list[str] | None = None) -> Path:
     """`report.md`: the summary table, the verdict, per-seed rows, LM samples, the compression
     chain's rows (one per stage, the distilled student first) and the resolved recipe."""
     lm, seq2seq, embedding = _is_lm(rows), _is_seq2seq(rows), _is_embedding(rows)
@@ -210,6 +211,7 @@ def write_report(run_dir: Path, cfg: RunConfig, rows: dict[str, list[dict[str, A
         f"Data `{cfg.data.name}`; teacher `{cfg.teacher.model.arch}`, student "
         f"`{cfg.student.model.arch}`; method `{cfg.method.name}`. Test-set figures; latency "
         f"and throughput are medians with {cfg.threads or 'default'} intra-op thread(s).",
+        *(["**Warnings**\n\n" + "\n".join(f"- {w}" for w in warnings)] if warnings else []),
         to_markdown(summary_table(rows)),
         _verdict(rows),
         "## Per seed",

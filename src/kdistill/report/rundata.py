@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class RunData:
     config: dict[str, Any]
     rows: Rows
     samples: list[dict[str, str]]
+    warnings: list[str] = field(default_factory=list)  # the run's: a model at chance, ...
 
     @property
     def lm(self) -> bool:
@@ -98,7 +99,8 @@ def load_run(path: Path) -> RunData:
     if missing:
         raise ConfigError(str(path), f"missing {' and '.join(missing)}; {expected}; "
                           "a run stopped before its evaluate stage has no eval.json")
-    for name in ("config.yaml", "eval.json", "samples.json", "compress/eval.json"):
+    for name in ("config.yaml", "eval.json", "samples.json", "warnings.json",
+                 "compress/eval.json"):
         # A linked config.yaml would put whatever file it names into the page.
         refuse_symlink(path / name, "a run file")
     config_text = read_text(path / "config.yaml", what="the resolved recipe")
@@ -110,8 +112,13 @@ def load_run(path: Path) -> RunData:
     samples_path = path / "samples.json"
     samples = (_check_samples(read_json(samples_path, expect=list, what="the samples"),
                               samples_path) if samples_path.is_file() else [])
+    warnings_path = path / "warnings.json"  # runs before this file existed have none
+    warnings = read_json(warnings_path, expect=list, what="the run's warnings") \
+        if warnings_path.is_file() else []
+    if not all(isinstance(w, str) for w in warnings):
+        raise ConfigError(str(warnings_path), "expected a list of strings")
     return RunData(path, str(config.get("name") or path.name), config_text, config, rows,
-                   samples)
+                   samples, warnings)
 
 
 def _read_records(path: Path, split: str) -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ class Evaluated:
 
     rows: Rows
     samples: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the run's, added after evaluation
 
 
 class Task:
@@ -122,6 +123,11 @@ class Task:
                  ev: Evaluation) -> tuple[dict[str, Any], Any]:
         """One model's report row on the test split, and what it produced (for samples)."""
         raise NotImplementedError
+
+    def at_chance(self, row: dict[str, Any], splits: DataSplits) -> str | None:
+        """Why a model's test row is no better than guessing (for the run's warnings), or
+        None; tasks without a notion of chance say None."""
+        return None
 
     def samples(self, ev: Evaluation, produced: dict[str, Any]) -> list[dict[str, str]]:
         """What models produce as text, for the report; none by default."""

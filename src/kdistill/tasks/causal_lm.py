@@ -220,6 +220,14 @@ class CausalLM(Task):
         scores = lm_scores(model, splits.val_x, splits.val_y, batch_size=batch_size)
         return {k: scores[k] for k in ("perplexity", "accuracy", "nll")}
 
+    def at_chance(self, row: dict[str, Any], splits: DataSplits) -> str | None:
+        # A uniform guess over the vocabulary has perplexity V.
+        perplexity = row.get("perplexity")
+        if isinstance(perplexity, float) and perplexity >= 0.5 * splits.num_classes:
+            return (f"test perplexity {perplexity:,.0f}, near a uniform guess over the "
+                    f"{splits.num_classes:,} tokens of the vocabulary")
+        return None
+
     def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor:
         # The teacher's next-token argmax, not (N, T, V) logits.
         return next_token_predictions(teacher, ev.splits.test_x, batch_size=_eval_batch(ev))

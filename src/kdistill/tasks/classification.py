@@ -26,6 +26,15 @@ class Classification(Task):
         scores = classification_scores(predict(model, splits.val_x), splits.val_y)
         return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
 
+    def at_chance(self, row: dict[str, Any], splits: DataSplits) -> str | None:
+        # Guessing the most frequent test class is the floor a model must beat.
+        majority = float(splits.test_y.bincount().max()) / max(len(splits.test_y), 1)
+        accuracy = row.get("accuracy")
+        if isinstance(accuracy, float) and accuracy <= majority + 0.01:
+            return (f"test accuracy {100 * accuracy:.2f} % against {100 * majority:.2f} % for "
+                    "always answering the most frequent class")
+        return None
+
     def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor:
         return predict(teacher, ev.splits.test_x, batch_size=ev.cfg.eval.batch_size)
 
