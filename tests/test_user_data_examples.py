@@ -103,6 +103,7 @@ def test_image_folder_example(kdistill, tmp_path: Path) -> None:
     assert (run / "report.md").is_file()
     assert json.loads((run / "labels.json").read_text())["classes"] == ["cat", "dog", "fox"]
     assert len(json.loads((run / "normalization.json").read_text())["mean"]) == 3
+    assert '<td class="label">fox</td>' in (run / "report.html").read_text()  # names
 
 
 def test_text_csv_example(kdistill, tmp_path: Path) -> None:

@@ -146,9 +146,11 @@ def _gap_section(run: RunData) -> str:
                 "per_class_accuracy (a run from an older kdistill), or no student with a "
                 "baseline or teacher beside it.</p>")
     n = len(next(iter(gaps.values())))
-    uri = plots.class_gaps(gaps, [str(c) for c in range(n)])
+    # The user's class names (labels.json of a data source with named classes), else ids.
+    names = run.class_names if len(run.class_names) == n else [str(c) for c in range(n)]
+    uri = plots.class_gaps(gaps, names)
     table = [["class", *gaps]] + [
-        [str(c), *("–" if v[c] is None else f"{100 * v[c]:+.2f}" for v in gaps.values())]
+        [names[c], *("–" if v[c] is None else f"{100 * v[c]:+.2f}" for v in gaps.values())]
         for c in range(n)]
     return (_img(uri, f"per-class accuracy gaps of {run.name}", "")
             + f"<details><summary>as a table</summary>{_table(table)}</details>")

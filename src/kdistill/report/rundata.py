@@ -35,6 +35,7 @@ class RunData:
     rows: Rows
     samples: list[dict[str, str]]
     warnings: list[str] = field(default_factory=list)  # the run's: a model at chance, ...
+    class_names: list[str] = field(default_factory=list)  # labels.json: the name of each id
 
     @property
     def lm(self) -> bool:
@@ -99,7 +100,7 @@ def load_run(path: Path) -> RunData:
     if missing:
         raise ConfigError(str(path), f"missing {' and '.join(missing)}; {expected}; "
                           "a run stopped before its evaluate stage has no eval.json")
-    for name in ("config.yaml", "eval.json", "samples.json", "warnings.json",
+    for name in ("config.yaml", "eval.json", "samples.json", "warnings.json", "labels.json",
                  "compress/eval.json"):
         # A linked config.yaml would put whatever file it names into the page.
         refuse_symlink(path / name, "a run file")
@@ -118,7 +119,18 @@ def load_run(path: Path) -> RunData:
     if not all(isinstance(w, str) for w in warnings):
         raise ConfigError(str(warnings_path), "expected a list of strings")
     return RunData(path, str(config.get("name") or path.name), config_text, config, rows,
-                   samples, warnings)
+                   samples, warnings, _class_names(path / "labels.json"))
+
+
+def _class_names(path: Path) -> list[str]:
+    """labels.json's {"classes": [name of id 0, ...]}; none when there is no such file."""
+    if not path.is_file():
+        return []
+    labels = read_json(path, what="the class names")
+    names = labels.get("classes")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(str(path), 'expected {"classes": [name of class 0, ...]}')
+    return names
 
 
 def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
