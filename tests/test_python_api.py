@@ -55,6 +55,15 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def test_the_readme_shows_the_same_loop() -> None:
+    # The README's "Your own loop" is docs/python-api.md's first example, run there.
+    readme = (REPO / "README.md").read_text()
+    loop = readme.split("## Your own loop")[1]
+    shown = re.findall(r"```python\n(.*?)```", loop, re.S)[0]
+    assert shown == re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]
+    assert "DataLoader(" in shown and "train(" in shown
+
+
 @pytest.mark.parametrize("block", range(2))
 def test_the_examples_in_docs_python_api_run_as_written(block: int, tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
