@@ -15,6 +15,7 @@ from kdistill.methods.embed_kd import EmbedKD
 from kdistill.methods.fitnet import FitNet
 from kdistill.methods.gkd import GKD
 from kdistill.methods.kd import KD
+from kdistill.methods.logit_std import LogitStd
 from kdistill.methods.multi_kd import MultiKD
 from kdistill.methods.pkt import PKT
 from kdistill.methods.rkd import RKD
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "kd": KD,
     "dkd": DKD,
     "dist": DIST,
+    "logit_std": LogitStd,
     "fitnet": FitNet,
     "at": AT,
     "sp": SP,
