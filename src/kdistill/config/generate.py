@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from kdistill.config.loading import apply_overrides, read_tree, validated
 from kdistill.data.prompts import Prompt, load_prompts, read_prompt_file
+from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
 
 
@@ -17,6 +18,8 @@ class _Strict(BaseModel):
 
 class TeacherSource(_Strict):
     path: str = "smollm2"  # "smollm2", a model directory or a .gguf file
+    device: str = Field("auto", pattern=DEVICE_PATTERN,
+                        description="where the teacher generates: auto, cpu, cuda, cuda:N, mps")
 
 
 class PromptSource(_Strict):

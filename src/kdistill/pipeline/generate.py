@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kdistill import devices
 from kdistill.config.generate import GenerateConfig
 from kdistill.data.prompts import Prompt
 from kdistill.data.sft import chat_text
@@ -163,6 +164,7 @@ class _Teacher:
 
     path: str
     model: Any
+    device: torch.device
     tokenizer: Any
     config: Any  # transformers.GenerationConfig
     stop: list[int]
@@ -170,9 +172,9 @@ class _Teacher:
     params: dict[str, Any]
 
     @classmethod
-    def load(cls, path: str, params: dict[str, Any]) -> _Teacher:
+    def load(cls, path: str, params: dict[str, Any], device: torch.device) -> _Teacher:
         tokenizer = load_tokenizer(path, where="teacher.path")
-        model = _load_teacher(path)
+        model = _load_teacher(path).to(device)
         stop = _stop_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
         p = params
@@ -182,7 +184,7 @@ class _Teacher:
         config = _transformers().GenerationConfig(
             max_new_tokens=p["max_new_tokens"], eos_token_id=stop, pad_token_id=pad_id,
             **sampling)
-        return cls(path, model, tokenizer, config, stop, pad_id, params)
+        return cls(path, model, device, tokenizer, config, stop, pad_id, params)
 
     def answer(self, batch: list[Prompt], done: set[str]) -> tuple[list[dict[str, Any]], int]:
         """The records of the prompts of `batch` not in `done`, and the new tokens generated
@@ -191,11 +193,13 @@ class _Teacher:
                  for p in batch]
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # template has BOS
         ids, mask = _left_pad(rows, self.pad_id)
+        gpus = [self.device] if self.device.type == "cuda" else []
         # fork_rng: the batch's own seed, and the caller's global RNG left as it was.
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=gpus), torch.inference_mode():
             torch.manual_seed(_batch_seed(self.params["seed"], batch[0].id))
-            out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      generation_config=self.config)
+            out = self.model.generate(input_ids=ids.to(self.device),
+                                      attention_mask=mask.to(self.device),
+                                      generation_config=self.config).cpu()
         records, batch_tokens = [], 0
         for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist(), strict=True):
             # Tokens up to and including the first stop token; the rest is padding.
@@ -227,6 +231,7 @@ def generate(
     seed: int,
     system: str | None,
     threads: int | None,
+    device: str = "auto",
     echo: Callable[[str], None] = lambda line: None,
 ) -> GenerateResult:
     """Answer every prompt not yet in `out_path` with the teacher; append one JSON line each.
@@ -241,6 +246,7 @@ def generate(
         seed: with the batch's first prompt id, seeds each batch's sampling.
         system: the system message (None: the chat template's default).
         threads: torch intra-op threads while generating (None: leave as is).
+        device: where the teacher generates (`kdistill.devices.resolve`).
         echo: receives one progress line per batch.
     """
     params = _params(max_new_tokens=max_new_tokens, do_sample=do_sample, batch_size=batch_size,
@@ -260,7 +266,7 @@ def generate(
         return GenerateResult(out_path, len(prompts), 0, skipped, 0, 0.0)
 
     t_load = time.perf_counter()
-    teacher = _Teacher.load(model_path, params)
+    teacher = _Teacher.load(model_path, params, devices.resolve(device, where="teacher.device"))
     echo(f"teacher {model_path} loaded in {time.perf_counter() - t_load:.1f} s; "
          f"{len(todo)} batch(es) to generate, {skipped} prompt(s) already done")
     old_threads = torch.get_num_threads()
@@ -289,6 +295,7 @@ def validate_generate(cfg: GenerateConfig) -> str:
     weights: the prompt set, the teacher's files and tokenizer, and that an existing output
     file was written with these settings. Returns a one-line summary."""
     prompts = cfg.prompts.load(where="prompts")
+    devices.resolve(cfg.teacher.device, where="teacher.device")
     resolve_source(cfg.teacher.path, where="teacher.path")
     load_tokenizer(cfg.teacher.path, where="teacher.path")
     done = _read_done(Path(cfg.output.path), _recipe_params(cfg), cfg.teacher.path,
@@ -306,4 +313,4 @@ def run_generate(cfg: GenerateConfig, *,
                     batch_size=cfg.batch_size, max_new_tokens=s.max_new_tokens,
                     do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
                     top_k=s.top_k, seed=s.seed, system=cfg.system, threads=cfg.threads,
-                    echo=echo)
+                    device=cfg.teacher.device, echo=echo)
