@@ -45,7 +45,7 @@ def test_batches_and_models_move() -> None:
     with devices.on(model, cpu) as m:
         assert devices.model_device(m) == cpu
     assert devices.ddp_backend(cpu) == "gloo"
-    assert devices.ddp_backend(torch.device("cuda")) == "nccl"
+    assert devices.ddp_backend(torch.device("cuda")) == "cpu:gloo,cuda:nccl"
 
 
 def test_recipe_fields() -> None:
