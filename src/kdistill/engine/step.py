@@ -98,20 +98,20 @@ def grad_norm(params: list[nn.Parameter], world: int = 1) -> Tensor:
     ranks (`distributed.all_reduce_sum`) it is the squared norm of the whole gradient. A
     gradient every rank holds alike (DDP, a method's adapters) counts 1/`world` per rank; a
     sharded one (FSDP's DTensor) counts its local shard. Without ranks: the squared norm.
-    Squares are summed in float64 (float32 on MPS, which has no float64) so that a large but
-    finite gradient does not overflow."""
-    shares = []
+    Norms come from torch's foreach kernels (a few ops however many parameters); squares are
+    taken in float64 (float32 on MPS, which has none) so a large finite norm stays finite."""
+    whole, shards = [], []
     for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        local = g.to_local() if isinstance(g, DTensor) else g
-        wide = torch.float32 if local.device.type == "mps" else torch.float64
-        square = torch.linalg.vector_norm(local.float()).to(wide).square()
-        shares.append(square if isinstance(g, DTensor) else square / world)
-    if not shares:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([s.to(shares[0].device) for s in shares]).sum()
+        if p.grad is not None:
+            g = p.grad.detach()
+            (shards if isinstance(g, DTensor) else whole).append(g)
+    share = torch.zeros((), dtype=torch.float64)
+    for grads, weight in ((whole, 1.0 / world), ([g.to_local() for g in shards], 1.0)):
+        if grads:
+            norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)])
+            wide = torch.float32 if norms.device.type == "mps" else torch.float64
+            share = share.to(norms.device, wide) + norms.to(wide).square().sum() * weight
+    return share
 
 
 def check_finite(terms: dict[str, float], norm: float, progress: Progress, aux: str = "") -> None:
