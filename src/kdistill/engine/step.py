@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,14 @@ def outputs(
 COMPILE_BACKEND = "inductor"
 
 
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` through torch.compile. Inductor draws dropout's random numbers with torch's own
+    generator (`fallback_random`), as eager does: the compiled run then takes the eager run's
+    dropout masks, so both give the same values (and a resume stays exact either way)."""
+    options = {"fallback_random": True} if COMPILE_BACKEND == "inductor" else None
+    return torch.compile(fn, backend=COMPILE_BACKEND, options=options)
+
+
 class StepModule(nn.Module):
     """Student and method (its adapters) as one module whose forward returns the loss terms:
     DDP synchronises the gradients of exactly the module it wraps and whose forward it runs,
@@ -82,8 +90,8 @@ class StepModule(nn.Module):
         self.loss_terms: Callable[[Outputs, Batch, Progress], dict[str, Tensor]] = (
             method.loss_terms)
         if compile:
-            self.run_student = torch.compile(student, backend=COMPILE_BACKEND)
-            self.loss_terms = torch.compile(method.loss_terms, backend=COMPILE_BACKEND)
+            self.run_student = _compiled(student)
+            self.loss_terms = _compiled(method.loss_terms)
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         # Autocast covers the networks only; the loss math stays in fp32.
