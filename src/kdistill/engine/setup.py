@@ -155,7 +155,12 @@ def _start(run: Run, seed: int, sharded: bool) -> None:
         torch.manual_seed(seed)  # dropout and any other in-training randomness
         return
     run.state, trainer_state, path = restored
-    resume.load_trainer(trainer_state, path, run.trainer())
+    try:
+        resume.load_trainer(trainer_state, path, run.trainer())
+    except BaseException:
+        if run.shard is not None:  # the caller's networks back where they were
+            run.shard.restore_homes()
+        raise
     if run.echo:
         run.echo(f"resumed from step {run.state.step} (epoch {run.state.epoch}, "
                  f"batch {run.state.batch})")
