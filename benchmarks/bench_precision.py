@@ -12,7 +12,9 @@ ratio bf16/fp32 of medians:
 Accuracy: the built-in default recipe (MNIST-1D, KD, 200 epochs) trained with fp32 and with
 bf16, same seeds, test accuracy mean ± std (the teacher stage is shared and stays fp32).
 
-bf16 autocast covers the networks' forward; loss math stays fp32 (kdistill.engine._Step).
+bf16 autocast covers the networks' forward; loss math stays fp32 (kdistill.engine.step).
+Everything runs on the CPU (`train.device: cpu`), also on a machine with a GPU; for GPUs see
+benchmarks/gpu_check.py.
 
 Run:  .venv/bin/python benchmarks/bench_precision.py --repeats 3 --seeds 0 1 2 [--quick]
 The last line reads `bf16/fp32 mlp=<x> llama=<y> accuracy_delta=<points>`.
@@ -63,7 +65,8 @@ def time_steps(task: str, precision: str, steps: int, state: tuple) -> float:
     times = []
     for n in (2, 2 + steps):
         cfg = TrainConfig(epochs=1000, batch_size=batch, max_steps=n, precision=precision,
-                          log_every=10_000, optimizer=OptimizerConfig(name="adam", lr=1e-3))
+                          log_every=10_000, optimizer=OptimizerConfig(name="adam", lr=1e-3),
+                          device="cpu")
         opt = build_optimizer(student.parameters(), cfg.optimizer)
         start = time.perf_counter()
         train(student, teacher, method, loader, opt, cfg)
@@ -101,7 +104,7 @@ def main() -> None:
     acc: dict[str, list[float]] = {}
     for precision in ("fp32", "bf16"):
         overrides = [f"output_dir={out}", "name=precision", "baseline=false", "threads=1",
-                     f"train.precision={precision}",
+                     f"train.precision={precision}", "train.device=cpu",
                      "train.seeds=[" + ",".join(map(str, seeds)) + "]"]
         if args.quick:
             overrides += ["train.epochs=10", "teacher.train.epochs=5"]

@@ -359,3 +359,104 @@ def test_resume_with_an_auxiliary_optimizer_equals_the_straight_run(tmp_path: Pa
     assert torch.equal(straight_method.z, resumed_method.z)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# -- fp16's gradient scaler, exercised on the CPU ----------------------------------------------
+# fp16 autocast needs a GPU, but torch's GradScaler runs on the CPU: these tests give fp32 (or
+# bf16) training a real, enabled scaler, so the scaler's code path (scale, unscale before the
+# checks and clipping, skipped steps, its checkpointed state) runs here.
+
+
+@pytest.fixture
+def cpu_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdistill import devices
+
+    monkeypatch.setattr(devices, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        "cpu", init_scale=2.0**10, growth_interval=3))
+
+
+def _poison_from(student: nn.Module, first: int, last: int | None = None) -> None:
+    """The gradient of student[0].weight is inf in backward passes first..last (0-based)."""
+    calls = {"n": -1}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        hit = calls["n"] >= first and (last is None or calls["n"] <= last)
+        return grad * float("inf") if hit else grad
+
+    student[0].weight.register_hook(hook)
+
+
+def _scaled_cfg(**kw) -> TrainConfig:  # type: ignore[no-untyped-def]
+    return TrainConfig(epochs=1, log_every=1, lr_schedule=1.0, clip_grad_norm=5.0,
+                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}, **kw)
+
+
+def test_a_scaled_run_equals_the_unscaled_one(cpu_scaler: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Power-of-two scales: scaling, then unscaling before clipping, changes no bit.
+    logger = MetricsLogger()
+    scaled = fit(_scaled_cfg(), student=mlp(0), logger=logger)
+    scales = [r["amp/scale"] for r in logger.records]
+    assert scales[:4] == [2.0**10, 2.0**10, 2.0**11, 2.0**11]  # grows every 3 good steps
+    from kdistill import devices
+
+    monkeypatch.setattr(devices, "grad_scaler", lambda device, precision: None)
+    plain = fit(_scaled_cfg(), student=mlp(0))
+    for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_overflowing_step_is_skipped_by_the_scaler_and_logged(cpu_scaler: None) -> None:
+    before = fit(_scaled_cfg(max_steps=2), student=mlp(0))
+    student = mlp(0)
+    _poison_from(student, 2, 2)  # the third step's gradient is inf: no TrainingError
+    logger = MetricsLogger()
+    after = fit(_scaled_cfg(max_steps=3), student=student, logger=logger)
+    for a, b in zip(before.parameters(), after.parameters(), strict=True):
+        assert torch.equal(a, b)  # the skipped step changed nothing
+    skipped = [r["amp/skipped_steps"] for r in logger.records]
+    assert skipped == [0, 0, 1]
+    assert logger.records[2]["amp/scale"] == 2.0**9  # halved: the scaler's back-off
+
+
+def test_overflowing_at_every_scale_stops_the_run(cpu_scaler: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdistill.engine import precision
+
+    monkeypatch.setattr(precision, "MAX_SKIPS_IN_A_ROW", 3)
+    student = mlp(0)
+    _poison_from(student, 1)
+    with pytest.raises(TrainingError, match=r"fp16: 3 steps in a row skipped .* up to step 3"):
+        fit(_scaled_cfg(), student=student)
+
+
+def test_resume_restores_the_scalers_state(cpu_scaler: None, tmp_path: Path) -> None:
+    # A skip at step 2 and growth every 3 good steps: the scale at resume (step 5) is neither
+    # the initial one nor reachable without the checkpointed state.
+    def go(ckpt: Path | None, logger: MetricsLogger, poison: bool = True) -> nn.Module:
+        student = mlp(0)
+        if poison:  # the resumed run starts at step 5, after the poisoned step
+            _poison_from(student, 2, 2)
+        return fit(_scaled_cfg(checkpoint_every_steps=5), student=student, ckpt=ckpt,
+                   logger=logger)
+
+    straight = MetricsLogger(tmp_path / "straight.jsonl")
+    a = go(None, straight)
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "ck", CrashAtFile(tmp_path, 7))
+    b = go(tmp_path / "ck", MetricsLogger(tmp_path / "m.jsonl"), poison=False)
+
+    def scales(path: Path) -> list[tuple[int, float, float]]:
+        return [(r["step"], r["amp/scale"], r["amp/skipped_steps"]) for r in read_metrics(path)]
+
+    assert scales(tmp_path / "m.jsonl") == scales(tmp_path / "straight.jsonl")
+    assert len({s for _, s, _ in scales(tmp_path / "m.jsonl")}) > 2
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_auxiliary_network_has_its_own_scaler(cpu_scaler: None) -> None:
+    logger = MetricsLogger()
+    _fit_aux(ToyAux(adam=True), TrainConfig(epochs=1, max_steps=4, log_every=1), logger=logger)
+    assert all("toy/amp/scale" in r and "amp/scale" in r for r in logger.records)

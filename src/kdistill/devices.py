@@ -6,8 +6,8 @@ fp16`). `resolve` turns the name into a `torch.device` (under torchrun, `cuda` m
 rank's GPU, `cuda:LOCAL_RANK`); `autocast` and `grad_scaler` give the mixed-precision
 context of that device: bf16 or fp16 for the networks' forward, loss math in fp32, and a
 gradient scaler for fp16 (its small exponent range underflows gradients otherwise). `to` moves
-a batch (pinned, non-blocking copies from the CPU to a GPU). DDP's backend follows the
-device: nccl for CUDA, gloo for the CPU.
+a batch (pinned, non-blocking copies from the CPU to a GPU). The process group's backend
+follows the device: nccl for CUDA tensors (gloo beside it for CPU ones), gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 
 
 def ddp_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    """The process group's backend for training on `device`: on CUDA, nccl for CUDA tensors
+    and gloo for the few CPU ones (objects broadcast by `distributed.on_main`, counts); on the
+    CPU, gloo."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

@@ -7,8 +7,8 @@ rank 0 alone writes files (stage markers, checkpoints, the teacher cache, metric
 while the others wait at a barrier. Without torchrun's environment nothing here does anything,
 so a single-process run is unchanged.
 
-Backend: gloo. kdistill trains on CPU today (no device placement yet), and nccl only moves
-CUDA tensors; when the engine places models on GPUs, nccl becomes the choice there.
+Backend: from the training device (`devices.ddp_backend`): gloo on the CPU; on CUDA, nccl for
+CUDA tensors with gloo beside it for CPU ones, each rank on its `LOCAL_RANK` GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from kdistill import devices
 
 T = TypeVar("T")
 
@@ -47,13 +49,20 @@ def info() -> DistInfo:
     return DistInfo()
 
 
-def init_from_env() -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise."""
+def init_from_env(device: str = "auto", *, where: str = "train.device") -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op otherwise.
+
+    `device`: the recipe's `train.device`; it picks the backend, and on CUDA this rank's GPU
+    (`cuda` and `auto` mean `cuda:LOCAL_RANK`) becomes the current one, which nccl's object
+    collectives use."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")  # CPU tensors (see the module docstring)
+        target = devices.resolve(device, where=where)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group(backend=devices.ddp_backend(target))
     return info()
 
 

@@ -1,4 +1,10 @@
-"""Where teacher outputs come from during distillation: the live model, or the cache."""
+"""Where teacher outputs come from during distillation: the live model, or the cache.
+
+Devices: an `OnlineTeacher` runs its network where the network's parameters are (the pipeline
+places it on `teacher.device`, by default `train.device`) and moves each batch's inputs there;
+a `CachedTeacher` reads rows into CPU memory. Either way the outputs come back as they are and
+the engine brings them to the student's device, in one place (`engine.placement.to_device`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from kdistill import devices
 from kdistill.cache import TeacherCache
 from kdistill.capture import capture
 from kdistill.errors import ConfigError
@@ -50,7 +57,8 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
 
 
 class OnlineTeacher:
-    """Runs the teacher network on every batch (needed when inputs are augmented)."""
+    """Runs the teacher network on every batch (needed when inputs are augmented), on the
+    network's own device; outputs stay there (the engine moves them to the student)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = freeze_teacher(model)
@@ -58,8 +66,9 @@ class OnlineTeacher:
 
     def __call__(self, batch: Batch, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         self.model.eval()  # re-applied each call: a caller's .train() must never reach it
+        inputs = batch["input"].to(devices.model_device(self.model))  # no copy when there
         with torch.no_grad(), capture(self.model, layers, where="method.teacher_layers") as feats:
-            logits = self.model(batch["input"])
+            logits = self.model(inputs)
             self.forwards += 1
             return logits, dict(feats)
 
@@ -90,7 +99,8 @@ class CachedTeacher:
 
 
 class EnsembleTeacher:
-    """Several teachers (each online or cached); logits stacked as (K, B, C) in recipe order."""
+    """Several teachers (each online or cached); logits stacked as (K, B, C) in recipe order,
+    on an accelerator when any of them produced its logits on one (else the CPU)."""
 
     def __init__(self, sources: Sequence[Teacher]) -> None:
         self.sources = list(sources)
@@ -102,4 +112,6 @@ class EnsembleTeacher:
     def __call__(self, batch: Batch, layers: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         if layers:
             raise ConfigError("method", "multi-teacher methods read teacher logits only")
-        return torch.stack([source(batch, ())[0] for source in self.sources]), {}
+        logits = [source(batch, ())[0] for source in self.sources]
+        device = next((t.device for t in logits if t.device.type != "cpu"), logits[0].device)
+        return torch.stack([t.to(device) for t in logits]), {}

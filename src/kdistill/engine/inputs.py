@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from kdistill.config import TrainSettings
 from kdistill.data.loader import BatchLoader
+from kdistill.devices import DEVICE_PATTERN
 from kdistill.methods.base import Method
 from kdistill.schedules import Schedule, check_range
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, OnlineTeacher, Teacher
@@ -28,7 +29,8 @@ from kdistill.types import Batch
 class LoopSettings(BaseModel):
     """The training loop's own settings, for `train()` called from Python. The defaults change
     nothing the caller set up: one epoch, the optimizer's learning rate throughout
-    (`lr_schedule` 1), no clipping, fp32."""
+    (`lr_schedule` 1), no clipping, fp32, on the device the student is on (`device` None; a
+    name such as "cuda" moves student and method there), eager, DDP under torchrun."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     epochs: Annotated[int, Field(ge=1)] = 1
@@ -36,7 +38,15 @@ class LoopSettings(BaseModel):
     lr_schedule: Schedule = Field(1.0, description="multiplier on each group's lr, e.g. "
                                   "{kind: cosine, start: 1, end: 0.05}; 1: the lr as given")
     clip_grad_norm: Annotated[float, Field(gt=0)] | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the networks' forward; fp16 adds a gradient scaler "
+        "and needs a GPU")
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="None: where the "
+                               "student is; auto, cpu, cuda, cuda:N or mps: moved there")
+    compile: bool = Field(False, description="torch.compile the student's forward and the "
+                          "method's loss terms")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp, or fsdp "
+                                             "(student and teacher sharded with FSDP2)")
     max_steps: Annotated[int, Field(ge=1)] | None = None
     log_every: Annotated[int, Field(ge=1)] = 50
     eval_every_epochs: Annotated[int, Field(ge=1)] = 1

@@ -8,9 +8,16 @@ each micro-batch by its share of the step's items (so the accumulated gradient e
 gradient of one big batch), checks, clips and steps; the step's terms go to the logging
 window; at epoch ends the run evaluates and checkpoints.
 
+Devices (`placement`): the settings' device is resolved once, student and method are moved
+there, batches follow (pinned, non-blocking) and teacher outputs are brought there; the
+networks' forward runs under the device's autocast (`precision`; fp16 with a gradient scaler)
+and the loss math in fp32. `compile` runs the student's forward and the loss through
+torch.compile.
+
 Under torchrun (see `kdistill.distributed`) the same loop runs on every rank: each takes its
-rows of every global batch, DDP averages the gradients, the step's item count and loss terms
-are summed over ranks (so weights and logs are those of the global batch), and rank 0 alone
+rows of every global batch, DDP averages the gradients (or, with `strategy: fsdp`, FSDP2
+reduce-scatters them over the shards: `sharding`), the step's item count and loss terms are
+summed over ranks (so weights and logs are those of the global batch), and rank 0 alone
 evaluates, logs and checkpoints. Methods reach the other ranks only through the collectives
 set here (`Method.collectives`).
 """
@@ -22,7 +29,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,52 +37,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kdistill import distributed
+from kdistill import devices, distributed
 from kdistill.capture import capture
 from kdistill.data.loader import BatchLoader
-from kdistill.engine import resume
-from kdistill.engine.auxiliary import AuxiliaryNetwork
-from kdistill.engine.inputs import (
-    Batches,
-    LoopSettings,
-    Settings,
-    as_batches,
-    as_teacher,
-    check_arguments,
-    groups,
-)
+from kdistill.engine.inputs import Settings, groups
 from kdistill.engine.resume import Scheduler, TrainState
-from kdistill.engine.step import RankCollectives, StepModule, check_finite, grad_norm
-from kdistill.errors import ConfigError
+from kdistill.engine.setup import Run, checkpoint, setup, wrap_ddp
+from kdistill.engine.step import StepModule, grad_norm
 from kdistill.logger import MetricsLogger
 from kdistill.methods.base import SINGLE_PROCESS, Batch, Method
 from kdistill.schedules import Progress, value_at
 from kdistill.teachers import Teacher
-
-
-@dataclass
-class _Run:
-    """What one call of `train` holds, so that its parts below are plain functions."""
-
-    student: nn.Module
-    teacher: Teacher | None
-    method: Method
-    batches: Batches
-    optimizer: torch.optim.Optimizer
-    cfg: Settings
-    scheduler: Scheduler | None
-    evaluate: Callable[[], dict[str, float]] | None
-    logger: MetricsLogger
-    echo: Callable[[str], None] | None
-    save_dir: Path | None  # None on every rank but 0
-    dist: distributed.DistInfo
-    aux: AuxiliaryNetwork | None
-    total_steps: int
-    steps_per_epoch: int
-    state: TrainState = field(default_factory=TrainState)
-    window_samples: int = 0
-    window_start: float = field(default_factory=time.perf_counter)
-    advance: Callable[[str | None], None] = lambda _description: None  # the progress bar
 
 
 def train(
@@ -107,8 +78,11 @@ def train(
             ids and what a resume means there.
         optimizer: over `student.parameters()` and `method.optimizer_parameters()`.
         cfg: a `LoopSettings` (None: `LoopSettings()`, one epoch at the optimizer's own
-            learning rate, no clipping), or a recipe's `TrainSettings`, whose `lr_schedule`
-            (cosine decay unless the recipe says otherwise) then applies.
+            learning rate, no clipping, on the student's device), or a recipe's
+            `TrainSettings`, whose `lr_schedule` (cosine decay unless the recipe says
+            otherwise) and `device` (auto) then apply. Student and method are moved to the
+            device (`placement.place`; the optimiser's state follows), the teacher runs where
+            it is and its outputs are brought to the student.
         seed: seeds torch's RNG at a fresh start (dropout, a method's sampling).
         scheduler: a torch LR scheduler stepped once per optimiser step; when None,
             `cfg.lr_schedule` multiplies each group's initial learning rate.
@@ -121,8 +95,9 @@ def train(
 
     Raises:
         TypeError: an argument of the wrong kind, named (`loader: yields str; ...`).
+        ConfigError: a device or precision this machine lacks (`train.device: ...`).
     """
-    run = _setup(student, teacher, method, loader, optimizer, cfg, seed=seed,
+    run = setup(student, teacher, method, loader, optimizer, cfg, seed=seed,
                  scheduler=scheduler, evaluate=evaluate, logger=logger,
                  checkpoint_dir=checkpoint_dir, echo=echo)
     bar = rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(),
@@ -132,90 +107,32 @@ def train(
     run.advance = lambda text: (bar.advance(task) if text is None
                                 else bar.update(task, description=text))
     try:
-        with bar, capture(student, method.student_layers,
+        with bar, capture(run.model, method.student_layers,
                           where="method.student_layers") as s_feats:
-            step_module = StepModule(student, method, run.teacher, s_feats, run.cfg.precision)
-            # DDP broadcasts rank 0's weights at construction; unused parameters are allowed
-            # because a method may leave an adapter or a head out of some steps.
-            ddp = (DistributedDataParallel(step_module, find_unused_parameters=True)
-                   if run.dist.enabled else None)
+            step_module = StepModule(run.model, method, run.teacher, s_feats, run.amp,
+                                     compile=run.cfg.compile)
+            ddp = wrap_ddp(run, step_module)
             while run.state.epoch < run.cfg.epochs and run.state.step < run.total_steps:
                 epoch_done = _train_epoch(run, step_module, ddp)
                 _end_epoch(run, epoch_done)
+            if run.shard is not None:
+                run.shard.publish(run.state.step)  # the caller's student gets the weights
             del ddp, step_module  # before the process group goes (see distributed.shutdown)
     finally:
         method.collectives = SINGLE_PROCESS
+        if run.shard is not None:
+            run.shard.restore_homes()
     return run.state
-
-
-# -- setup ----------------------------------------------------------------------------------------
-
-
-def _setup(
-    student: nn.Module, teacher: Teacher | nn.Module | None, method: Method,
-    loader: BatchLoader | Iterable[Any], optimizer: torch.optim.Optimizer,
-    cfg: Settings | None, *, seed: int, scheduler: Scheduler | None,
-    evaluate: Callable[[], dict[str, float]] | None, logger: MetricsLogger | None,
-    checkpoint_dir: Path | str | None, echo: Callable[[str], None] | None,
-) -> _Run:
-    """Check the pieces fit, build the auxiliary optimiser, then resume or start afresh."""
-    check_arguments(student, method, optimizer, cfg, checkpoint_dir)
-    cfg = LoopSettings() if cfg is None else cfg
-    source = as_teacher(teacher)
-    if method.uses_teacher and source is None:
-        raise ConfigError("method", f"method '{method.cfg.name}' needs a teacher")
-    batches = as_batches(loader, source, seed)
-    if batches.length is None and cfg.max_steps is None:
-        raise TypeError("loader: has no len(), so the run's length is unknown; set "
-                        "cfg.max_steps (e.g. LoopSettings(max_steps=1000))")
-    dist = distributed.info()
-    if not dist.main:  # every rank resumes; rank 0 alone evaluates, logs and checkpoints
-        evaluate, logger, echo = None, None, None
-    steps_per_epoch = (math.ceil(batches.length / cfg.grad_accum)
-                       if batches.length is not None else cfg.max_steps or 1)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    aux = AuxiliaryNetwork.of(method, optimizer)
-    for opt in (optimizer, *([aux.optimizer] if aux else [])):
-        for group in opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-    if dist.enabled:
-        method.collectives = RankCollectives(dist.world)
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    run = _Run(student, source, method, batches, optimizer, cfg, scheduler, evaluate,
-               logger or MetricsLogger(), echo, ckpt if dist.main else None, dist, aux,
-               total_steps, steps_per_epoch)
-    restored = resume.restore(ckpt, student=student, method=method, optimizer=optimizer,
-                              scheduler=scheduler, aux_optimizer=aux.optimizer if aux else None,
-                              logger=run.logger)
-    if restored is None:
-        resume.truncate_metrics(run.logger, 0)  # a crashed attempt with no checkpoint restarts
-        torch.manual_seed(seed)  # dropout and any other in-training randomness
-    else:
-        run.state = restored
-        if echo:
-            echo(f"resumed from step {restored.step} (epoch {restored.epoch}, "
-                 f"batch {restored.batch})")
-    return run
-
-
-def _checkpoint(run: _Run) -> None:
-    if run.save_dir is None:  # also every rank but 0
-        return
-    resume.save(run.save_dir, run.state, student=run.student, method=run.method,
-                optimizer=run.optimizer, scheduler=run.scheduler,
-                aux_optimizer=run.aux.optimizer if run.aux else None)
 
 
 # -- an epoch, one optimiser step --------------------------------------------------------------
 
 
-def _train_epoch(run: _Run, step_module: StepModule, ddp: DistributedDataParallel | None) -> bool:
+def _train_epoch(run: Run, step_module: StepModule, ddp: DistributedDataParallel | None) -> bool:
     """Optimiser steps until the epoch's batches (or the run's steps) run out; True when the
     epoch's batches ran out."""
     state = run.state
-    run.student.train()
+    run.model.train()
     run.method.train()
     epoch = groups(run.batches.epoch(state.epoch, start=state.batch), run.cfg.grad_accum)
     for group, last in epoch:
@@ -237,55 +154,74 @@ def _train_epoch(run: _Run, step_module: StepModule, ddp: DistributedDataParalle
         # and a resume never repeats or loses one.
         every = run.cfg.checkpoint_every_steps
         if every and state.step % every == 0:
-            _checkpoint(run)
+            checkpoint(run)
     return True
 
 
-def _optimizer_step(run: _Run, step_module: StepModule, ddp: DistributedDataParallel | None,
+def _optimizer_step(run: Run, step_module: StepModule, ddp: DistributedDataParallel | None,
                     group: list[Batch], progress: Progress) -> dict[str, float]:
     """One optimiser step over the micro-batches `group`; returns the step's loss terms."""
-    dist = run.dist
     lr_factor = _lr_factor(run, progress)
     local = _prepare_batches(run, group, progress, lr_factor)
     # Micro-batch weights: the method's item counts (samples; valid tokens for token-level
     # losses) over the whole step on all ranks, so the summed micro-batch means are the global
-    # batch's mean. DDP averages gradients over ranks, hence the factor `world` below.
+    # batch's mean. DDP (and FSDP) average gradients over ranks, hence the factor `world`.
     items = [run.method.batch_items(b) for b in local]
     n_items = float(sum(items))
-    if dist.enabled:
-        n_items = float(distributed.all_reduce_sum(torch.tensor([n_items])).item())
+    if run.dist.enabled:
+        n_items = float(distributed.all_reduce_sum(
+            torch.tensor([n_items], device=run.device)).item())
     run.optimizer.zero_grad(set_to_none=True)
     term_sums: dict[str, Tensor] = {}
     for i, (batch, n_batch) in enumerate(zip(local, items, strict=True)):
         share = n_batch / max(n_items, 1.0)  # micro-batch mean -> step mean
-        # Gradients are all-reduced once, in the step's last backward.
-        sync = ddp.no_sync() if ddp and i < len(local) - 1 else contextlib.nullcontext()
+        # Gradients are reduced over ranks once, in the step's last backward.
+        last = i == len(local) - 1
+        sync = ddp.no_sync() if ddp and not last else contextlib.nullcontext()
+        if run.shard is not None:
+            run.shard.sync(last)
         with sync:
             terms = (ddp or step_module)(batch, progress)
-            loss = sum(terms.values()) * (share * dist.world)
-            loss.backward()  # type: ignore[union-attr]
+            loss = sum(terms.values()) * (share * run.dist.world)
+            run.amp.scale(loss).backward()  # type: ignore[arg-type]
         for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0.0) + value.detach() * share
+    return _apply_gradients(run, term_sums, progress, lr_factor)
+
+
+def _apply_gradients(run: Run, term_sums: dict[str, Tensor], progress: Progress,
+                     lr_factor: float) -> dict[str, float]:
+    """Check, clip and apply the step's gradients (in fp16 the scaler may skip the step);
+    returns the step's loss terms, summed over ranks."""
+    if run.shard is not None:
+        run.shard.average_method_gradients(run.dist.world)
+    run.amp.unscale(run.optimizer)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     # One host sync (and one reduction over ranks) per step for all terms and the gradient
-    # norm (identical on every rank after DDP's reduction, hence the division by `world`).
+    # norm (`grad_norm`: this rank's share of its square).
+    norm_sq = grad_norm(params, run.dist.world)
     stacked = distributed.all_reduce_sum(torch.stack(
-        [*(v.float() for v in term_sums.values()), grad_norm(params) / dist.world]))
-    *values, norm = stacked.tolist()
+        [*(v.to(norm_sq) for v in term_sums.values()), norm_sq.to(run.device)]))
+    *values, total = stacked.tolist()
     step_terms = dict(zip(term_sums, values, strict=True))
-    check_finite(step_terms, norm, progress)
-    if run.cfg.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, run.cfg.clip_grad_norm)
+    norm = math.sqrt(total) if total >= 0 else math.nan
     if run.scheduler is None:
         for g in run.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_factor
-    run.optimizer.step()
+    if run.amp.should_step(step_terms, norm, progress) and run.cfg.clip_grad_norm is not None:
+        if run.shard is not None:
+            run.shard.clip(norm, run.cfg.clip_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, run.cfg.clip_grad_norm)
+    run.amp.step(run.optimizer)
     if run.scheduler is not None:
         run.scheduler.step()
+        if run.shard is not None:  # the scheduler drives the caller's optimiser's groups
+            run.shard.follow_learning_rates()
     return step_terms
 
 
-def _lr_factor(run: _Run, progress: Progress) -> float:
+def _lr_factor(run: Run, progress: Progress) -> float:
     """This step's LR multiplier: `cfg.lr_schedule`, or the torch scheduler's current ratio
     (for the auxiliary network; the scheduler sets the student's learning rates itself)."""
     if run.scheduler is None:
@@ -294,29 +230,30 @@ def _lr_factor(run: _Run, progress: Progress) -> float:
     return group["lr"] / group["initial_lr"] if group["initial_lr"] else 1.0
 
 
-def _prepare_batches(run: _Run, group: list[Batch], progress: Progress,
+def _prepare_batches(run: Run, group: list[Batch], progress: Progress,
                      lr_factor: float) -> list[Batch]:
-    """This rank's rows of each micro-batch, as the method trains on them: the auxiliary
-    network (if any) steps first, then `prepare_batch` may replace the batch (on-policy)."""
+    """This rank's rows of each micro-batch on the device, as the method trains on them: the
+    auxiliary network (if any) steps first, then `prepare_batch` may replace the batch
+    (on-policy)."""
     kept = [b for b in group if len(b["label"]) >= run.dist.world]
     # A global batch too small to give every rank a row (the last of an epoch, at most) is
     # left out of the step on every rank alike.
-    local = [distributed.shard(b, run.dist) for b in kept]
+    local = [devices.to(distributed.shard(b, run.dist), run.device) for b in kept]
     out = []
     for whole, batch in zip(kept, local, strict=True):
         if run.aux is not None:
             logged = run.aux.updates(batch, len(batch["label"]) / len(whole["label"]),
-                                     progress, student=run.student, dist=run.dist,
+                                     progress, student=run.model, dist=run.dist,
                                      clip=run.cfg.clip_grad_norm, lr_factor=lr_factor)
             run.state.aux_terms = logged if logged is not None else run.state.aux_terms
-        out.append(run.method.prepare_batch(batch, run.student, progress))
+        out.append(run.method.prepare_batch(batch, run.model, progress))
     return out
 
 
 # -- logging and epoch ends ------------------------------------------------------------------------
 
 
-def _log_step(run: _Run, step_terms: dict[str, float], progress: Progress,
+def _log_step(run: Run, step_terms: dict[str, float], progress: Progress,
               last: bool) -> None:
     """Add the step to the logging window; write the window's means every `log_every` steps
     and at the epoch's end."""
@@ -330,30 +267,45 @@ def _log_step(run: _Run, step_terms: dict[str, float], progress: Progress,
     n = sums.pop("_n")
     record = {f"loss/{k}": v / n for k, v in sums.items()}
     record["loss"] = sum(record.values())
+    scalers = {**run.amp.logged(), **({f"{run.aux.spec.name}/{k}": v for k, v in
+                                       run.aux.amp.logged().items()} if run.aux else {})}
     run.logger.log({"step": state.step, "epoch": state.epoch, "split": "train", **record,
                     "lr": run.optimizer.param_groups[0]["lr"], **run.method.scalars(progress),
-                    **state.aux_terms, "samples_per_s": run.window_samples / elapsed})
+                    **state.aux_terms, **scalers,
+                    "samples_per_s": run.window_samples / elapsed})
     run.advance(f"epoch {state.epoch + 1} loss {record['loss']:.4f} "
                 f"{run.window_samples / elapsed:,.0f} samples/s")
     sums.clear()
     run.window_samples, run.window_start = 0, time.perf_counter()
 
 
-def _end_epoch(run: _Run, epoch_done: bool) -> None:
+def _end_epoch(run: Run, epoch_done: bool) -> None:
     """At an epoch's end (or the run's, maybe mid-epoch with max_steps): evaluate when due,
     move to the next epoch, checkpoint."""
     state, cfg = run.state, run.cfg
     last = state.step >= run.total_steps
     if epoch_done or last:
-        if run.evaluate is not None and ((state.epoch + 1) % cfg.eval_every_epochs == 0
-                                         or last):
-            scores = run.evaluate()
-            run.logger.log({"step": state.step, "epoch": state.epoch, "split": "val",
-                            **scores})
-            if run.echo:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-                run.echo(f"epoch {state.epoch + 1}/{cfg.epochs}: {shown}")
+        if run.evaluates and ((state.epoch + 1) % cfg.eval_every_epochs == 0 or last):
+            _evaluate(run)
         if epoch_done:
             state.epoch += 1
             state.batch = 0
-    _checkpoint(run)
+    checkpoint(run)
+
+
+def _evaluate(run: Run) -> None:
+    """The caller's evaluation on rank 0 (under fsdp: of the gathered weights, on the
+    device)."""
+    placed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if run.shard is not None:
+        run.shard.publish(run.state.step)  # every rank: a collective
+        placed = devices.on(run.student, run.device)
+    if run.evaluate is None:
+        return
+    with placed:
+        scores = run.evaluate()
+    state = run.state
+    run.logger.log({"step": state.step, "epoch": state.epoch, "split": "val", **scores})
+    if run.echo:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        run.echo(f"epoch {state.epoch + 1}/{run.cfg.epochs}: {shown}")

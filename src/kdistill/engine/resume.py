@@ -4,13 +4,16 @@ files: `kdistill.checkpoint`), and the metrics file cut back to the checkpoint's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdistill.engine.precision import Amp
 from kdistill.errors import ConfigError
 from kdistill.logger import MetricsLogger
 
@@ -31,43 +34,76 @@ class TrainState:
     aux_terms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Resumable:
+    """Everything of a run's trainer that a checkpoint carries besides the weights: the
+    student's optimiser state (`optimizer_state()`, or the load function for it), the LR
+    scheduler, the auxiliary network's optimiser, the gradient scalers' states, and the device
+    (on CUDA its RNG state is saved too, so dropout and sampling there resume exactly)."""
+
+    optimizer_state: Callable[[], dict[str, Any]]
+    load_optimizer: Callable[[dict[str, Any]], None]
+    layout: str  # "plain" (optimizer.state_dict) or "fsdp" (whole state by parameter name)
+    scheduler: Scheduler | None
+    aux_optimizer: torch.optim.Optimizer | None
+    amps: dict[str, Amp]
+    device: torch.device
+
+
 def save(directory: Path, state: TrainState, *, student: nn.Module, method: nn.Module,
-         optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
-         aux_optimizer: torch.optim.Optimizer | None) -> None:
-    """One checkpoint at `state.step`: weights, optimiser(s), scheduler, torch's RNG, state."""
-    trainer_state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+         trainer: Resumable, optimizer_state: dict[str, Any]) -> None:
+    """One checkpoint at `state.step`: weights, optimiser(s), scheduler, scalers, RNG, state.
+    Weights are written from wherever the models are and read back onto wherever the models
+    are then, so a checkpoint moves between devices."""
+    trainer_state: dict[str, Any] = {
+        "optimizer": optimizer_state,
+        "optimizer_layout": trainer.layout,
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else {},
         "rng": torch.get_rng_state(),
+        "amp": {name: amp.state_dict() for name, amp in trainer.amps.items()},
     }
-    if aux_optimizer is not None:
-        trainer_state["auxiliary"] = aux_optimizer.state_dict()
+    if trainer.device.type == "cuda":
+        trainer_state["cuda_rng"] = torch.cuda.get_rng_state(trainer.device)
+    if trainer.aux_optimizer is not None:
+        trainer_state["auxiliary"] = trainer.aux_optimizer.state_dict()
     save_checkpoint(directory, student=student, method=method, trainer_state=trainer_state,
                     state={"step": state.step, "train_state": asdict(state)})
 
 
 def restore(directory: Path | None, *, student: nn.Module, method: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
-            aux_optimizer: torch.optim.Optimizer | None,
-            logger: MetricsLogger | None) -> TrainState | None:
-    """Load the latest checkpoint in `directory` into the models, optimiser(s), scheduler and
-    torch's RNG and return its state; None when there is none."""
+            logger: MetricsLogger | None) -> tuple[TrainState, dict[str, Any], Path] | None:
+    """Load the latest checkpoint in `directory` into the models and torch's CPU RNG; return
+    its loop state, the trainer's state (for `load_trainer`) and its path; None when there is
+    none."""
     path = latest_checkpoint(directory) if directory else None
     if path is None:
         return None
     trainer_state, state = load_checkpoint(path, student=student, method=method)
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(trainer_state["scheduler"])
-    if aux_optimizer is not None:
-        if "auxiliary" not in trainer_state:
-            raise ConfigError(str(path / "trainer.pt"), "no state of the method's auxiliary "
-                              f"optimiser; delete {path.parent} to restart this stage")
-        aux_optimizer.load_state_dict(trainer_state["auxiliary"])
     torch.set_rng_state(trainer_state["rng"])
     resumed = TrainState(**state["train_state"])
     truncate_metrics(logger, resumed.step)
-    return resumed
+    return resumed, trainer_state, path
+
+
+def load_trainer(trainer_state: dict[str, Any], path: Path, trainer: Resumable) -> None:
+    """The optimiser(s), scheduler, scalers and CUDA RNG of a checkpoint read by `restore`."""
+    layout = trainer_state.get("optimizer_layout", "plain")
+    if layout != trainer.layout:
+        raise ConfigError(str(path / "trainer.pt"), f"written with strategy "
+                          f"{'fsdp' if layout == 'fsdp' else 'ddp (or one process)'}; resume "
+                          f"with the same train.strategy, or delete {path.parent} to restart")
+    trainer.load_optimizer(trainer_state["optimizer"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(trainer_state["scheduler"])
+    if trainer.aux_optimizer is not None:
+        if "auxiliary" not in trainer_state:
+            raise ConfigError(str(path / "trainer.pt"), "no state of the method's auxiliary "
+                              f"optimiser; delete {path.parent} to restart this stage")
+        trainer.aux_optimizer.load_state_dict(trainer_state["auxiliary"])
+    for name, amp in trainer.amps.items():
+        amp.load_state_dict(trainer_state.get("amp", {}).get(name, {}))
+    if trainer.device.type == "cuda" and "cuda_rng" in trainer_state:
+        torch.cuda.set_rng_state(trainer_state["cuda_rng"], trainer.device)
 
 
 def truncate_metrics(logger: MetricsLogger | None, step: int) -> None:
