@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,7 @@ def _fit_aux() -> list[torch.Tensor]:
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            timeout=timedelta(seconds=300),  # a deadlock fails, never hangs
                             world_size=world)
     torch.set_num_threads(1)
     # Global batch 4 as one batch (each rank gets 2 rows), then as 2 accumulated batches of 2.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ def _fit_fitnet() -> list[torch.Tensor]:
 
 def _worker(rank: int, world: int, init_file: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            timeout=timedelta(seconds=300),  # a deadlock fails, never hangs
                             world_size=world)
     torch.set_num_threads(1)
     seen: list[tuple[bool, bool]] = []  # the teacher copies: (all DTensor, none trainable)

@@ -30,9 +30,10 @@ def probe_shapes(
     """Per-sample output shape of each named module for `example` (a batch of >= 1)."""
     was_training = model.training
     model.eval()
+    device = next((p.device for p in model.parameters()), example.device)
     try:
         with capture(model, names, where=where) as feats:
-            model(example[:2])
+            model(example[:2].to(device))  # a teacher may sit on another device
             return {name: tuple(feats[name].shape[1:]) for name in names}
     finally:
         model.train(was_training)

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.capture import capture
+from kdistill.devices import model_device
 from kdistill.errors import ConfigError, KDistillError, TrainingError
 from kdistill.io import file_digest, fsync_file, read_json, refuse_symlink
 
@@ -275,7 +276,7 @@ def feature_shapes(teacher: nn.Module, example: Tensor, layers: tuple[str, ...])
     teacher.eval()
     try:
         with capture(teacher, layers, where="method.teacher_layers") as feats:
-            teacher(example[:1])
+            teacher(example[:1].to(model_device(teacher)))
             return {name: tuple(feats[name].shape[1:]) for name in layers}
     finally:
         teacher.train(was_training)
@@ -363,11 +364,12 @@ def build_cache(
     shutil.rmtree(tmp, ignore_errors=True)
     was_training = teacher.training
     teacher.eval()
+    device = model_device(teacher)  # the teacher's device; rows are written from the CPU
     try:
         tmp.mkdir(parents=True)
         n, layers, k = len(inputs), key.layers, key.topk
         with capture(teacher, layers, where="method.teacher_layers") as feats:
-            probe = teacher(inputs[:1])
+            probe = teacher(inputs[:1].to(device))
             *positions, vocab = probe.shape[1:]
             # name -> (file, manifest dtype, per-sample shape)
             layout: dict[str, tuple[str, str, tuple[int, ...]]] = {}
@@ -389,7 +391,7 @@ def build_cache(
             per_sample = probe[0].numel() * 4 * (1 if k is None else 2)
             step = max(1, min(batch_size, int(max_batch_mb * 2**20) // max(per_sample, 1)))
             for start in range(0, n, step):
-                logits = teacher(inputs[start : start + step])
+                logits = teacher(inputs[start : start + step].to(device))
                 values = {"logits": logits}
                 if k is not None:
                     # log-softmax over the full vocabulary first, so the stored values are

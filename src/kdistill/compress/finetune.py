@@ -51,9 +51,12 @@ def finetune_config(train_cfg: TrainSettings, *, epochs: int, lr: float | None) 
     optimizer = train_cfg.optimizer
     if lr is not None:
         optimizer = optimizer.model_copy(update={"lr": lr})
+    # On the CPU in fp32, one process: pruned and quantized models are CPU work.
     return train_cfg.model_copy(update={"epochs": epochs, "optimizer": optimizer,
                                         "eval_every_epochs": epochs,
-                                        "checkpoint_every_steps": None})
+                                        "checkpoint_every_steps": None, "device": "cpu",
+                                        "precision": "fp32", "compile": False,
+                                        "strategy": "ddp"})
 
 
 def kd_finetune(model: nn.Module, teacher: Teacher, splits: DataSplits, cfg: TrainSettings,

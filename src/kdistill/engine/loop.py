@@ -118,6 +118,10 @@ def train(
             if run.shard is not None:
                 run.shard.publish(run.state.step)  # the caller's student gets the weights
             del ddp, step_module  # before the process group goes (see distributed.shutdown)
+        if run.dist.enabled:
+            # Rank 0 wrote the last checkpoint: no rank leaves before it is complete, so a
+            # following train() on the same directory resumes from it on every rank.
+            distributed.barrier()
     finally:
         method.collectives = SINGLE_PROCESS
         if run.shard is not None:

@@ -183,6 +183,10 @@ class Synthesizer(nn.Module):
         teacher = self.teacher
         teacher.eval()  # BN running statistics are the prior; never updated here
         feats: Tensor | None = None
+        # The teacher may sit on another device (teacher.device): there and back, keeping
+        # the gradient path to the generator.
+        home = x.device
+        x = x.to(next((p.device for p in teacher.parameters()), home))
         with self._bn_inputs() as bn_in:
             if features and feature_layer is not None:
                 with capture(teacher, [feature_layer], where="method.feature_layer") as got:
@@ -205,7 +209,8 @@ class Synthesizer(nn.Module):
         bn = (sum((bn_statistics_loss(i, m.running_mean, m.running_var)  # type: ignore[arg-type]
                    for i, m in zip(bn_in, self._bn, strict=True)), torch.zeros(()))
               if self.cfg.bn_weight > 0 else None)
-        return logits, feats, bn
+        return (logits.to(home), None if feats is None else feats.to(home),
+                None if bn is None else bn.to(home))
 
     def synthesize(self, batch: Batch) -> Batch:
         """A batch of generated samples, as many as `batch` has, labelled with the teacher's

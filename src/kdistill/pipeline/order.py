@@ -78,7 +78,8 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     Under torchrun (WORLD_SIZE > 1) this joins the process group, trains with DDP and leaves
     the group at the end; only rank 0's result holds rows (the others return none)."""
     joined = not distributed.info().enabled
-    dist = distributed.init_from_env()
+    # The process group's backend follows the device: nccl for CUDA, gloo for the CPU.
+    dist = distributed.init_from_env(cfg.train.device)
     joined = joined and dist.enabled  # this call set the group up, so it takes it down
     try:
         check_launch(cfg)  # before the run directory exists: nothing to undo
@@ -251,7 +252,8 @@ def compress(r: Run, teachers: Teachers, students: dict[str, list[nn.Module]],
              "runtime": "torch"}
     # Pruning, int8 kernels and ONNX export are CPU work: the chain starts from CPU copies.
     cpu = torch.device("cpu")
-    chain_cfg = cfg.train.model_copy(update={"device": "cpu", "precision": "fp32"})
+    chain_cfg = cfg.train.model_copy(update={"device": "cpu", "precision": "fp32",
+                                             "compile": False, "strategy": "ddp"})
     return [first, *run_chain(cfg.compress, student=copy.deepcopy(students["student"][0]).to(cpu),
                               teacher=copy.deepcopy(teachers.models[0]).to(cpu), splits=r.splits,
                               run_dir=r.run_dir, train_cfg=chain_cfg, echo=r.echo,
