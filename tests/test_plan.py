@@ -16,7 +16,7 @@ from kdistill.methods import build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.planning import MemoryPlan, Phase, Stage, plan, plan_command
 from kdistill.planning.memory import MB
-from kdistill.planning.probe import LiveBytes, fit, saved_bytes
+from kdistill.planning.probe import HEAP_MAX, LiveBytes, Trace, saved_bytes
 from kdistill.planning.steps import probe_forward, probe_step
 from kdistill.types import DataSplits
 
@@ -47,9 +47,8 @@ def test_activation_probe_is_the_hand_count_per_sample() -> None:
     # logits, 4 + 8 + 3 floats per sample and nothing that does not grow with the batch.
     step = probe_step(_stack(), build_method(CEConfig()), lambda _b: None, _splits(), [],
                       "fp32")
-    assert step.activations.per_sample == pytest.approx((4 + 8 + 3) * F32)
-    assert step.activations.const == pytest.approx(0.0)
-    assert step.activations.at(100) == 100 * (4 + 8 + 3) * F32
+    for batch in (1, 7, 100):
+        assert step.activations.at(batch) == batch * (4 + 8 + 3) * F32
     assert step.teacher.at(100) == 0
 
 
@@ -64,9 +63,18 @@ def test_forward_peak_is_two_hidden_layers_alive_at_once() -> None:
     assert live.live == 0 and live.peak == 2 * 1000 * F32  # both freed at the block's end
 
 
-def test_fit_separates_what_does_not_grow_with_the_batch() -> None:
-    line = fit(2, 2 * 10 + 7, 4, 4 * 10 + 7)
-    assert (line.const, line.per_sample, line.at(100)) == (7, 10, 1007)
+def test_trace_extrapolates_each_allocation_and_splits_the_heap() -> None:
+    # Two storages: one of 10 bytes per sample, one of 7 whatever the batch; the first is
+    # freed before a third (5 per sample) is made.
+    trace = Trace(2, (20, 7, -20, 10), 4, (40, 7, -40, 20))
+    assert trace.at(100) == 1000 + 7  # the first and the constant one, before the free
+    big = HEAP_MAX // 4  # per sample: at batch 8 the first storage is 2 x HEAP_MAX
+    trace = Trace(2, (2 * big, 7, -2 * big), 4, (4 * big, 7, -4 * big))
+    assert trace.replay(8) == (8 * big + 7, 7)  # mapped, not heap; the 7 bytes are heap
+    assert trace.replay(2) == (2 * big + 7, 2 * big + 7)  # half of HEAP_MAX: heap
+    # Probes that took different paths (other allocations) fall back to a line through
+    # their peaks, with nothing counted as heap.
+    assert Trace(2, (20,), 4, (30, 10)).replay(6) == (60, 0)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from kdistill.evaluate import predict
 from kdistill.methods import Method, build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.planning.memory import MemoryPlan, capacity
-from kdistill.planning.probe import Growth, measure_growth, rss
+from kdistill.planning.probe import Growth, heap_bytes, measure_growth, rss
 from kdistill.planning.steps import (
     AUTOCAST,
     Forward,
@@ -56,6 +56,7 @@ class Built:
     role: str
     module: nn.Module
     weights: int  # parameters and buffers
+    weights_heap: int  # of which in malloc's heap (tensors under 32 MiB)
     growth: Growth  # what building it added to the process (resident, peak)
     forward: Forward | None = None  # evaluation forward, no captured layers
     cache_forward: Forward | None = None  # the cache build's forward (teacher layers kept)
@@ -139,7 +140,8 @@ def _build(spec: ModelSpec, splits: DataSplits, where: str, role: str, seed: int
     torch.manual_seed(seed)
     with measure_growth() as growth:
         module = build_network(spec, splits, where=where)
-    return Built(role, module, model_bytes(module), growth[0])
+    tensors = [*module.parameters(), *module.buffers()]
+    return Built(role, module, model_bytes(module), heap_bytes(tensors), growth[0])
 
 
 def _teachers(cfg: RunConfig, splits: DataSplits) -> list[Built]:

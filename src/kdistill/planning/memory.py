@@ -27,6 +27,7 @@ class Part:
     bytes: int
     host: bool = False  # in host memory on every device (not in an accelerator's memory)
     reclaimable: bool = False  # file pages the kernel can drop (not a cause of OOM)
+    heap: int = 0  # of `bytes`, what sits in malloc's heap (pieces under 32 MiB; CPU only)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,13 @@ from torch.utils._pytree import tree_leaves
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+# glibc's malloc serves requests below its mmap threshold from the heap, whose freed memory
+# stays in the process (resident) for later requests; larger ones get their own mapping,
+# unmapped when freed. The threshold starts at 128 KiB and rises, as such mappings are freed,
+# up to 32 MiB on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX), which a run reaches within its
+# first steps: tensors under 32 MiB are "heap" below.
+HEAP_MAX = 32 * 2**20
 
 
 def _key(t: Tensor) -> tuple[str, int]:
@@ -84,14 +91,9 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t)
         return out
 
-    def peak_without(self, keys: set[tuple[str, int]]) -> int:
-        """The peak of live bytes had the storages `keys` never been allocated."""
-        live = peak = 0
-        for delta, key in self.events:
-            if key not in keys:
-                live += delta
-                peak = max(peak, live)
-        return peak
+    def deltas(self, without: Collection[tuple[str, int]] = ()) -> tuple[int, ...]:
+        """The signed sizes in order (+ created, − freed), leaving the storages `without` out."""
+        return tuple(delta for delta, key in self.events if key not in without)
 
 
 @contextlib.contextmanager
@@ -111,6 +113,12 @@ def saved_bytes(known: Iterable[Tensor] = ()) -> Iterator[dict[tuple[str, int], 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
+
+
+def heap_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct storages under `HEAP_MAX` (served from malloc's heap)."""
+    sizes = {_key(t): t.untyped_storage().nbytes() for t in tensors}
+    return sum(n for n in sizes.values() if n < HEAP_MAX)
 
 
 def tensor_bytes(value: Any) -> int:
@@ -184,24 +192,69 @@ def measure_growth() -> Iterator[list[Growth]]:
                               after.anon - before.anon))
 
 
-@dataclass(frozen=True)
-class Line:
-    """bytes(batch) = const + per_sample · batch, fitted on two probe batches."""
+def _at(v1: int, v2: int, b1: int, b2: int, batch: int) -> int:
+    """v(batch) on the line through (b1, v1), (b2, v2), never across zero."""
+    v = v1 * batch / b1 if b1 == b2 else v1 + (v2 - v1) * (batch - b1) / (b2 - b1)
+    return max(0, round(v)) if v1 >= 0 else min(0, round(v))
 
-    const: float
-    per_sample: float
+
+@dataclass(frozen=True)
+class Trace:
+    """Signed storage sizes in creation order (+ created, − freed) at two probe batches.
+
+    Each size is extrapolated on its own to the batch asked for (a + b·batch: a row per
+    sample, plus what does not grow with the batch); replaying them gives the peak of live
+    bytes and the peak of those in heap-sized pieces (< `HEAP_MAX`). Probes whose sequences
+    differ (another kernel chosen at the other batch) fall back to a line through the two
+    peaks, all of it counted as mapped (not heap)."""
+
+    b1: int
+    d1: tuple[int, ...]
+    b2: int
+    d2: tuple[int, ...]
+
+    @staticmethod
+    def sizes(b1: int, s1: Iterable[int], b2: int, s2: Iterable[int]) -> Trace:
+        """A trace of storages that all stay alive (e.g. what autograd saved)."""
+        return Trace(b1, tuple(s1), b2, tuple(s2))
+
+    def _aligned(self) -> bool:
+        return len(self.d1) == len(self.d2) and all(
+            (x > 0) == (y > 0) for x, y in zip(self.d1, self.d2, strict=True))
+
+    def replay(self, batch: int) -> tuple[int, int]:
+        """(peak of live bytes, peak of live heap bytes) at `batch`."""
+        if not self._aligned():
+            return _peak_line(self, batch), 0
+        live = heap = peak = heap_peak = 0
+        for x, y in zip(self.d1, self.d2, strict=True):
+            d = _at(x, y, self.b1, self.b2, batch)
+            live += d
+            peak = max(peak, live)
+            if abs(d) < HEAP_MAX:
+                heap += d
+                heap_peak = max(heap_peak, heap)
+        return peak, heap_peak
 
     def at(self, batch: int) -> int:
-        return max(0, round(self.const + self.per_sample * batch))
+        return self.replay(batch)[0]
+
+    def heap_at(self, batch: int) -> int:
+        return self.replay(batch)[1]
 
 
-def fit(b1: int, v1: int, b2: int, v2: int) -> Line:
-    """The line through (b1, v1) and (b2, v2); through the origin when b1 == b2. A negative
-    intercept (a probe at batch 1 took another kernel) is dropped: bytes ∝ batch then."""
-    if b1 == b2:
-        return Line(0.0, v1 / max(b1, 1))
-    slope = max(0.0, (v2 - v1) / (b2 - b1))
-    const = v1 - slope * b1
-    if const < 0:
-        return Line(0.0, v2 / b2)
-    return Line(const, slope)
+def _peak(deltas: tuple[int, ...]) -> int:
+    live = peak = 0
+    for d in deltas:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def _peak_line(t: Trace, batch: int) -> int:
+    p1, p2 = _peak(t.d1), _peak(t.d2)
+    if t.b1 == t.b2:
+        return round(p1 * batch / t.b1)
+    slope = max(0.0, (p2 - p1) / (t.b2 - t.b1))
+    const = p1 - slope * t.b1
+    return max(0, round(const + slope * batch)) if const >= 0 else round(p2 * batch / t.b2)

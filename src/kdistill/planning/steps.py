@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kdistill.capture import capture
 from kdistill.methods.base import Method, Outputs
-from kdistill.planning.probe import Line, LiveBytes, fit, saved_bytes, storage_keys, tensor_bytes
+from kdistill.planning.probe import LiveBytes, Trace, saved_bytes, storage_keys, tensor_bytes
 from kdistill.schedules import Progress
 from kdistill.teachers import EnsembleTeacher, OnlineTeacher, Teacher, TopK
 from kdistill.types import Batch, DataSplits
@@ -58,22 +58,25 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
 
 @dataclass(frozen=True)
 class Forward:
-    """A no-grad forward: the peak of what it allocates (captured layers included), and the
-    output's bytes, by batch."""
+    """A no-grad forward: everything it allocates (captured layers included), and its output,
+    by batch."""
 
-    peak: Line
-    output: Line
+    peak: Trace
+    output: Trace
 
 
 @torch.no_grad()
-def _forward_once(model: nn.Module, x: Tensor, layers: tuple[str, ...]) -> tuple[int, int]:
+def _forward_once(model: nn.Module, x: Tensor, layers: tuple[str, ...]
+                  ) -> tuple[tuple[int, ...], int]:
     was_training = model.training
     model.eval()
     try:
         with capture(model, layers, where="method.teacher_layers"), \
                 LiveBytes([*model.parameters(), *model.buffers(), x]) as live:
             out = model(x)
-            return live.peak, tensor_bytes(out)
+            size = tensor_bytes(out)
+            del out
+        return live.deltas(), size
     finally:
         model.train(was_training)
 
@@ -81,9 +84,9 @@ def _forward_once(model: nn.Module, x: Tensor, layers: tuple[str, ...]) -> tuple
 def probe_forward(model: nn.Module, inputs: Tensor, layers: tuple[str, ...] = ()) -> Forward:
     """The evaluation / cache / online-teacher forward of `model` on `inputs`' first rows."""
     b1, b2 = probe_batches(len(inputs))
-    p1, o1 = _forward_once(model, inputs[:b1], layers)
-    p2, o2 = _forward_once(model, inputs[:b2], layers)
-    return Forward(fit(b1, p1, b2, p2), fit(b1, o1, b2, o2))
+    d1, o1 = _forward_once(model, inputs[:b1], layers)
+    d2, o2 = _forward_once(model, inputs[:b2], layers)
+    return Forward(Trace(b1, d1, b2, d2), Trace.sizes(b1, [o1], b2, [o2]))
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,9 @@ class StepProbe:
     gradients (`peak`: activations, the teacher's outputs, loss buffers, backward
     temporaries); the teacher's outputs alone (`teacher`)."""
 
-    activations: Line
-    peak: Line
-    teacher: Line
+    activations: Trace
+    peak: Trace
+    teacher: Trace
 
 
 class _Rows:
@@ -131,10 +134,14 @@ Source = Teacher | None
 MakeSource = Any  # (batch size) -> Source: teachers online, or cached rows of that batch
 
 
+_StepLog = tuple[list[int], tuple[int, ...], list[int]]
+
+
 def _step_once(student: nn.Module, method: Method, source: Source, splits: DataSplits,
-               b: int, teachers: list[nn.Module], precision: str) -> tuple[int, int, int]:
-    """(activations, peak without parameter gradients, teacher outputs) of one micro-step on
-    the first `b` training samples."""
+               b: int, teachers: list[nn.Module], precision: str) -> _StepLog:
+    """(the sizes of what autograd saved in the student's forward and its output, every
+    allocation of the step but the parameters' gradients, the teacher's outputs) of one
+    micro-step on the first `b` training samples."""
     params = trainable(student, method)
     for p in params:
         p.grad = None
@@ -160,9 +167,9 @@ def _step_once(student: nn.Module, method: Method, source: Source, splits: DataS
             t_feats: dict[str, Tensor] = {}
             if source is not None:
                 t_out, t_feats = source(batch, method.teacher_layers)
-        activations = sum(saved.values()) + sum(
-            tensor_bytes(t) for t in [logits] if storage_keys([t]) - set(saved))
-        teacher = tensor_bytes((t_out, t_feats))
+        activations = [*saved.values(), *(
+            tensor_bytes(t) for t in [logits] if storage_keys([t]) - set(saved))]
+        teacher = [tensor_bytes(t) for t in (t_out, t_feats) if tensor_bytes(t)]
         topk = t_out if isinstance(t_out, TopK) else None
         out = Outputs(logits, None if topk is not None else t_out, dict(feats), t_feats,
                       teacher_topk=topk)
@@ -172,7 +179,7 @@ def _step_once(student: nn.Module, method: Method, source: Source, splits: DataS
     grads = storage_keys(p.grad for p in params if p.grad is not None)
     for p in params:
         p.grad = None
-    return activations, live.peak_without(grads), teacher
+    return activations, live.deltas(without=grads), teacher
 
 
 def probe_step(student: nn.Module, method: Method, make_source: MakeSource,
@@ -184,7 +191,8 @@ def probe_step(student: nn.Module, method: Method, make_source: MakeSource,
         results.append(_step_once(student, method, make_source(b), splits, b, teachers,
                                   precision))
     (a1, p1, t1), (a2, p2, t2) = results
-    return StepProbe(fit(b1, a1, b2, a2), fit(b1, p1, b2, p2), fit(b1, t1, b2, t2))
+    return StepProbe(Trace.sizes(b1, a1, b2, a2), Trace(b1, p1, b2, p2),
+                     Trace.sizes(b1, t1, b2, t2))
 
 
 def teacher_source(models: list[nn.Module], online: list[bool], splits: DataSplits,
