@@ -115,7 +115,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="bench-plan-") as run_dir:
                 peaks.append(measure(recipe, overrides, run_dir))
         rows.append((name, plan["peak"], sorted(peaks), plan["stage"]))
-    print("\n| recipe | planned MB | measured MB (median; min-max) | error % | planned peak stage |")
+    print("\n| recipe | planned MB | measured MB (median; min-max) | error % | "
+          "planned peak stage |")
     print("|---|---:|---:|---:|---|")
     worst = 0.0
     for name, plan_b, peaks, stage in rows:

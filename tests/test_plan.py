@@ -165,3 +165,27 @@ def test_plan_command_prints_the_table_and_the_line(tiny_recipe: Path) -> None:
     assert plan_command(str(tiny_recipe), ["train.batch_size=32"], echo=lines.append) == 0
     assert lines[0].startswith("| stage | at its peak | part | MB |")
     assert any(line.startswith("memory plan (cpu, fp32): peak ") for line in lines)
+
+
+def test_validation_batch_is_read_from_the_task_without_running_the_model() -> None:
+    from kdistill.planning.estimate import validation_batch
+    from kdistill.tasks import TASKS
+    from kdistill.tasks.base import Task
+
+    calls: list[int] = []
+    model = _stack()
+    model.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    splits = _splits(n=16)
+    # Classification validates through `predict` at its own batch (1000 rows, here the
+    # whole 4-row validation split), whatever the engine passes.
+    assert validation_batch(TASKS["classification"], model, splits, batch_size=2) == 4
+
+    class ByBatch(Task):  # a task that validates at the engine's batch
+        def validation_scores(self, model: nn.Module, splits: DataSplits, *,
+                              batch_size: int) -> dict[str, float]:
+            for i in range(0, len(splits.val_x), batch_size):
+                model(splits.val_x[i:i + batch_size])
+            return {}
+
+    assert validation_batch(ByBatch(), model, splits, batch_size=3) == 3
+    assert calls == []  # stopped before the model ran, both times

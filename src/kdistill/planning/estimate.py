@@ -25,7 +25,6 @@ from kdistill.build import build_data, build_network
 from kdistill.cache import build_cache, cache_bytes, feature_shapes
 from kdistill.config import ModelSpec, RunConfig, TrainSettings
 from kdistill.errors import ConfigError
-from kdistill.evaluate import predict
 from kdistill.methods import Method, build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.planning.memory import MemoryPlan, capacity
@@ -62,6 +61,7 @@ class Built:
     cache_forward: Forward | None = None  # the cache build's forward (teacher layers kept)
     train: TrainSettings | None = None  # a teacher trained from the data
     step: StepProbe | None = None  # its training step (trained teachers)
+    validation: int = 0  # rows of its validation's largest batch while it trains
 
     @property
     def kept(self) -> int:
@@ -177,18 +177,37 @@ def cache_layout(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.M
     return online, (0 if online else size), min(step, len(splits.train_x))
 
 
-def eval_batches(task: Task, cfg: RunConfig, splits: DataSplits) -> tuple[int, int]:
-    """(validation batch, test batch) as the tasks run them: token-level tasks score at most
-    `train.batch_size` rows at once (validation at the stage's batch, test at min(eval,
-    train)); the others validate through `kdistill.evaluate.predict` at its default batch and
-    test at eval.batch_size, then time eval.throughput_batch copies of one sample."""
+class _FirstCall(Exception):
+    """Raised by the hook of `validation_batch` at the model's first call."""
+
+
+def validation_batch(task: Task, model: nn.Module, splits: DataSplits, batch_size: int) -> int:
+    """The rows of the first (largest) batch the task's validation feeds the model when the
+    engine passes `batch_size`: its validation runs until the model is called, and stops there
+    (a task may score at its own batch, e.g. `kdistill.evaluate.predict`'s default)."""
+    seen: list[int] = []
+
+    def stop(_module: nn.Module, args: tuple) -> None:
+        seen.append(len(args[0]))
+        raise _FirstCall
+
+    handle = model.register_forward_pre_hook(stop)
+    try:
+        task.validation_scores(model, splits, batch_size=batch_size)
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    return seen[0] if seen else min(batch_size, len(splits.val_x))
+
+
+def test_batch(task: Task, cfg: RunConfig, splits: DataSplits) -> int:
+    """The largest batch of the evaluate stage, as the tasks run it: token-level tasks score
+    at most train.batch_size rows at once (min of eval.batch_size and train.batch_size); the
+    others score eval.batch_size rows, then time eval.throughput_batch copies of a sample."""
     if task.token_level:
-        return cfg.train.batch_size, min(cfg.eval.batch_size, cfg.train.batch_size,
-                                         len(splits.test_x))
-    predict_batch = inspect.signature(predict).parameters["batch_size"].default
-    val = min(predict_batch, len(splits.val_x))
-    test = max(min(cfg.eval.batch_size, len(splits.test_x)), cfg.eval.throughput_batch)
-    return val, test
+        return min(cfg.eval.batch_size, cfg.train.batch_size, len(splits.test_x))
+    return max(min(cfg.eval.batch_size, len(splits.test_x)), cfg.eval.throughput_batch)
 
 
 def _probe_teachers(p: Probed) -> None:
@@ -197,6 +216,7 @@ def _probe_teachers(p: Probed) -> None:
             method = build_method(CEConfig())
             t.step = probe_step(t.module, method, lambda _b: None, p.splits, [],
                                 t.train.precision)
+            t.validation = validation_batch(p.task, t.module, p.splits, t.train.batch_size)
         freeze_teacher(t.module)
         layers = tuple(p.method.teacher_layers)
         t.forward = probe_forward(t.module, p.splits.train_x)
@@ -207,6 +227,7 @@ def _probe_teachers(p: Probed) -> None:
 def _probe_students(p: Probed) -> None:
     cfg, student = p.cfg, p.student.module
     p.student.forward = probe_forward(student, p.splits.train_x)
+    p.student.validation = validation_batch(p.task, student, p.splits, cfg.train.batch_size)
     if cfg.baseline:
         p.baseline_step = probe_step(student, build_method(CEConfig()), lambda _b: None,
                                      p.splits, [], p.precision)

@@ -11,7 +11,7 @@ The order and what each stage holds follow `kdistill.pipeline.order`:
   evaluation, each with its last gradients, which the engine frees only at the next step):
   building the student, a micro-step (batch_size / grad_accum samples: activations, the
   loss's buffers, the teacher's outputs), the optimiser step, validation.
-- evaluate: every model on the test set at the task's batch.
+- evaluate: every model on the test set at the task's batch; the cache is still mapped.
 - report: the plotting libraries on top of everything still held.
 
 From the first training phase on, the modules that the first optimiser step imports are
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kdistill.config import TrainSettings
 from kdistill.planning.advice import advise
-from kdistill.planning.estimate import Built, Probed, eval_batches
+from kdistill.planning.estimate import Built, Probed, test_batch
 from kdistill.planning.memory import Part, Phase, Stage
 from kdistill.planning.probe import HEAP_MAX, heap_bytes, tensor_bytes
 from kdistill.planning.steps import Forward, StepProbe, trainable
@@ -112,7 +112,7 @@ class _Composer:
         # The CPU's single-tensor Adam makes two temporaries of each tensor in turn; the
         # foreach path on accelerators makes one of all of them at once.
         temp = (2 * largest if self.on_host else grads) if copies else 0
-        val, _ = eval_batches(self.p.task, self.p.cfg, self.p.splits)
+        val = who.validation
         assert who.forward is not None
         return [
             self.phase(stage, f"a training step ({self.micro(settings)} samples)",
@@ -212,7 +212,10 @@ class _Composer:
         p, cfg = self.p, self.p.cfg
         base = [*self.base(p.teachers),
                 *self.kept(len(cfg.train.seeds) * (int(cfg.baseline) + cfg.generations))]
-        _, test = eval_batches(p.task, cfg, p.splits)
+        if any(p.cache_size):  # the run keeps the cache open (mapped) to its end
+            base.append(Part("teacher cache (read)", sum(p.cache_size), host=True,
+                             reclaimable=True))
+        test = test_batch(p.task, cfg, p.splits)
         phases = []
         for b in [*p.teachers, p.student]:
             assert b.forward is not None
