@@ -160,16 +160,17 @@ def _teachers(cfg: RunConfig, splits: DataSplits) -> list[Built]:
 def cache_layout(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.Module
                  ) -> tuple[bool, int, int]:
     """(online, cache bytes, samples per cache batch) for one teacher, decided as
-    `kdistill.pipeline.teaching` decides (cache disabled, augmented inputs, an on-policy method
-    or a cache over cache.max_mb: online) and batched as `kdistill.cache.build_cache` batches
-    (at most cache.batch_size samples, fewer when their fp32 outputs, twice that for top-k,
-    pass its max_batch_mb)."""
+    `kdistill.pipeline.teaching` decides (cache disabled, augmented inputs (the recipe's or the
+    data source's), an on-policy method or a cache over cache.max_mb: online) and batched as
+    `kdistill.cache.build_cache` batches (at most cache.batch_size samples, fewer when their
+    fp32 outputs, twice that for top-k, pass its max_batch_mb)."""
     task = task_of(splits)
     shape = task.output_shape(model, splits)
     layers = tuple(method.teacher_layers)
     size = cache_bytes(len(splits.train_x), shape, feature_shapes(model, splits.train_x, layers),
                        cfg.cache.dtype, topk=cfg.cache.topk)
-    online = (not cfg.cache.enabled or cfg.train.augment != "none" or method.on_policy
+    augmented = cfg.train.augment != "none" or getattr(splits, "augment", None) is not None
+    online = (not cfg.cache.enabled or augmented or method.on_policy
               or size > cfg.cache.max_mb * 2**20)
     max_batch_mb = inspect.signature(build_cache).parameters["max_batch_mb"].default
     per_sample = math.prod(shape) * 4 * (1 if cfg.cache.topk is None else 2)
