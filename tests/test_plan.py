@@ -189,3 +189,13 @@ def test_validation_batch_is_read_from_the_task_without_running_the_model() -> N
 
     assert validation_batch(ByBatch(), model, splits, batch_size=3) == 3
     assert calls == []  # stopped before the model ran, both times
+
+
+def test_bf16_activations_are_half_and_the_cast_weights_do_not_grow() -> None:
+    # Under autocast the Linears save bf16 copies of their inputs and weights: per sample the
+    # activations take 2 bytes a value instead of 4; the weight copies are the same at any
+    # batch (the constant the two-batch probe separates).
+    step = probe_step(_stack(), build_method(CEConfig()), lambda _b: None, _splits(), [],
+                      "bf16")
+    assert step.activations.at(101) - step.activations.at(1) == 100 * (4 + 8 + 3) * 2
+    assert step.activations.at(1) > (4 + 8 + 3) * 2  # plus the cast weights

@@ -202,7 +202,7 @@ def validation_batch(task: Task, model: nn.Module, splits: DataSplits, batch_siz
     return seen[0] if seen else min(batch_size, len(splits.val_x))
 
 
-def test_batch(task: Task, cfg: RunConfig, splits: DataSplits) -> int:
+def evaluation_batch(task: Task, cfg: RunConfig, splits: DataSplits) -> int:
     """The largest batch of the evaluate stage, as the tasks run it: token-level tasks score
     at most train.batch_size rows at once (min of eval.batch_size and train.batch_size); the
     others score eval.batch_size rows, then time eval.throughput_batch copies of a sample."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kdistill.config import TrainSettings
 from kdistill.planning.advice import advise
-from kdistill.planning.estimate import Built, Probed, test_batch
+from kdistill.planning.estimate import Built, Probed, evaluation_batch
 from kdistill.planning.memory import Part, Phase, Stage
 from kdistill.planning.probe import HEAP_MAX, heap_bytes, tensor_bytes
 from kdistill.planning.steps import Forward, StepProbe, trainable
@@ -215,7 +215,7 @@ class _Composer:
         if any(p.cache_size):  # the run keeps the cache open (mapped) to its end
             base.append(Part("teacher cache (read)", sum(p.cache_size), host=True,
                              reclaimable=True))
-        test = test_batch(p.task, cfg, p.splits)
+        test = evaluation_batch(p.task, cfg, p.splits)
         phases = []
         for b in [*p.teachers, p.student]:
             assert b.forward is not None
