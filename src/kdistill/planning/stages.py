@@ -81,8 +81,10 @@ class _Composer:
             parts.append(Part(f"{t.role} weights", t.weights, heap=t.weights_heap))
             if t.kept:
                 parts.append(Part(f"{t.role} loader copies", t.kept, host=True))
-            if t.train is not None:
-                parts.append(Part(f"{t.role} gradients (kept)", t.weights, heap=t.weights_heap))
+            if t.train is not None:  # its last gradients, freed by no later step
+                params = list(t.module.parameters())
+                parts.append(Part(f"{t.role} gradients (kept)", tensor_bytes(params),
+                                  heap=heap_bytes(params)))
         return parts
 
     def build(self, stage: str, base: list[Part], b: Built) -> Phase:
