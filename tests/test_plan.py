@@ -23,6 +23,25 @@ from kdistill.types import DataSplits
 F32 = 4
 
 
+@pytest.fixture(scope="module")
+def lm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600-word tokenizer trained on stdlib docstrings (as in test_llm_pipeline)."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdistill.data.text import read_corpus
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(read_corpus("stdlib_docs")[:800], trainers.WordLevelTrainer(
+        vocab_size=600, special_tokens=["[UNK]", "</s>"], show_progress=False))
+    path = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>",
+                            unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
 def _stack() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -199,3 +218,34 @@ def test_bf16_activations_are_half_and_the_cast_weights_do_not_grow() -> None:
                       "bf16")
     assert step.activations.at(101) - step.activations.at(1) == 100 * (4 + 8 + 3) * 2
     assert step.activations.at(1) > (4 + 8 + 3) * 2  # plus the cast weights
+
+
+def _lm_plan(tmp_path: Path, tokenizer: Path, *overrides: str) -> MemoryPlan:
+    from tests.test_llm_pipeline import _recipe
+
+    recipe = _recipe(tmp_path, tokenizer, "{name: token_kd, kind: forward_kl}")
+    return plan(load_config(recipe, ["train.batch_size=64", "train.grad_accum=1",
+                                     *overrides]))
+
+
+def _student_step(result: MemoryPlan) -> Phase:
+    student = next(s for s in result.stages if s.name == "student")
+    return next(ph for ph in student.phases if ph.name.startswith("a training step"))
+
+
+def test_token_losses_buffers_follow_the_chunked_implementation(
+        tmp_path: Path, lm_tokenizer: Path) -> None:
+    # (64 blocks x 16 tokens x 600 words) logits: the naive token KD keeps several copies
+    # (log-probabilities of both models, their gradients); the chunked form computes the
+    # same loss 32 tokens at a time and keeps one (N, V) gradient buffer.
+    naive = _lm_plan(tmp_path, lm_tokenizer)
+    chunked = _lm_plan(tmp_path, lm_tokenizer, "method.chunk_size=32")
+    logits = 64 * 16 * 600 * F32
+    buffers = _part(_student_step(naive), "loss and backward buffers")
+    assert buffers >= 2 * logits
+    assert _part(_student_step(chunked), "loss and backward buffers") < buffers - logits
+    over = replace(naive, capacity=1 * MB).warnings()
+    assert any("method.chunk_size" in line for line in over)
+    # A top-k cache feeds another loss, which chunk_size does not change: not suggested.
+    topk = replace(_lm_plan(tmp_path, lm_tokenizer, "cache.topk=8"), capacity=1 * MB)
+    assert not any("method.chunk_size" in line for line in topk.warnings())

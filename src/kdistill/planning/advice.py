@@ -23,7 +23,9 @@ def advise(cfg: RunConfig, stage: str, parts: tuple[Part, ...] | list[Part], *,
                           f"{field}.grad_accum=2"))
         if precision == "fp32":
             out.append(Advice(act // 2, f"{field}.precision: bf16 stores activations in 16 bits"))
-    if stage == "student" and buffers > act and getattr(cfg.method, "chunk_size", 0) is None:
+    # token_kd's chunked loss works on dense teacher logits (a top-k cache ignores chunk_size)
+    if (stage == "student" and buffers > act and cfg.cache.topk is None
+            and getattr(cfg.method, "chunk_size", 0) is None):
         out.append(Advice(buffers // 2, f"the loss buffers are {buffers / MB:,.0f} MB: set "
                           "method.chunk_size (e.g. 256) to compute the loss in chunks"))
     opt = sizes.get("optimiser state (adam)", 0) + sizes.get("optimiser state (adamw)", 0)
