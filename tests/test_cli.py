@@ -18,6 +18,7 @@ def test_run_tiny_recipe_end_to_end(tiny_recipe: Path, tmp_path: Path) -> None:
     proc = kdistill("run", str(tiny_recipe), "train.epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "distilled student" in proc.stdout
+    assert proc.stdout.startswith("memory plan (cpu, fp32): peak ")  # the run's first line
     assert (tmp_path / "runs" / "tiny" / "report.md").is_file()
 
 
@@ -133,3 +134,12 @@ def test_validate_checks_a_custom_target_without_building_it(tiny_recipe: Path,
     proc = kdistill("validate", str(tiny_recipe), "student.model.arch=custom",
                     "student.model.target=os:system", cwd=tmp_path)
     assert proc.returncode == 2 and "student.model.target" in proc.stderr
+
+
+def test_plan_prints_the_stages_and_refuses_bad_input(tiny_recipe: Path, tmp_path: Path) -> None:
+    proc = kdistill("plan", str(tiny_recipe), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| student |" in proc.stdout and "memory plan (cpu, fp32): peak" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # a plan writes nothing
+    proc = kdistill("plan", str(tiny_recipe), "train.batch_size=0", cwd=tmp_path)
+    assert proc.returncode == 2 and "train.batch_size" in proc.stderr

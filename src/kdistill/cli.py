@@ -97,6 +97,19 @@ def validate(
     console.print(f"ok: {recipe or 'default recipe'} ({splits.name}, method {cfg.method.name})")
 
 
+@app.command(help="Estimate each stage's peak memory for the recipe's device, precision and "
+             "batch, before a run: parameters, gradients, optimiser state, activations "
+             "(probed), the teacher, its cache, loss buffers; the fields to change when it "
+             "does not fit. Exit 1 when it does not fit." + OVERRIDES_HELP)
+def plan(args: RecipeArg = None) -> None:
+    from kdistill.planning import plan_command
+
+    recipe, overrides = _split(args)
+    code = plan_command(recipe, overrides,
+                        echo=lambda line: console.print(line, highlight=False, markup=False))
+    raise typer.Exit(code)
+
+
 @app.command()
 def generate(
     args: Annotated[list[str] | None,

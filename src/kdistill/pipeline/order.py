@@ -33,6 +33,7 @@ from kdistill.methods import Method, build_method
 from kdistill.pipeline.health import run_warnings
 from kdistill.pipeline.stages import finetune_stage, initial_student, student_stage, teacher_stage
 from kdistill.pipeline.teaching import RunDataTools, teacher_outputs
+from kdistill.planning import plan
 from kdistill.tasks import Evaluated, Evaluation, Task, task_of
 from kdistill.teachers import EnsembleTeacher, Teacher, freeze_teacher
 from kdistill.types import DataSplits, Echo
@@ -83,6 +84,8 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     joined = joined and dist.enabled  # this call set the group up, so it takes it down
     try:
         check_launch(cfg)  # before the run directory exists: nothing to undo
+        if dist.main:  # before anything is loaded: what the process holds now is its baseline
+            echo(plan(cfg, device=devices.resolve(cfg.train.device)).one_line())
         # Rank 0 holds the run directory's lock: a second run on the same name stops at once.
         with RunDirectory.open(cfg.output_dir, cfg.name, lock=dist.main) as rd:
             if rd.stale_pid is not None:
