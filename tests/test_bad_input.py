@@ -651,3 +651,18 @@ def test_a_damaged_stage_marker_redoes_the_stage(kdistill, tiny_recipe: Path,
     assert result.code == 0, result.err
     assert "student (seed 0): training" in result.out
     assert json.loads(stage.read_text())["complete"] is True
+
+
+def test_an_online_teacher_with_nan_outputs_is_blamed(kdistill, tiny_recipe: Path,
+                                                      tmp_path: Path) -> None:
+    # Jittered inputs run the teacher online (no cache to check): its first batch is checked.
+    weights = tmp_path / "nan.safetensors"
+    model = MLP((1, 8, 8), 10, hidden=[64])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_model(model, str(weights))
+    result = kdistill("run", str(tiny_recipe), *QUICK, "teacher.train=null",
+                      f"teacher.model.weights={weights}", "train.augment=jitter")
+    one_line(result, 1, "teacher: non-finite outputs (NaN or +inf) for row 0",
+             "teacher.model.weights")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kdistill import devices
 from kdistill.cache import TeacherCache
 from kdistill.capture import capture
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, TrainingError
 from kdistill.types import Batch
 
 
@@ -69,8 +69,20 @@ class OnlineTeacher:
         inputs = batch["input"].to(devices.model_device(self.model))  # no copy when there
         with torch.no_grad(), capture(self.model, layers, where="method.teacher_layers") as feats:
             logits = self.model(inputs)
+            if self.forwards == 0:
+                _check_outputs(logits)  # once: a broken teacher, not the loss, gets the blame
             self.forwards += 1
             return logits, dict(feats)
+
+
+def _check_outputs(logits: Tensor) -> None:
+    """NaN or +inf in the teacher's first outputs (-inf is a masked logit, kept)."""
+    bad = torch.isnan(logits) | (logits == float("inf"))
+    if bool(bad.any()):
+        row = int(bad.reshape(len(logits), -1).any(dim=1).nonzero()[0])
+        raise TrainingError(f"teacher: non-finite outputs (NaN or +inf) for row {row} of the "
+                            "first batch; check the teacher's weights (teacher.model.weights) "
+                            "and its inputs' scale")
 
 
 class CachedTeacher:
