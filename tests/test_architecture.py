@@ -49,7 +49,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
               "models", "tasks"),
     "compress": (*FOUNDATION, "build", "config", "data", "devices", "distributed", "engine",
                  "evaluate", "io", "logger", "methods", "models", "teachers"),
-    "report": (*FOUNDATION, "compress", "config", "data", "io", "methods", "schedules", "tasks"),
+    "report": (*FOUNDATION, "compress", "config", "data", "io", "logger", "methods", "schedules",
+               "tasks"),
     # The memory plan builds data and models as the run does and probes them.
     "planning": (*FOUNDATION, "build", "cache", "capture", "config", "devices", "evaluate",
                  "methods", "schedules", "tasks", "teachers"),

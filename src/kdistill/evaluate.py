@@ -36,6 +36,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_forward(model: nn.Module, x: Tensor, device: torch.device) -> float:
+    """Seconds of one forward of `x`, queued GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    model(x)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def expected_calibration_error(probs: Tensor, labels: Tensor, *, bins: int = 15) -> float:
     """ECE (Guo et al. 2017, arXiv:1706.04599): |accuracy − confidence| over equal-width bins,
     weighted by the share of samples in each bin. probs (N, C), labels (N,)."""
@@ -98,11 +107,7 @@ def measure_speed(
         many = one.expand(throughput_batch, *example.shape[1:]).contiguous()
 
         def timed(x: Tensor) -> float:
-            synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            synchronize(device)
-            return time.perf_counter() - start
+            return timed_forward(model, x, device)
 
         for _ in range(3):
             timed(one)

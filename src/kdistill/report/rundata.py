@@ -11,7 +11,6 @@ page); a linked image or metrics file is left out.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from kdistill.errors import ConfigError
 from kdistill.io import parse_yaml_value, read_json, read_text, refuse_symlink
+from kdistill.logger import read_metrics
 from kdistill.report.markdown import _is_embedding
 
 Rows = dict[str, list[dict[str, Any]]]
@@ -137,15 +137,11 @@ def _read_records(path: Path, split: str) -> list[dict[str, Any]]:
     """The records of one split, numbers only (plus their `step` and `epoch` counters); a
     half-written last line (a killed run) or a line of anything else is skipped, and so is a
     file that is a link."""
-    if path.is_symlink() or not path.is_file():
+    if path.is_symlink():
         return []
     out = []
-    for raw in path.read_bytes().splitlines():
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            continue
-        if not (isinstance(record, dict) and record.get("split") == split):
+    for record in read_metrics(path):  # JSON objects only; torn or foreign lines skipped
+        if record.get("split") != split:
             continue
         counters = ("step", "epoch") if split == "val" else ("step",)
         if not all(isinstance(record.get(c), int) and not isinstance(record.get(c), bool)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from kdistill.devices import model_device
 from kdistill.errors import ConfigError
-from kdistill.evaluate import synchronize
+from kdistill.evaluate import timed_forward
 from kdistill.models import count_parameters
 from kdistill.tasks.base import Evaluation, Task
 from kdistill.types import IGNORE_INDEX, DataSplits
@@ -88,11 +87,7 @@ def lm_speed(model: nn.Module, ids: Tensor, *, batch: int = 8, repeats: int = 5)
         one, many = ids[:1].to(device), ids[:batch].to(device)
 
         def timed(x: Tensor) -> float:
-            synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            synchronize(device)
-            return time.perf_counter() - start
+            return timed_forward(model, x, device)
 
         timed(one)
         lat = statistics.median(timed(one) for _ in range(repeats))
