@@ -14,9 +14,10 @@ from torch import nn
 
 from kdistill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdistill.errors import ConfigError, TrainingError
-from kdistill.io import RunDirectory, atomic_write_text, check_run_name, make_dirs
+from kdistill.io import atomic_write_text, make_dirs
 from kdistill.logger import MetricsLogger, read_metrics
 from kdistill.models.zoo import MLP
+from kdistill.rundir import RunDirectory, check_run_name
 
 from .conftest import REPO
 
@@ -141,7 +142,7 @@ def test_truncating_metrics_skips_torn_and_foreign_lines(tmp_path: Path) -> None
 
 HOLD = """\
 import sys
-from kdistill.io import RunDirectory
+from kdistill.rundir import RunDirectory
 rd = RunDirectory.open(sys.argv[1], sys.argv[2])
 print("locked", rd.stale_pid, flush=True)
 sys.stdin.read()  # hold the lock until the test closes stdin (or kills this process)

@@ -18,8 +18,8 @@ from kdistill.config.compress import CompressStage, check_order
 from kdistill.data import SOURCES, BuiltinImages
 from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
-from kdistill.io import MAX_NAME, check_run_name
 from kdistill.methods import METHODS
+from kdistill.rundir import MAX_NAME, check_run_name
 from kdistill.schedules import Schedule, check_range
 from kdistill.tasks import TASKS
 

@@ -28,12 +28,13 @@ from kdistill.build import build_data, build_network
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.errors import ConfigError
-from kdistill.io import RunDirectory, atomic_write_text
+from kdistill.io import atomic_write_text
 from kdistill.methods import Method, build_method
 from kdistill.pipeline.health import run_warnings
 from kdistill.pipeline.stages import finetune_stage, initial_student, student_stage, teacher_stage
 from kdistill.pipeline.teaching import RunDataTools, teacher_outputs
 from kdistill.planning import plan
+from kdistill.rundir import RunDirectory
 from kdistill.tasks import Evaluated, Evaluation, Task, task_of
 from kdistill.teachers import EnsembleTeacher, Teacher, freeze_teacher
 from kdistill.types import DataSplits, Echo

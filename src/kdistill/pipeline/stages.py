@@ -26,11 +26,12 @@ from kdistill.config import RunConfig, TeacherConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.errors import ConfigError
-from kdistill.io import RunDirectory, atomic_write_text, read_json, save_model_atomic
+from kdistill.io import atomic_write_text, read_json, save_model_atomic
 from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
 from kdistill.methods.ce import CEConfig
+from kdistill.rundir import RunDirectory
 from kdistill.tasks import task_of
 from kdistill.tasks.embedding import EncoderWithHead, with_head
 from kdistill.teachers import CachedTeacher, EnsembleTeacher, Teacher, freeze_teacher
