@@ -169,6 +169,14 @@ def soft_cross_entropy(
     return reduce_loss(per_item, mask=mask, reduction=reduction, normalizer=normalizer)
 
 
+def _all_on_cpu(valid: Tensor) -> bool:
+    """Whether every position counts, asked only where the answer is cheap: eager on the CPU.
+    On a GPU the question is a host sync, and under torch.compile a graph break, so there the
+    masked path (correct either way) runs without asking."""
+    return (valid.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(valid.all()))
+
+
 def hard_cross_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -217,10 +225,11 @@ def hard_cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
 
     valid = labels != ignore_index
-    if mask is None and bool(valid.all()):
+    if mask is None and _all_on_cpu(valid):
         # Fast path when every position counts (the classification case): PyTorch's fused
-        # kernel, about 2.5x faster on small batches. With ignored or masked positions the
-        # path below zeroes those rows first, so an inf there cannot turn gradients into NaN.
+        # kernel on the logits as they are, about 1.6x faster on small batches than the
+        # path below, which first zeroes the rows of ignored positions (so an inf there
+        # cannot turn gradients into NaN).
         num_classes = logits.shape[-1]
         per_item = F.cross_entropy(
             logits.to(_compute_dtype(logits)).reshape(-1, num_classes), labels.reshape(-1),
@@ -229,10 +238,10 @@ def hard_cross_entropy(
         return reduce_loss(per_item, reduction=reduction, normalizer=normalizer)
     if mask is not None:
         valid = valid & mask
-    log_q = F.log_softmax(_prepare(logits, valid, _compute_dtype(logits)), dim=-1)
+    num_classes = logits.shape[-1]
     safe_labels = torch.where(valid, labels, labels.new_zeros(()))
-    per_item = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    if label_smoothing > 0.0:
-        smooth = -log_q.mean(dim=-1)
-        per_item = (1.0 - label_smoothing) * per_item + label_smoothing * smooth
+    per_item = F.cross_entropy(  # the fused kernel; its label smoothing is the formula above
+        _prepare(logits, valid, _compute_dtype(logits)).reshape(-1, num_classes),
+        safe_labels.reshape(-1), label_smoothing=label_smoothing, reduction="none",
+    ).reshape(labels.shape)
     return reduce_loss(per_item, mask=valid, reduction=reduction, normalizer=normalizer)
