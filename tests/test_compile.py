@@ -67,3 +67,21 @@ def test_compiled_steps_equal_eager_steps(method_name: str,
 def test_inductor_compiled_steps_equal_eager_steps() -> None:
     # Inductor fuses the loss into C++ kernels (a different summation order): close, not equal.
     _check_equal("inductor", "kd", 1e-5)
+
+
+def test_a_scheduled_temperature_does_not_recompile_every_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A schedule's value is a Python float read inside the loss: compiling the loss would
+    # specialise a graph per step (then fall back to eager). Its loss stays eager; the
+    # student's forward is compiled once per batch shape.
+    monkeypatch.setattr(step, "COMPILE_BACKEND", "aot_eager")
+    x, y = _data()
+    student, teacher = _net(0), _net(9, width=24)
+    method = build_method(KDConfig(temperature={"kind": "linear", "start": 8, "end": 2}))
+    assert step.scheduled(method) and not step.scheduled(build_method(KDConfig()))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train(student, OnlineTeacher(teacher), method, BatchLoader(x, y, batch_size=32, seed=1),
+          torch.optim.Adam(student.parameters(), lr=0.01),
+          LoopSettings(epochs=3, compile=True), seed=4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # 12 steps, 2 shapes

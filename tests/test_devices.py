@@ -13,7 +13,8 @@ from kdistill.errors import ConfigError
 def test_resolve_names() -> None:
     assert devices.resolve("cpu") == torch.device("cpu")
     auto = devices.resolve("auto")
-    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "mps"
+                         if torch.backends.mps.is_available() else "cpu")
     with pytest.raises(ConfigError, match=r"train.device: expected auto, cpu, cuda"):
         devices.resolve("gpu0")
 
@@ -178,3 +179,26 @@ def test_bf16_autocasts_the_networks_and_keeps_the_loss_in_fp32() -> None:
     student = _fit(LoopSettings(precision="bf16"), method=method)
     assert seen and all(s == (torch.bfloat16, torch.float32) for s in seen)
     assert all(p.dtype == torch.float32 for p in student.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages without a GPU")
+@pytest.mark.parametrize(("override", "field"), [
+    ("teacher.device=cuda", "teacher.device"),
+    ("teacher.train.device=cuda:0", "teacher.train.device"),
+    ("teacher.train.precision=fp16", "teacher.train.precision"),
+    ("train.precision=fp16", "train.precision")])
+def test_every_device_and_precision_is_checked_before_anything_runs(
+        override: str, field: str) -> None:
+    from kdistill.build import check_devices
+
+    with pytest.raises(ConfigError, match=rf"^{field}: "):
+        check_devices(load_config(None, [override]))
+
+
+def test_the_teacher_trains_where_it_will_sit() -> None:
+    cfg = load_config(None, ["teacher.device=cpu"])
+    assert cfg.teacher.train.device is None  # null: teacher.device, else train.device
+    with pytest.raises(ConfigError, match=r"transfer.finetune.strategy"):
+        load_config(None, ["data.name=general_text", "data.tokenizer=minilm", "baseline=false",
+                           "method.name=embed_kd", "student.model.arch=hf_sentence_student",
+                           "transfer.finetune.strategy=fsdp"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdistill import devices
 from kdistill.capture import resolve_modules, split_name
 from kdistill.config import ModelSpec, OptimizerConfig, RunConfig, TrainSettings, TransferConfig
 from kdistill.data import DataSplits, LoadContext, Source
@@ -100,6 +101,29 @@ def _layer_field(method: Method, side: str, name: str) -> str:
     return f"method.{fields[0][0]}" if fields else f"method ({side} layers)"
 
 
+def check_devices(cfg: RunConfig) -> None:
+    """Every device and precision the recipe names fits this machine (a GPU named where there
+    is none, fp16 on the CPU): checked before anything trains, each error naming its field."""
+    train = cfg.train.device
+    sections: list[tuple[str, TrainSettings | None, str | None]] = [
+        ("train", cfg.train, None),
+        ("teacher.train", cfg.teacher.train, cfg.teacher.device or train),
+        *((f"more_teachers.{i}.train", t.train, t.device or train)
+          for i, t in enumerate(cfg.more_teachers)),
+        ("transfer.finetune", cfg.transfer.finetune if cfg.transfer else None, train)]
+    for where, teacher in [("teacher", cfg.teacher),
+                           *((f"more_teachers.{i}", t) for i, t in enumerate(cfg.more_teachers))]:
+        devices.resolve(teacher.device or train, where=f"{where}.device")
+        if teacher.device and cfg.train.strategy == "fsdp":
+            raise ConfigError(f"{where}.device", "with train.strategy: fsdp the teacher is "
+                              "sharded over the training devices; remove teacher.device")
+    for where, settings, fallback in sections:
+        if settings is not None:
+            device = devices.resolve(settings.device or fallback or train,
+                                     where=f"{where}.device")
+            devices.check_precision(settings.precision, device, where=f"{where}.precision")
+
+
 def validate(cfg: RunConfig, *, build_custom: bool = False) -> DataSplits:
     """Build data and both networks without training (what `kdistill validate` runs).
 
@@ -108,6 +132,7 @@ def validate(cfg: RunConfig, *, build_custom: bool = False) -> DataSplits:
     need the built networks (layer names, adapter shapes) are left to the run."""
     if cfg.logging.tensorboard:
         require_tensorboard()  # a missing optional sink is reported before any real work
+    check_devices(cfg)
     splits = build_data(cfg.data, transfer=cfg.transfer)
     task_of(splits).check_recipe(cfg)  # e.g. tokenizers, before loading any model
     specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),

@@ -125,10 +125,19 @@ class TeacherTrainConfig(TrainSettings):
     """A teacher trained from the data first: one network, one seed."""
 
     seed: Seed = Field(0, description="the teacher's initial weights and batch order")
+    device: str | None = Field(  # type: ignore[assignment]
+        None, pattern=DEVICE_PATTERN, description="where the teacher trains; null: "
+        "teacher.device, else train.device")
 
 
 class FinetuneConfig(TrainSettings):
-    """Fine-tuning each encoder on the transfer task; it runs once per `train.seeds` seed."""
+    """Fine-tuning each encoder on the transfer task; it runs once per `train.seeds` seed, in
+    one process (the evaluate stage's)."""
+
+    device: str | None = Field(  # type: ignore[assignment]
+        None, pattern=DEVICE_PATTERN, description="null: train.device")
+    strategy: Literal["ddp"] = Field(
+        "ddp", description="fine-tuning runs in one process: no sharding")
 
 
 # The built-in default (the demo): on MNIST-1D a 1-D CNN teacher is trained in seconds, then a

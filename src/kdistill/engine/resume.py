@@ -3,7 +3,6 @@ files: `kdistill.checkpoint`), and the metrics file cut back to the checkpoint's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,14 +107,5 @@ def load_trainer(trainer_state: dict[str, Any], path: Path, trainer: Resumable) 
 
 def truncate_metrics(logger: MetricsLogger | None, step: int) -> None:
     """Drop records after `step` (they will be written again) and any torn last line."""
-    if logger is None or logger.path is None or not logger.path.is_file():
-        return
-    kept = []
-    for line in logger.path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    logger.path.write_text("".join(line + "\n" for line in kept))
+    if logger is not None:
+        logger.truncate_after(step)  # atomic, never through a link planted at metrics.jsonl

@@ -71,14 +71,22 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, backend=COMPILE_BACKEND, options=options)
 
 
+def scheduled(method: Method) -> bool:
+    """Whether the method's hyper-parameters move during training (a temperature or weight
+    schedule). torch.compile specialises a graph on such Python floats, so a compiled loss
+    would be recompiled at every step and then fall back to eager: its loss runs eager."""
+    start, end = Progress(0, 0, 101, 10), Progress(100, 10, 101, 10)
+    return method.scalars(start) != method.scalars(end)
+
+
 class StepModule(nn.Module):
     """Student and method (its adapters) as one module whose forward returns the loss terms:
     DDP synchronises the gradients of exactly the module it wraps and whose forward it runs,
     so both must be inside. Holds references only; the models are not changed.
 
-    With `compile`, the student's forward and the method's `loss_terms` run through
-    `torch.compile` (the teacher and its cache read stay eager: a cache read is a NumPy
-    gather); the compiled callables are kept outside the module tree, so DDP and state dicts
+    With `compile`, the student's forward and the method's `loss_terms` (unless the method's
+    hyper-parameters follow a schedule: `scheduled`) run through `torch.compile` (the teacher
+    and its cache read stay eager: a cache read is a NumPy gather); the compiled callables are kept outside the module tree, so DDP and state dicts
     see the same parameters either way."""
 
     def __init__(self, student: nn.Module, method: Method, teacher: Teacher | None,
@@ -91,7 +99,8 @@ class StepModule(nn.Module):
             method.loss_terms)
         if compile:
             self.run_student = _compiled(student)
-            self.loss_terms = _compiled(method.loss_terms)
+            if not scheduled(method):
+                self.loss_terms = _compiled(method.loss_terms)
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         # Autocast covers the networks only; the loss math stays in fp32.

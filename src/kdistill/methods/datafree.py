@@ -222,7 +222,9 @@ class Synthesizer(nn.Module):
         else:
             with torch.no_grad():
                 x = self.generator.sample(n)
-                logits = self.teacher(x)
+                # The teacher may sit on another device (teacher.device): there and back.
+                device = next((p.device for p in self.teacher.parameters()), x.device)
+                logits = self.teacher(x.to(device)).to(x.device)
         self._fresh = None
         x, labels = x.detach(), logits.detach().argmax(dim=1)
         slots = torch.full((n,), -1, dtype=torch.long, device=x.device)

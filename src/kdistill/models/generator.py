@@ -106,7 +106,8 @@ def save_sample_grid(generator: Generator, teacher: nn.Module, path: str | Path,
         rng = torch.Generator(device="cpu").manual_seed(seed)
         z = torch.randn(draws, generator.latent_dim, generator=rng).to(device)
         x = generator(z)
-        logits = teacher(x)
+        # The teacher may sit on another device than the generator (teacher.device).
+        logits = teacher(x.to(next((p.device for p in teacher.parameters()), device)))
     finally:
         generator.train(was_training)
         teacher.train(teacher_training)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdistill import devices, distributed
-from kdistill.build import build_data, build_network
+from kdistill.build import build_data, build_network, check_devices
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.errors import ConfigError
@@ -136,8 +136,7 @@ def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
 def check_launch(cfg: RunConfig) -> None:
     """What the recipe cannot know: the devices this machine has, and stages that run in one
     process (which refuse torchrun)."""
-    device = devices.resolve(cfg.train.device, where="train.device")
-    devices.check_precision(cfg.train.precision, device, where="train.precision")
+    check_devices(cfg)
     if not distributed.info().enabled:
         return
     if cfg.compress:  # the chain runs after evaluation, which rank 0 does alone

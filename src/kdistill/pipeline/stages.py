@@ -56,7 +56,7 @@ def file_hash(path: str | None) -> str | None:
 # Settings that change how a run is logged or where it runs, not the weights it produces (a
 # device or compilation changes float rounding only: a finished stage is not redone for it).
 _NOT_WEIGHTS = {"seeds", "log_every", "eval_every_epochs", "checkpoint_every_steps", "device",
-                "compile"}
+                "compile", "strategy"}
 
 
 def training(cfg: TrainSettings) -> dict[str, Any]:
@@ -132,6 +132,9 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits,
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     else:
         echo(f"{role}: training {tcfg_all.model.arch} for {tcfg.epochs} epoch(s)")
+        # Trains on teacher.train.device, else where the teacher will sit, else train.device.
+        tcfg = tcfg.model_copy(update={"device": tcfg.device or tcfg_all.device
+                                       or cfg.train.device})
         train_model(model, None, build_method(CEConfig()), splits, tcfg, tcfg.seed, stage_dir,
                     echo, f"{where}.train", tensorboard=cfg.logging.tensorboard)
         distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
@@ -188,6 +191,7 @@ def finetune_stage(role: str, encoder: nn.Module, cfg: RunConfig, task: DataSpli
         echo(f"finetune-{role} (seed {seed}): done earlier, loaded")
         return model
     echo(f"finetune-{role} (seed {seed}): {ft.epochs} epoch(s) with a new head on '{task.name}'")
+    ft = ft.model_copy(update={"device": ft.device or cfg.train.device})
     train_model(model, None, build_method(CEConfig()), task, ft, seed, stage_dir, echo,
                 "transfer.finetune", tensorboard=cfg.logging.tensorboard)
     distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
