@@ -86,8 +86,9 @@ class StepModule(nn.Module):
 
     With `compile`, the student's forward and the method's `loss_terms` (unless the method's
     hyper-parameters follow a schedule: `scheduled`) run through `torch.compile` (the teacher
-    and its cache read stay eager: a cache read is a NumPy gather); the compiled callables are kept outside the module tree, so DDP and state dicts
-    see the same parameters either way."""
+    and its cache read stay eager: a cache read is a NumPy gather); the compiled callables
+    are kept outside the module tree, so DDP and state dicts see the same parameters either
+    way."""
 
     def __init__(self, student: nn.Module, method: Method, teacher: Teacher | None,
                  student_feats: dict[str, Tensor], amp: Amp, *, compile: bool = False) -> None:
