@@ -85,14 +85,22 @@ def ddp_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+# Batch keys that stay on the host: sample ids address host-side stores (the teacher cache's
+# memory map); reading them back from a GPU would stall it every micro-batch. A method that
+# needs them on the device (CRD's memory banks) moves them itself.
+HOST_KEYS = frozenset({"index"})
+
+
 def to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on `device`: from the CPU to a GPU through pinned memory without
-    waiting (the copy overlaps the previous step's work); other values as they are."""
+    """The batch's tensors on `device` (but `HOST_KEYS`): from the CPU to a GPU through pinned
+    memory without waiting (the copy overlaps the previous step's work); other values as they
+    are."""
     if device.type == "cpu":
         return dict(batch)
     gpu = device.type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if gpu and v.device.type == "cpu"
-                else v.to(device)) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return {k: v if k in HOST_KEYS or not isinstance(v, Tensor) else
+            v.pin_memory().to(device, non_blocking=True) if gpu and v.device.type == "cpu"
+            else v.to(device) for k, v in batch.items()}
 
 
 @contextlib.contextmanager

@@ -140,7 +140,7 @@ def as_batch(item: Any, seen: int = 0, *, needs_ids: bool = False) -> Batch:
                             "CachedTeacher reads its outputs by; yield dicts with 'input', "
                             "'label' and 'index', or use kdistill.BatchLoader")
         n = len(batch["label"])
-        batch["index"] = torch.arange(seen, seen + n, device=batch["label"].device)
+        batch["index"] = torch.arange(seen, seen + n)  # on the host, like the cache it keys
     return batch
 
 

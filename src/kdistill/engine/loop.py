@@ -166,11 +166,10 @@ def _optimizer_step(run: Run, step_module: StepModule, ddp: DistributedDataParal
                     group: list[Batch], progress: Progress) -> dict[str, float]:
     """One optimiser step over the micro-batches `group`; returns the step's loss terms."""
     lr_factor = _lr_factor(run, progress)
-    local = _prepare_batches(run, group, progress, lr_factor)
+    local, items = _prepare_batches(run, group, progress, lr_factor)
     # Micro-batch weights: the method's item counts (samples; valid tokens for token-level
     # losses) over the whole step on all ranks, so the summed micro-batch means are the global
     # batch's mean. DDP (and FSDP) average gradients over ranks, hence the factor `world`.
-    items = [run.method.batch_items(b) for b in local]
     n_items = float(sum(items))
     if run.dist.enabled:
         n_items = float(distributed.all_reduce_sum(
@@ -235,14 +234,18 @@ def _lr_factor(run: Run, progress: Progress) -> float:
 
 
 def _prepare_batches(run: Run, group: list[Batch], progress: Progress,
-                     lr_factor: float) -> list[Batch]:
-    """This rank's rows of each micro-batch on the device, as the method trains on them: the
-    auxiliary network (if any) steps first, then `prepare_batch` may replace the batch
-    (on-policy)."""
+                     lr_factor: float) -> tuple[list[Batch], list[int]]:
+    """This rank's rows of each micro-batch on the device, as the method trains on them (the
+    auxiliary network, if any, steps first, then `prepare_batch` may replace the batch:
+    on-policy), and the method's item count of each."""
     kept = [b for b in group if len(b["label"]) >= run.dist.world]
     # A global batch too small to give every rank a row (the last of an epoch, at most) is
     # left out of the step on every rank alike.
-    local = [devices.to(distributed.shard(b, run.dist), run.device) for b in kept]
+    host = [distributed.shard(b, run.dist) for b in kept]
+    # Counted on the host where the batch stays what it is (a count on a GPU is a sync);
+    # an on-policy method's batch is only known after `prepare_batch`.
+    counts = None if run.method.on_policy else [run.method.batch_items(b) for b in host]
+    local = [devices.to(b, run.device) for b in host]
     out = []
     for whole, batch in zip(kept, local, strict=True):
         if run.aux is not None:
@@ -251,7 +254,7 @@ def _prepare_batches(run: Run, group: list[Batch], progress: Progress,
                                      clip=run.cfg.clip_grad_norm, lr_factor=lr_factor)
             run.state.aux_terms = logged if logged is not None else run.state.aux_terms
         out.append(run.method.prepare_batch(batch, run.model, progress))
-    return out
+    return out, counts if counts is not None else [run.method.batch_items(b) for b in out]
 
 
 # -- logging and epoch ends ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ complete. Files are written by rank 0 alone (`distributed.on_main`).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import shutil
@@ -26,7 +27,7 @@ from kdistill.config import RunConfig, TeacherConfig, TrainSettings
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.errors import ConfigError
-from kdistill.io import atomic_write_text, read_json, save_model_atomic
+from kdistill.io import atomic_write_text, file_digest, read_json, save_model_atomic
 from kdistill.logger import MetricsLogger
 from kdistill.methods import build_method
 from kdistill.methods.base import Method
@@ -47,10 +48,17 @@ def fingerprint_of(*parts: Any) -> str:
 
 
 def file_hash(path: str | None) -> str | None:
-    """Content hash of a weights file named by the recipe (a changed file redoes the stage)."""
+    """Content hash of a weights file named by the recipe (a changed file redoes the stage);
+    read in chunks, and once per file version however many stages and seeds ask."""
     if path is None or not Path(path).is_file():
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    return file_digest(Path(path))  # keyed by the file's version: a rewritten file is new
 
 
 # Settings that change how a run is logged or where it runs, not the weights it produces (a

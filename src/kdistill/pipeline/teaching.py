@@ -69,10 +69,13 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
     key = CacheKey(teacher=weights_print, data=splits.fingerprint,
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
 
+    opened: list[TeacherCache] = []  # rank 0's verified (or just built) cache
+
     def ensure_cache() -> None:  # rank 0 writes the cache; the others then open it
         cache, why = TeacherCache.open_valid(cache_dir, key)  # checksums verified once
         if cache is not None:
             echo("cache: valid teacher cache found")
+            opened.append(cache)
             return
         if why != "no cache":  # "stale: <what changed>" or "damaged: <what is wrong>"
             kind, _, detail = why.partition(": ")
@@ -82,11 +85,12 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
         what += f" and {', '.join(layers)}" if layers else ""
         echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
              f"({what})")
-        build_cache(cache_dir, model, splits.train_x, key, batch_size=cfg.cache.batch_size,
-                    what=role)
+        opened.append(build_cache(cache_dir, model, splits.train_x, key,
+                                  batch_size=cfg.cache.batch_size, what=role))
 
     distributed.on_main(ensure_cache)
-    return CachedTeacher(TeacherCache(cache_dir))
+    # The other ranks open what rank 0 has just verified or written: hashed once per run.
+    return CachedTeacher(opened[0] if opened else TeacherCache(cache_dir, verify=False))
 
 
 @dataclass
