@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from kdistill import devices
 from kdistill.config import load_config
 from kdistill.errors import ConfigError
 from kdistill.methods import build_method
@@ -168,10 +169,11 @@ def test_over_capacity_warns_and_names_the_batch_size(tiny_plan: tuple) -> None:
 
 def test_bad_input_is_one_config_error(tiny_recipe: Path) -> None:
     cfg = load_config(tiny_recipe)
-    with pytest.raises(ConfigError, match=r"^train.precision: must be one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"^train.precision: expected one of fp32, bf16, fp16"):
         plan(cfg, precision="fp8")
-    with pytest.raises(ConfigError, match=r"^train.device: not a torch device"):
+    with pytest.raises(ConfigError, match=r"^train.device: expected auto, cpu, cuda"):
         plan(cfg, device="warp-drive")
+    assert plan(cfg, device="auto").device == str(devices.resolve("auto"))  # the run's own
     with pytest.raises(ConfigError) as err:
         plan_command(str(tiny_recipe.with_name("missing.yaml")), [])
     assert "\n" not in str(err.value)
@@ -195,9 +197,16 @@ def test_validation_batch_is_read_from_the_task_without_running_the_model() -> N
     model = _stack()
     model.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
     splits = _splits(n=16)
-    # Classification validates through `predict` at its own batch (1000 rows, here the
-    # whole 4-row validation split), whatever the engine passes.
-    assert validation_batch(TASKS["classification"], model, splits, batch_size=2) == 4
+    # Classification validates at the engine's validation batch.
+    assert validation_batch(TASKS["classification"], model, splits, batch_size=2) == 2
+
+    class Whole(Task):  # a task that validates at a batch of its own: the whole split
+        def validation_scores(self, model: nn.Module, splits: DataSplits, *,
+                              batch_size: int) -> dict[str, float]:
+            model(splits.val_x)
+            return {}
+
+    assert validation_batch(Whole(), model, splits, batch_size=2) == 4
 
     class ByBatch(Task):  # a task that validates at the engine's batch
         def validation_scores(self, model: nn.Module, splits: DataSplits, *,
@@ -207,7 +216,7 @@ def test_validation_batch_is_read_from_the_task_without_running_the_model() -> N
             return {}
 
     assert validation_batch(ByBatch(), model, splits, batch_size=3) == 3
-    assert calls == []  # stopped before the model ran, both times
+    assert calls == []  # stopped before the model ran, every time
 
 
 def test_bf16_activations_are_half_and_the_cast_weights_do_not_grow() -> None:

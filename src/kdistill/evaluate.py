@@ -34,6 +34,8 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timed_forward(model: nn.Module, x: Tensor, device: torch.device) -> float:

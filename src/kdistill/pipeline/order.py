@@ -126,7 +126,7 @@ def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
     task = task_of(splits)
     echo(f"data: {task.describe(splits)}")
     for note in splits.notes:  # duplicates across splits, skipped files, converted images
-        echo(f"data: {note}")
+        echo(note)  # each note names its own kind (`data: ...`)
     distributed.on_main(lambda: task.save_artifacts(
         splits, lambda name, text: atomic_write_text(rd.path(name), text)))
     task.check_recipe(cfg)
@@ -204,6 +204,8 @@ def distill(r: Run, teachers: Teachers) -> tuple[dict[str, list[nn.Module]], int
             if role != roles[-1]:
                 source_models = [freeze_teacher(copy.deepcopy(model))]
                 prints = [fingerprint_model(source_models[0])]
+                # The next generation's teacher sits where the run's teachers do.
+                source_models[0].to(devices.model_device(teachers.models[0]))
                 source = teacher_outputs(cfg, r.method, teachers.kd_splits, source_models[0],
                                          r.rd.path(f"seed-{seed}", role, "cache"), r.echo,
                                          prints[0], role=f"{role} (seed {seed})")
@@ -253,13 +255,12 @@ def compress(r: Run, teachers: Teachers, students: dict[str, list[nn.Module]],
     r.echo(f"compress: {len(cfg.compress)} stage(s) on the seed-{seed} student")
     first = {**evaluated.rows["student"][0], "stage": "distilled student", "what": "",
              "runtime": "torch"}
-    # Pruning, int8 kernels and ONNX export are CPU work: the chain starts from CPU copies.
+    # Pruning, int8 kernels and ONNX export are CPU work: the chain starts from CPU copies
+    # (its fine-tuning settings are made CPU ones by compress.finetune.finetune_config).
     cpu = torch.device("cpu")
-    chain_cfg = cfg.train.model_copy(update={"device": "cpu", "precision": "fp32",
-                                             "compile": False, "strategy": "ddp"})
     return [first, *run_chain(cfg.compress, student=copy.deepcopy(students["student"][0]).to(cpu),
                               teacher=copy.deepcopy(teachers.models[0]).to(cpu), splits=r.splits,
-                              run_dir=r.run_dir, train_cfg=chain_cfg, echo=r.echo,
+                              run_dir=r.run_dir, train_cfg=cfg.train, echo=r.echo,
                               eval_cfg=cfg.eval, seed=seed)]
 
 

@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kdistill import devices
 from kdistill.build import build_data, build_network
 from kdistill.cache import build_cache, cache_bytes, feature_shapes
 from kdistill.config import ModelSpec, RunConfig, TrainSettings
-from kdistill.errors import ConfigError
 from kdistill.methods import Method, build_method
 from kdistill.methods.ce import CEConfig
 from kdistill.planning.memory import MemoryPlan, capacity
 from kdistill.planning.probe import Growth, heap_bytes, measure_growth, rss
 from kdistill.planning.steps import (
-    AUTOCAST,
     Forward,
     StepProbe,
     model_bytes,
@@ -96,23 +95,6 @@ class Probed:
     student_step: StepProbe | None
     method: Method
     notes: list[str] = field(default_factory=list)
-
-
-def check_precision(precision: str) -> str:
-    if precision not in AUTOCAST:
-        raise ConfigError("train.precision", f"must be one of {', '.join(AUTOCAST)}; got "
-                                             f"{precision!r}")
-    return precision
-
-
-def check_device(device: torch.device | str | None) -> torch.device:
-    try:
-        dev = torch.device(device if device is not None else "cpu")
-    except (RuntimeError, TypeError):
-        raise ConfigError("train.device", f"not a torch device: {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", f"{dev} is not available on this machine")
-    return dev
 
 
 def _first_optimiser_step() -> int:
@@ -274,8 +256,9 @@ def probe(cfg: RunConfig, device: torch.device, precision: str) -> Probed:
 
 def plan(cfg: RunConfig, *, device: torch.device | str | None = None,
          precision: str | None = None) -> MemoryPlan:
-    """The estimated peak memory of each stage of `cfg`'s run on `device` (default: the CPU)
-    at `precision` (default: the recipe's train.precision), and the device's capacity.
+    """The estimated peak memory of each stage of `cfg`'s run on `device` (default: the
+    recipe's train.device, resolved as the run would) at `precision` (default: the recipe's
+    train.precision), and the device's capacity.
 
     Builds the data and the models as the run would and runs one training micro-step and one
     evaluation forward per model at two small batches; it trains nothing and writes nothing.
@@ -283,8 +266,10 @@ def plan(cfg: RunConfig, *, device: torch.device | str | None = None,
     the run's runtime part."""
     from kdistill.planning.stages import compose
 
-    dev = check_device(device)
-    prec = check_precision(precision if precision is not None else cfg.train.precision)
+    dev = devices.resolve(cfg.train.device) if device is None else (
+        devices.resolve(device) if isinstance(device, str) else device)
+    prec = precision if precision is not None else cfg.train.precision
+    devices.check_precision(prec, dev, where="train.precision")
     probed = probe(cfg, dev, prec)
     cap, note = capacity(str(dev))
     return MemoryPlan(str(dev), prec, compose(probed), cap, note, probed.notes)

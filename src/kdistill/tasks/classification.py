@@ -23,7 +23,8 @@ class Classification(Task):
 
     def validation_scores(self, model: nn.Module, splits: DataSplits, *,
                           batch_size: int) -> dict[str, float]:
-        scores = classification_scores(predict(model, splits.val_x), splits.val_y)
+        scores = classification_scores(predict(model, splits.val_x, batch_size=batch_size),
+                                       splits.val_y)
         return {"accuracy": scores["accuracy"], "nll": scores["nll"]}
 
     def at_chance(self, row: dict[str, Any], splits: DataSplits) -> str | None:
