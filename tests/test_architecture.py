@@ -42,6 +42,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                "tasks"),
     "cache": (*FOUNDATION, "devices", "io", "capture"),
     "teachers": (*FOUNDATION, "devices", "cache", "capture"),
+    # The cache as Parquet shards for other tools: it reads a cache and writes files.
+    "cache_export": (*FOUNDATION, "cache", "io"),
     "checkpoint": (*FOUNDATION, "io", "weights"),
     "evaluate": (*FOUNDATION, "devices", "models"),
     "tasks": (*FOUNDATION, "devices", "config", "data", "evaluate", "losses", "models"),
