@@ -40,7 +40,9 @@ from kdistill.data.loader import BatchLoader, _generator
 from kdistill.types import Batch
 
 _M32 = 0xFFFFFFFF
-_BETA_TRIES = 64  # Jöhnk's sampler accepts ≥ 1/6 of draws for α ≤ 2: 64 tries nearly always do
+# Jöhnk's sampler accepts ≥ 1/2 of its draws for α ≤ 1 (≥ 1/6 up to α = 2): 16 (64) tries
+# leave a row without an accepted draw with probability < 2e-5
+_BETA_TRIES = {True: 16, False: 64}
 
 
 class TransferSetConfig(BaseModel):
@@ -120,6 +122,8 @@ def beta_symmetric(alpha: float, u1: Tensor, u2: Tensor) -> Tensor:
     """Beta(α, α) draws by Jöhnk's method from uniforms (..., T): the first of T candidates
     u1^(1/α) / (u1^(1/α) + u2^(1/α)) with u1^(1/α) + u2^(1/α) ≤ 1 (exact when one is
     accepted; 1/2 in the rare row where none is)."""
+    if alpha == 1:  # Beta(1, 1) is uniform: the first candidate as it is
+        return u1[..., 0]
     x, y = u1 ** (1 / alpha), u2 ** (1 / alpha)
     ok = (x + y <= 1) & (x + y > 0)
     first = torch.where(ok.any(-1), ok.double().argmax(-1), 0)
@@ -137,10 +141,11 @@ def shift(x: Tensor, dy: Tensor, dx: Tensor, pad: int) -> Tensor:
     fill = x.amin(dim=(2, 3))[:, :, None, None]
     padded = fill.expand(b, c, h + 2 * pad, w + 2 * pad).clone()
     padded[:, :, pad:pad + h, pad:pad + w] = x
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                  rows, cols]
+    # One gather over flattened pixels: (y + dy)·(W + 2·pad) + x + dx for every output pixel.
+    rows = dy[:, None, None] + torch.arange(h)[None, :, None]
+    cols = dx[:, None, None] + torch.arange(w)[None, None, :]
+    flat = (rows * (w + 2 * pad) + cols).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
 
 
 def cutmix_box(lam: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
@@ -197,7 +202,7 @@ class TransferViews:
         n = len(self.x)
         j = (uniform(seed, i, k, _PARTNER) * n).long().clamp_max(n - 1)
         partner = self._augment(self.x[j], j, k, _PARTNER_AUG)
-        tries = torch.arange(_BETA_TRIES)
+        tries = torch.arange(_BETA_TRIES[cfg.mix_alpha <= 1])
         lam = beta_symmetric(cfg.mix_alpha,
                              uniform(seed, i[:, None], k[:, None], _BETA + 2 * tries),
                              uniform(seed, i[:, None], k[:, None], _BETA + 2 * tries + 1))
