@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.cache import FORMAT_VERSION, CacheKey, TeacherCache, build_cache, fingerprint_model
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.errors import ConfigError, TrainingError
 
@@ -150,7 +150,8 @@ def test_an_old_format_cache_is_stale_not_misread(tmp_path: Path) -> None:
         del spec["sha256"]
     (directory / "manifest.json").write_text(json.dumps(manifest))
     cache, why = TeacherCache.open_valid(directory, key)
-    assert cache is None and "stale: written by another kdistill (format 3, now 4)" in why
+    assert cache is None
+    assert f"stale: written by another kdistill (format 3, now {FORMAT_VERSION})" in why
     assert TeacherCache.open_valid(tmp_path / "none", key) == (None, "no cache")
 
 

@@ -14,6 +14,7 @@ from kdistill.config import ModelSpec, OptimizerConfig, RunConfig, TrainSettings
 from kdistill.data import DataSplits, LoadContext, Source
 from kdistill.data.general_text import held_out_texts
 from kdistill.data.loader import BatchLoader, compose, jitter
+from kdistill.data.transfer import TransferLoader, TransferSetConfig, TransferViews
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
 from kdistill.methods import Method, build_method
@@ -72,8 +73,13 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
 
 
 def build_train_loader(
-    splits: DataSplits, cfg: TrainSettings, *, seed: int, where: str
+    splits: DataSplits, cfg: TrainSettings, *, seed: int, where: str,
+    transfer_set: TransferSetConfig | None = None,
 ) -> BatchLoader:
+    """The training batches: the training split (augmented by `cfg.augment` and the source's
+    own augmentation), or, for the students of a run with `transfer_set`, its views."""
+    if transfer_set is not None:
+        return _transfer_loader(splits, cfg, seed, transfer_set)
     augment = None
     if cfg.augment == "jitter":
         if len(splits.input_shape) != 3:
@@ -83,6 +89,23 @@ def build_train_loader(
     # The source's own augmentation (e.g. an image folder's random crops) after the recipe's.
     return BatchLoader(splits.train_x, splits.train_y, batch_size=cfg.batch_size, shuffle=True,
                        seed=seed, augment=compose(augment, splits.augment))
+
+
+def _transfer_loader(splits: DataSplits, cfg: TrainSettings, seed: int,
+                     ts: TransferSetConfig) -> TransferLoader:
+    if splits.augment is not None:
+        raise ConfigError("transfer_set", f"'{splits.name}' augments its training images itself "
+                          "(random_crop / random_flip); with a transfer set set those to 0 / "
+                          "false and use transfer_set.jitter / flip")
+    if not splits.train_x[:1].is_floating_point():
+        raise ConfigError("transfer_set", f"views are made of images or signals; '{splits.name}'"
+                          " inputs are token ids")
+    if ts.needs_images and len(splits.input_shape) != 3:
+        raise ConfigError("transfer_set", f"jitter, flip and cutmix need images (C, H, W); "
+                          f"'{splits.name}' inputs have shape {splits.input_shape} (mixup "
+                          "works on any input)")
+    views = TransferViews(splits.train_x, splits.train_y, ts)
+    return TransferLoader(views, batch_size=cfg.batch_size, seed=seed)
 
 
 def _contains(value: object, name: str) -> bool:
@@ -159,4 +182,5 @@ def validate(cfg: RunConfig, *, build_custom: bool = False) -> DataSplits:
 def _check_loaders(cfg: RunConfig, splits: DataSplits) -> None:
     for where, train_cfg in (("train", cfg.train), ("teacher.train", cfg.teacher.train)):
         if train_cfg is not None:
-            build_train_loader(splits, train_cfg, seed=0, where=where)
+            build_train_loader(splits, train_cfg, seed=0, where=where,
+                               transfer_set=cfg.transfer_set if where == "train" else None)

@@ -3,12 +3,17 @@
 Layout of a cache directory:
 
     manifest.json       {"version", "format", "key": {"teacher", "data", "dtype", "layers",
-                         "topk"}, "num_samples", "fields"}; a top-k cache adds "topk", "vocab"
+                         "topk"}, "num_samples", "views", "fields"}; a top-k cache adds "topk",
+                        "vocab"
     logits.npy          (N, *P, V) dense teacher logits            (format "dense")
     topk_logprobs.npy   (N, *P, k) the teacher's k largest log-probabilities at T = 1,
                         sorted descending                          (format "topk")
     topk_indices.npy    (N, *P, k) their vocabulary indices        (format "topk")
     feature-K.npy       (N, ...) the output of the K-th cached teacher layer, field = layer name
+
+Rows: one per training sample, or, over a transfer set of K augmented views per sample
+(`kdistill.data.transfer`), one per view: row i·K + k holds view k of sample i ("views": K,
+num_samples = N·K); `CachedTeacher` reads row `index · K + view`.
 
 P is the per-sample position shape: () for classification (N, C), (T,) for causal LMs. Files
 are numpy .npy, opened with mmap, so rows load on demand. `fields` maps a name to {"file",
@@ -56,8 +61,9 @@ from kdistill.errors import ConfigError, KDistillError, TrainingError
 from kdistill.io import file_digest, fsync_file, read_json, refuse_symlink
 
 # 2: cached teacher layers are part of the key; 3: top-k format, bfloat16; 4: a sha256 per
-# field file (older caches have none: they are rebuilt, not read unchecked)
-FORMAT_VERSION = 4
+# field file (older caches have none: they are rebuilt, not read unchecked); 5: "views", rows
+# per sample (K augmented views of a transfer set)
+FORMAT_VERSION = 5
 REBUILD = "delete it and run again to rebuild it"
 
 # Value dtype name -> numpy dtype on disk. bfloat16 bits are kept as uint16 (numpy has no bf16).
@@ -212,6 +218,11 @@ class TeacherCache:
     def num_samples(self) -> int:
         return int(self.manifest["num_samples"])
 
+    @property
+    def views(self) -> int:
+        """Rows per training sample: K views of a transfer set, else 1."""
+        return int(self.manifest.get("views", 1))
+
     def fields(self) -> list[str]:
         return list(self._arrays)
 
@@ -237,6 +248,9 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
     n = manifest.get("num_samples")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError("'num_samples' should be a count")
+    views = manifest.get("views", 1)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 1 or n % views:
+        raise ValueError("'views' should be a count of rows per sample dividing num_samples")
     if manifest.get("format", "dense") not in ("dense", "topk"):
         raise ValueError("'format' should be dense or topk")
     if manifest.get("format") == "topk" and not isinstance(manifest.get("topk"), int):
@@ -343,6 +357,7 @@ def build_cache(
     batch_size: int = 1000,
     max_batch_mb: float = 256.0,
     what: str = "teacher",
+    views: int = 1,
 ) -> TeacherCache:
     """Run `teacher` once over `inputs` (N, ...) in order (eval mode) and store, at row = index,
     its logits (N, *P, V) or, when `key.topk` = k, the top-k of its log-softmax at T = 1
@@ -355,6 +370,8 @@ def build_cache(
 
     A NaN or +inf output is a TrainingError naming `what` (the teacher's role in messages) and
     the first bad sample; nothing is cached. Each file's sha256 goes into the manifest.
+    `views`: the rows per training sample `inputs` holds (a transfer set's `ViewRows`, row
+    i·K + k), recorded for the reader.
     """
     _check_value_dtype(key.dtype)
     directory = Path(directory)
@@ -414,6 +431,7 @@ def build_cache(
             "format": "dense" if k is None else "topk",
             "key": key.as_dict(),
             "num_samples": n,
+            "views": views,
             **({} if k is None else {"topk": k, "vocab": vocab}),
             "fields": {name: {"file": file, "dtype": dt, "shape": [n, *shape],
                               "sha256": file_digest(tmp / file)}

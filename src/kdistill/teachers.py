@@ -101,13 +101,27 @@ class CachedTeacher:
             raise ConfigError(
                 "cache", f"teacher features {missing} are not in the cache; disable the cache"
             )
-        index = batch["index"]
+        index = _rows(batch, self.cache.views)
         feats = {name: self.cache.read(name, index) for name in layers}
         if self.cache.topk is not None:
             topk = TopK(self.cache.read("topk_logprobs", index),
                         self.cache.read("topk_indices", index))
             return topk, feats
         return self.cache.read("logits", index), feats
+
+
+def _rows(batch: Batch, views: int) -> Tensor:
+    """The cache rows of a batch: its sample ids, or over a transfer set of K views per sample
+    (`kdistill.data.transfer`) row index·K + view."""
+    if views == 1 and "view" not in batch:
+        return batch["index"]
+    if "view" not in batch:
+        raise ConfigError("transfer_set", f"the teacher cache holds {views} views per sample "
+                          "but the batches name none; train on the transfer set's loader")
+    if bool((batch["view"] >= views).any()):
+        raise ConfigError("transfer_set", f"a batch's views are not among the cache's "
+                          f"{views} per sample; the cache was built for another transfer set")
+    return batch["index"] * views + batch["view"]
 
 
 class EnsembleTeacher:

@@ -28,6 +28,7 @@ from kdistill.config.schema import (
     TrainSettings,
     TransferConfig,
 )
+from kdistill.data.transfer import TransferSetConfig
 
 __all__ = [
     "DEFAULT_TEACHER",
@@ -46,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainSettings",
     "TransferConfig",
+    "TransferSetConfig",
     "apply_overrides",
     "data_source",
     "dump_config",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kdistill.config.compress import CompressStage, check_order
 from kdistill.data import SOURCES, BuiltinImages
+from kdistill.data.transfer import TransferSetConfig
 from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
@@ -272,6 +273,11 @@ class RunConfig(_Strict):
     transfer: TransferConfig | None = Field(
         None, description="general distillation (data.name: general_text): the labelled task "
         "that evaluates the encoder without and with fine-tuning (`kdistill.tasks.embedding`)")
+    transfer_set: TransferSetConfig | None = Field(
+        None, description="the students' training inputs as augmented views (jitter, flip, "
+        "mixup, CutMix) that the teacher labels consistently: cached over K views per "
+        "sample, or online; the student alone trains on the same views (kdistill.data."
+        "transfer)")
     logging: LoggingConfig = LoggingConfig()
     compress: list[CompressStage] = Field(
         [], description="stages after distillation, run on the first seed's distilled student "
@@ -331,7 +337,25 @@ class RunConfig(_Strict):
                              f"data; '{self.data.name}' is {task} data (methods for it: "
                              f"{fitting})")
         TASKS[task].check_config(self)  # what this kind of data allows (compress, baseline)
+        self._check_transfer_set()
         return self
+
+    def _check_transfer_set(self) -> None:
+        ts = self.transfer_set
+        if ts is None:
+            return
+        if self.data.task != "classification":
+            raise ValueError(f"transfer_set: augmented views are made of images or signals "
+                             f"(classification data); '{self.data.name}' is {self.data.task} "
+                             "data")
+        if self.train.augment != "none":
+            raise ValueError("train.augment: the transfer set makes the students' views "
+                             "(transfer_set.jitter); set train.augment: none")
+        if ts.mixes and not METHODS[self.method.name].mixed_inputs:
+            fitting = ", ".join(n for n, m in METHODS.items() if m.mixed_inputs and n != "ce")
+            raise ValueError(f"transfer_set.mix: method '{self.method.name}' reads plain "
+                             f"labels; mixed views need a method that scores them ({fitting})"
+                             " or mix: none")
 
     @property
     def run_dir(self) -> Path:

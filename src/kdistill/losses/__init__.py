@@ -16,7 +16,12 @@ from kdistill.losses.datafree import (
 )
 from kdistill.losses.embedding import cosine_distance, embedding_mse
 from kdistill.losses.logit_variants import dist_loss, dkd
-from kdistill.losses.logits import hard_cross_entropy, kd_kl, soft_cross_entropy
+from kdistill.losses.logits import (
+    hard_cross_entropy,
+    kd_kl,
+    mixed_cross_entropy,
+    soft_cross_entropy,
+)
 from kdistill.losses.tokens import (
     TokenKDKind,
     TokenLoss,
@@ -58,6 +63,7 @@ __all__ = [
     "hard_cross_entropy",
     "kd_kl",
     "l1_discrepancy",
+    "mixed_cross_entropy",
     "one_hot_loss",
     "reduce_loss",
     "reverse_kl",

@@ -245,3 +245,36 @@ def hard_cross_entropy(
         safe_labels.reshape(-1), label_smoothing=label_smoothing, reduction="none",
     ).reshape(labels.shape)
     return reduce_loss(per_item, mask=valid, reduction=reduction, normalizer=normalizer)
+
+
+def mixed_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    labels_b: Tensor,
+    weight: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy of mixed inputs: λ·CE(labels) + (1 − λ)·CE(labels_b), mean over samples.
+
+    mixup (Zhang et al. 2018, arXiv:1710.09412) and CutMix (Yun et al. 2019,
+    arXiv:1905.04899) train on the mix of two inputs with the same mix of their labels; for
+    one-hot targets this equals CE against the mixed target distribution.
+
+    Args:
+        logits: (N, C).
+        labels: (N,) integer class of each sample's own input.
+        labels_b: (N,) integer class of the input it was mixed with.
+        weight: (N,) λ in [0, 1], the share of the sample's own input (1: not mixed).
+        label_smoothing: ε, applied to both terms.
+
+    Convention: no temperature; "mean" per sample; float32.
+    """
+    if weight.shape != labels.shape or labels_b.shape != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)}, labels_b {tuple(labels_b.shape)} and "
+                         f"weight {tuple(weight.shape)} must have one shape")
+    own = hard_cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    other = hard_cross_entropy(logits, labels_b, label_smoothing=label_smoothing,
+                               reduction="none")
+    w = weight.to(own.dtype)
+    return (w * own + (1 - w) * other).mean()

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from kdistill.losses import hard_cross_entropy, mixed_cross_entropy
 from kdistill.schedules import Progress
 from kdistill.types import Batch, DataSplits
 
@@ -36,6 +37,16 @@ class Outputs:
     # From a top-k teacher cache, instead of `teacher_logits` (then None): the teacher's k
     # largest log-probabilities at T = 1 (B, T, k) float32 and their indices (B, T, k) int64.
     teacher_topk: tuple[Tensor, Tensor] | None = None
+
+
+def label_loss(logits: Tensor, batch: Batch, *, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of (N, C) logits with the batch's labels; a batch of mixed views (keys
+    "label_b" and "mix", from a transfer set with mixup or CutMix) is scored against the same
+    mix of its two labels (`mixed_cross_entropy`)."""
+    if "mix" in batch:
+        return mixed_cross_entropy(logits, batch["label"], batch["label_b"], batch["mix"],
+                                   label_smoothing=label_smoothing)
+    return hard_cross_entropy(logits, batch["label"], label_smoothing=label_smoothing)
 
 
 class MethodConfig(BaseModel):
@@ -156,6 +167,9 @@ class Method(nn.Module):
     multi_teacher: ClassVar[bool] = False  # teacher_logits stacked (K, B, C), one per teacher
     reads_topk: ClassVar[bool] = False  # loss_terms accepts Outputs.teacher_topk
     on_policy: ClassVar[bool] = False  # prepare_batch makes new inputs: the teacher runs online
+    # loss_terms scores mixed inputs (a transfer set's mixup / CutMix views: batch "label_b",
+    # "mix") through `label_loss`; other methods are refused such a transfer set
+    mixed_inputs: ClassVar[bool] = False
 
     # The other training processes; the engine replaces it under torchrun.
     collectives: Collectives = SINGLE_PROCESS

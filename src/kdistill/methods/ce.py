@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.losses import hard_cross_entropy, shift_labels
-from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs, label_loss
 from kdistill.schedules import Progress
 
 
@@ -30,6 +30,7 @@ class CE(Method):
     uses_teacher = False
     tasks = ("classification", "causal_lm", "seq2seq")
     paper = "supervised baseline (no teacher)"
+    mixed_inputs = True
     example = Example()
     cfg: CEConfig
 
@@ -40,7 +41,8 @@ class CE(Method):
     def loss_terms(self, out: Outputs, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         labels = batch["label"]
         if labels.dim() == 2:  # causal LM / seq2seq decoder: next-token targets
-            labels = shift_labels(labels)
-        ce = hard_cross_entropy(out.student_logits, labels,
-                                label_smoothing=self.cfg.label_smoothing)
-        return {"ce": ce}
+            ce = hard_cross_entropy(out.student_logits, shift_labels(labels),
+                                    label_smoothing=self.cfg.label_smoothing)
+            return {"ce": ce}
+        return {"ce": label_loss(out.student_logits, batch,
+                                 label_smoothing=self.cfg.label_smoothing)}

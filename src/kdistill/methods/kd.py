@@ -7,8 +7,8 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.losses import hard_cross_entropy, kd_kl, soft_cross_entropy
-from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs
+from kdistill.losses import kd_kl, soft_cross_entropy
+from kdistill.methods.base import Batch, Example, Method, MethodConfig, Outputs, label_loss
 from kdistill.schedules import Progress, Temperature, UnitWeight, value_at
 
 
@@ -34,6 +34,7 @@ class KD(Method):
     config_type = KDConfig
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (arXiv:1503.02531)"
     example = Example()
+    mixed_inputs = True  # the teacher labels a mixed view itself; CE mixes the two labels
     cfg: KDConfig
 
     def scalars(self, progress: Progress) -> dict[str, float]:
@@ -47,7 +48,5 @@ class KD(Method):
         s = self.scalars(progress)
         soft = kd_kl if self.cfg.soft_loss == "kl" else soft_cross_entropy
         kd = soft(out.student_logits, out.teacher_logits, temperature=s["temperature"])
-        ce = hard_cross_entropy(
-            out.student_logits, batch["label"], label_smoothing=self.cfg.label_smoothing
-        )
+        ce = label_loss(out.student_logits, batch, label_smoothing=self.cfg.label_smoothing)
         return {"kd": s["alpha"] * kd, "ce": (1.0 - s["alpha"]) * ce}

@@ -27,6 +27,7 @@ from kdistill import devices, distributed
 from kdistill.build import build_data, build_network, check_devices
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
+from kdistill.data.transfer import describe as describe_transfer_set
 from kdistill.errors import ConfigError
 from kdistill.io import atomic_write_text
 from kdistill.methods import Method, build_method
@@ -127,6 +128,8 @@ def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
     echo(f"data: {task.describe(splits)}")
     for note in splits.notes:  # duplicates across splits, skipped files, converted images
         echo(note)  # each note names its own kind (`data: ...`)
+    if cfg.transfer_set is not None:
+        echo(describe_transfer_set(cfg.transfer_set, len(splits.train_x)))
     distributed.on_main(lambda: task.save_artifacts(
         splits, lambda name, text: atomic_write_text(rd.path(name), text)))
     task.check_recipe(cfg)

@@ -23,7 +23,7 @@ from torch import nn
 from kdistill import distributed
 from kdistill.build import build_network, build_optimizer, build_train_loader
 from kdistill.cache import fingerprint_model
-from kdistill.config import RunConfig, TeacherConfig, TrainSettings
+from kdistill.config import RunConfig, TeacherConfig, TrainSettings, TransferSetConfig
 from kdistill.data import DataSplits
 from kdistill.engine import train
 from kdistill.errors import ConfigError
@@ -99,9 +99,11 @@ def train_model(
     model: nn.Module, teacher: Teacher | None, method: Method, splits: DataSplits,
     cfg: TrainSettings, seed: int, stage_dir: Path, echo: Echo, where: str,
     teacher_model: nn.Module | None = None, tensorboard: bool = False,
+    transfer_set: TransferSetConfig | None = None,
 ) -> None:
-    """Train `model` with `method` through the one engine, checkpointing into `stage_dir`."""
-    loader = build_train_loader(splits, cfg, seed=seed, where=where)
+    """Train `model` with `method` through the one engine, checkpointing into `stage_dir`;
+    on the views of `transfer_set` when given (the students of such a run)."""
+    loader = build_train_loader(splits, cfg, seed=seed, where=where, transfer_set=transfer_set)
     # Adapters (and per-sample buffers) exist before the optimizer is built.
     method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(splits.train_x))
     optimizer = build_optimizer([*model.parameters(), *method.optimizer_parameters()],
@@ -158,6 +160,8 @@ def student_stage(
     parts: list[Any] = [cfg.data.model_dump(), splits.fingerprint, cfg.student.model.model_dump(),
                         file_hash(cfg.student.model.weights), training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
+    if cfg.transfer_set is not None:  # other views, another training (alone or distilled)
+        parts.append(cfg.transfer_set.model_dump(mode="json"))
     if role != "baseline" and teacher_models:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.
         stored: Any = "online"
@@ -176,7 +180,7 @@ def student_stage(
     echo(f"{role} (seed {seed}): training with method '{method.cfg.name}'")
     train_model(model, teacher, method, splits, cfg.train, seed, stage_dir, echo, "train",
                 teacher_model=teacher_models[0] if teacher_models else None,
-                tensorboard=cfg.logging.tensorboard)
+                tensorboard=cfg.logging.tensorboard, transfer_set=cfg.transfer_set)
     distributed.on_main(lambda: method.save_artifacts(stage_dir))  # e.g. generated samples
     distributed.on_main(lambda: finish_stage(stage_dir, fingerprint, model))
     return model

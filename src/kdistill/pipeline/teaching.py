@@ -8,9 +8,11 @@ the storage dtype, the layers and k; rank 0 builds it, every rank reads it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from kdistill.cache import (
     fingerprint_model,
 )
 from kdistill.config import RunConfig
+from kdistill.data.transfer import TransferViews, ViewRows, cache_rows
 from kdistill.errors import ConfigError
 from kdistill.io import save_tensors_atomic
 from kdistill.methods import Method
@@ -38,12 +41,16 @@ def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
     """Why the teacher must run online (a sentence for the log), or None to cache it."""
     if not cfg.cache.enabled:
         return "cache disabled"
-    if cfg.train.augment != "none" or splits.augment is not None:
+    ts = cfg.transfer_set
+    if ts is not None and ts.teaching == "online":
+        return "transfer_set.teaching: online; the teacher labels each view as it is made"
+    if ts is None and (cfg.train.augment != "none" or splits.augment is not None):
         return "augmented inputs: the teacher sees each view the student sees"
     if method.on_policy:
         return "on-policy: the teacher scores the student's samples"
     layers = tuple(method.teacher_layers)
-    size = cache_bytes(len(splits.train_x), task_of(splits).output_shape(model, splits),
+    rows = len(splits.train_x) if ts is None else cache_rows(len(splits.train_x), ts)
+    size = cache_bytes(rows, task_of(splits).output_shape(model, splits),
                        feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
                        topk=cfg.cache.topk)
     if size > cfg.cache.max_mb * 2**20:
@@ -66,7 +73,8 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
         echo(f"cache: teacher runs online ({why})")
         return OnlineTeacher(model)
     layers = tuple(method.teacher_layers)
-    key = CacheKey(teacher=weights_print, data=splits.fingerprint,
+    inputs, views, data = cache_inputs(cfg, splits)
+    key = CacheKey(teacher=weights_print, data=data,
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
 
     opened: list[TeacherCache] = []  # rank 0's verified (or just built) cache
@@ -83,14 +91,30 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
         what = (task_of(splits).output_name if cfg.cache.topk is None
                 else f"top-{cfg.cache.topk} log-probabilities")
         what += f" and {', '.join(layers)}" if layers else ""
-        echo(f"cache: running the teacher once over {len(splits.train_x)} training samples "
-             f"({what})")
-        opened.append(build_cache(cache_dir, model, splits.train_x, key,
-                                  batch_size=cfg.cache.batch_size, what=role))
+        echo(f"cache: running the teacher once over {len(inputs):,} training "
+             f"{'samples' if views == 1 else 'views'} ({what})")
+        start = time.perf_counter()
+        built = build_cache(cache_dir, model, inputs, key, batch_size=cfg.cache.batch_size,
+                            what=role, views=views)
+        size = sum((cache_dir / spec["file"]).stat().st_size
+                   for spec in built.manifest["fields"].values())
+        echo(f"cache: {size / 2**20:.1f} MB, built in {time.perf_counter() - start:.1f} s")
+        opened.append(built)
 
     distributed.on_main(ensure_cache)
     # The other ranks open what rank 0 has just verified or written: hashed once per run.
     return CachedTeacher(opened[0] if opened else TeacherCache(cache_dir, verify=False))
+
+
+def cache_inputs(cfg: RunConfig, splits: DataSplits) -> tuple[Any, int, str]:
+    """What the cache covers: (its inputs in row order, rows per sample, the key's data part):
+    the training inputs, or the transfer set's N·K views (row i·K + k), keyed by the data and
+    the views' recipe."""
+    ts = cfg.transfer_set
+    if ts is None:
+        return splits.train_x, 1, splits.fingerprint
+    rows = ViewRows(TransferViews(splits.train_x, splits.train_y, ts))
+    return rows, rows.k, f"{splits.fingerprint}/views-{ts.digest()}"
 
 
 @dataclass

@@ -149,9 +149,12 @@ def cache_layout(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.M
     task = task_of(splits)
     shape = task.output_shape(model, splits)
     layers = tuple(method.teacher_layers)
-    size = cache_bytes(len(splits.train_x), shape, feature_shapes(model, splits.train_x, layers),
+    ts = cfg.transfer_set  # a transfer set caches K rows per sample, unless taught online
+    rows = len(splits.train_x) * (ts.views or 1 if ts is not None else 1)
+    size = cache_bytes(rows, shape, feature_shapes(model, splits.train_x, layers),
                        cfg.cache.dtype, topk=cfg.cache.topk)
-    augmented = cfg.train.augment != "none" or getattr(splits, "augment", None) is not None
+    augmented = (ts.teaching == "online" if ts is not None else cfg.train.augment != "none"
+                 or getattr(splits, "augment", None) is not None)
     online = (not cfg.cache.enabled or augmented or method.on_policy
               or size > cfg.cache.max_mb * 2**20)
     max_batch_mb = inspect.signature(build_cache).parameters["max_batch_mb"].default
