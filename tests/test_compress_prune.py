@@ -166,6 +166,14 @@ def test_magnitude_masks_survive_fine_tuning_until_made_permanent() -> None:
     ({"kind": "quantize", "method": "int4"}, "compress.0.method", "dynamic"),
     ({"kind": "export", "formats": ["tflite"]}, "compress.0.formats.0", "onnx"),
     ({"kind": "export", "formats": []}, "compress.0.formats", "at least 1"),
+    # A field the stage would not read is refused, not ignored.
+    ({"kind": "quantize", "temperature": 2.0}, "compress.0", "temperature: not used"),
+    ({"kind": "quantize", "method": "dynamic", "calibration_samples": 9}, "compress.0",
+     "calibration_samples: not used"),
+    ({"kind": "quantize", "method": "static", "epochs": 3, "lr": 0.1}, "compress.0",
+     "epochs, lr: not used"),
+    ({"kind": "prune", "finetune_epochs": 0, "alpha": 0.5}, "compress.0",
+     "finetune_epochs: 0 trains nothing"),
 ])
 def test_stage_config_errors_name_the_field(stage: dict, where: str, text: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -179,6 +187,9 @@ def test_stage_order_is_checked() -> None:
                        {"kind": "export"}])
     check_order(ok)
     assert ok[0].method == "structured" and ok[2].method == "dynamic"
+    # The same fields are accepted where the stage reads them.
+    parse_stages([{"kind": "quantize", "method": "qat", "epochs": 2, "temperature": 2.0},
+                  {"kind": "prune", "finetune_epochs": 1, "alpha": 0.5}])
     with pytest.raises(ConfigError, match=r"compress\.1: 'prune' after compress\.0"):
         check_order(parse_stages([{"kind": "quantize"}, {"kind": "prune"}]))
     with pytest.raises(ConfigError, match="quantize once"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from kdistill.errors import ConfigError, more_errors, pydantic_message
 
@@ -26,6 +26,22 @@ TeacherChoice = Literal["teacher", "input"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    def unused(self) -> tuple[str, ...]:
+        """The fields this stage, as configured, does not read (none by default)."""
+        return ()
+
+    @model_validator(mode="after")
+    def _refuse_unused(self) -> _Strict:
+        # A field the stage would ignore is refused, never silently dropped.
+        given = [name for name in self.unused() if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used by this stage ({self.why_unused()}); "
+                             f"remove {'it' if len(given) == 1 else 'them'}")
+        return self
+
+    def why_unused(self) -> str:
+        return ""
 
 
 class _KD(_Strict):
@@ -58,6 +74,12 @@ class PruneStage(_KD):
         None, description="fine-tuning learning rate; null: the run's train.optimizer.lr")
     teacher: TeacherChoice = "teacher"
 
+    def unused(self) -> tuple[str, ...]:
+        return ("temperature", "alpha", "lr", "teacher") if self.finetune_epochs == 0 else ()
+
+    def why_unused(self) -> str:
+        return "finetune_epochs: 0 trains nothing"
+
 
 class DistillStage(_KD):
     """KD fine-tuning of the current model (e.g. after pruning)."""
@@ -83,6 +105,14 @@ class QuantizeStage(_KD):
     teacher: TeacherChoice = "input"
     backend: Literal["x86", "qnnpack", "fbgemm", "onednn"] = Field(
         "x86", description="torch quantized engine (x86 for Intel/AMD servers)")
+
+    def unused(self) -> tuple[str, ...]:
+        training = ("temperature", "alpha", "epochs", "lr", "teacher")
+        return {"dynamic": (*training, "calibration_samples"), "static": training}.get(
+            self.method, ())
+
+    def why_unused(self) -> str:
+        return f"method {self.method} does not train"
 
 
 class ExportStage(_Strict):
