@@ -168,6 +168,7 @@ def test_magnitude_masks_survive_fine_tuning_until_made_permanent() -> None:
     ({"kind": "export", "formats": []}, "compress.0.formats", "at least 1"),
     # A field the stage would not read is refused, not ignored.
     ({"kind": "quantize", "temperature": 2.0}, "compress.0", "temperature: not used"),
+    ({"kind": "quantize", "teacher": "teacher"}, "compress.0", "teacher: not used"),
     ({"kind": "quantize", "method": "dynamic", "calibration_samples": 9}, "compress.0",
      "calibration_samples: not used"),
     ({"kind": "quantize", "method": "static", "epochs": 3, "lr": 0.1}, "compress.0",
@@ -194,3 +195,17 @@ def test_stage_order_is_checked() -> None:
         check_order(parse_stages([{"kind": "quantize"}, {"kind": "prune"}]))
     with pytest.raises(ConfigError, match="quantize once"):
         check_order(parse_stages([{"kind": "quantize"}, {"kind": "quantize"}]))
+
+
+def test_a_shipped_chain_survives_overrides() -> None:
+    # Overrides re-validate the whole dumped recipe (defaults included): the unused-field
+    # check must judge values, not which keys were written.
+    from pathlib import Path
+
+    from kdistill.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "compress-mnist.yaml"
+    cfg = load_config(recipe, ["train.epochs=1"])
+    assert [stage.kind for stage in cfg.compress][-2:] == ["quantize", "export"]
+    with pytest.raises(ConfigError, match=r"compress\.\d+: temperature: not used"):
+        load_config(recipe, ["train.epochs=1", "compress=[{kind: quantize, temperature: 2}]"])

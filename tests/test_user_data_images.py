@@ -208,6 +208,8 @@ def test_array_labels_strings_and_errors(tmp_path: Path):
     np.savez(tmp_path / "s.npz", x=x, y=names)
     splits = arrays(path=str(tmp_path / "s.npz"), val_size=3, test_size=3)
     assert splits.class_names == ("cat", "dog", "emu")
+    with pytest.raises(ConfigError, match=r"^data.num_classes: .*string labels"):
+        arrays(path=str(tmp_path / "s.npz"), val_size=3, test_size=3, num_classes=5)
     np.savez(tmp_path / "neg.npz", x=x, y=np.array([0, 1, -1] * 4))
     with pytest.raises(ConfigError, match=r"neg.npz row 2: label -1 is out of range"):
         arrays(path=str(tmp_path / "neg.npz"))

@@ -198,6 +198,11 @@ def test_text_files_pack_documents_like_the_built_in_corpora(tmp_path: Path, tok
                             test_size=2).train_x, splits.train_x)
     same = load(path=str(table), val_size=2, test_size=2)
     assert torch.equal(same.train_x, splits.train_x)
+    # `documents` splits .txt files and `text` names a table's column: each refused elsewhere.
+    with pytest.raises(ConfigError, match=r"^data.text: .* applies to tables only"):
+        load(path=str(folder), text="body", val_size=2, test_size=2)
+    with pytest.raises(ConfigError, match=r"^data.documents: .* applies to .txt files only"):
+        load(path=str(table), documents="lines", val_size=2, test_size=2)
     corpus.write_text("\n\n".join(paragraphs[::-1]) + "\n")
     assert load(path=str(corpus), val_size=2, test_size=2).fingerprint != splits.fingerprint
     with pytest.raises(ConfigError, match=r"data.seq_len: the val split .* fewer than one block"):

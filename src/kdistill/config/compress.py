@@ -33,8 +33,10 @@ class _Strict(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_unused(self) -> _Strict:
-        # A field the stage would ignore is refused, never silently dropped.
-        given = [name for name in self.unused() if name in self.model_fields_set]
+        # A field the stage would ignore is refused, never silently dropped. Judged by value,
+        # not by `model_fields_set`: overrides re-validate the whole dumped recipe.
+        fields = type(self).model_fields
+        given = [name for name in self.unused() if getattr(self, name) != fields[name].default]
         if given:
             raise ValueError(f"{', '.join(given)}: not used by this stage ({self.why_unused()}); "
                              f"remove {'it' if len(given) == 1 else 'them'}")

@@ -88,7 +88,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     last = len(loc) - 1
     parts = [str(p) for i, p in enumerate(loc)
              if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
-             and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))]
+             and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))
+             # a stage-level error ends at the stage's tag: "compress.0.quantize" -> "compress.0"
+             and not (i > 0 and isinstance(loc[i - 1], int) and str(p) in COMPRESS_KINDS)]
     return ".".join(parts) or "recipe"
 
 

@@ -202,6 +202,9 @@ class Arrays(FileSplits):
 
     def _label_map(self, values: Any, path: Path) -> LabelMap:
         if isinstance(values, list):  # strings
+            if self.num_classes is not None:  # the classes are the names found: refuse, not ignore
+                raise ConfigError("data.num_classes", f"{path} holds string labels: the classes "
+                                  "are the names in the training split; remove num_classes")
             return LabelMap.from_training(values, lambda i: f"{path} row {i}", "label")
         low = int(values.argmin())
         if values[low] < 0:

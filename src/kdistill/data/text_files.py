@@ -164,8 +164,17 @@ class TextFiles(FileSplits):
     max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="at most this many tokens in each of validation and test")
 
-    def _read(self, path: Path) -> list[str]:
-        if path.suffix.lower() == ".txt" or (path.is_dir() and not is_hf_dataset(path)):
+    def _read(self, path: Path, where: str) -> list[str]:
+        txt = path.suffix.lower() == ".txt" or (path.is_dir() and not is_hf_dataset(path))
+        # `documents` splits .txt files, `text` names a table's column: the other is refused
+        # when it differs from its default (overrides re-validate the whole dumped recipe, so
+        # `model_fields_set` cannot tell what the user wrote).
+        unused = "text" if txt else "documents"
+        if getattr(self, unused) != type(self).model_fields[unused].default:
+            raise ConfigError(f"{where}.{unused}", f"{path} is {'plain text' if txt else 'a table'}"
+                              f": {unused} applies to {'tables' if txt else '.txt files'} only; "
+                              f"remove it")
+        if txt:
             return _txt_documents(path, self.documents)
         from kdistill.data.tables import read_table
 
@@ -174,11 +183,11 @@ class TextFiles(FileSplits):
 
     def load(self, ctx: LoadContext) -> DataSplits:
         where = ctx.where
-        docs = {"train": self._read(existing(self.path, f"{where}.path"))}
+        docs = {"train": self._read(existing(self.path, f"{where}.path"), where)}
         for split in ("val", "test"):
             own = self.given(split)
             if own is not None:
-                docs[split] = self._read(existing(own, f"{where}.{split}_path"))
+                docs[split] = self._read(existing(own, f"{where}.{split}_path"), where)
         parts = split_rows(self, len(docs["train"]), have=set(docs), where=where,
                            what="documents")
         split_docs = {s: docs[s] if s in docs and s != "train" else
