@@ -4,31 +4,40 @@ Same teacher (SmolLM2-135M-Instruct, the packaged GGUF de-quantised to float32),
 (a Hugging Face `LlamaForCausalLM` of the teacher's width with its embeddings, final norm and
 `--layers` evenly spaced decoder layers: kdistill's `llama_student(init_from="smollm2")`), both
 saved once with `save_pretrained` and loaded by every variant; same blocks of stdlib docstrings
-(`--seq-len` tokens), batch, steps, AdamW at a constant learning rate; one intra-op thread.
+(`--seq-len` tokens), batch, steps, AdamW at a constant learning rate, gradients clipped at
+norm 1 (TRL's default), float32 throughout (TRL's config defaults to bf16 autocast, even on CPU;
+it is set to False here), one intra-op thread (checked at every step).
 
-Variants, each in a fresh subprocess (so `ru_maxrss` is its own peak):
-
-| variant | what | loss |
-|---|---|---|
-| `trl_off` | TRL `GKDTrainer`, λ = 0 (the data's blocks) | JSD(β) |
-| `trl_on` | TRL `GKDTrainer`, λ = 1 (the student continues the first half, sampled) | JSD(β) |
-| `kd_dense` | kdistill `token_kd` through `train()`, online teacher, full logits | JSD(β) |
-| `kd_fused` | kdistill `fused_linear_token_distill_loss` (hidden states and lm_head in, the (N, V) logits never whole), online teacher, a plain loop | JSD(β) |
-| `kd_topk` | kdistill `token_kd` through `train()` from a top-32 cache built first (its build time reported apart); forward KL, the cache's sparse path | forward KL |
-| `kd_gkd_on` | kdistill `gkd` through `train()`, λ = 1, the same prompt half | JSD(β) |
+Variants, each in a fresh subprocess (so its peak is its own); loss JSD(β) unless said:
+- `trl_off`: TRL `GKDTrainer`, λ = 0 (the data's blocks, every position scored).
+- `trl_on`: TRL `GKDTrainer`, λ = 1 (the student continues the first half, sampled).
+- `kd_dense`: kdistill `token_kd` through `train()`, online teacher, full logits.
+- `kd_fused`: kdistill `fused_linear_token_distill_loss` in a plain loop (hidden states and
+  lm_head in, the (N, V) logits never whole), online teacher.
+- `kd_topk`: kdistill `token_kd` through `train()` from a top-32 cache built beforehand in a
+  process of its own (build time and peak reported apart; the training process holds no
+  teacher); forward KL, the cache's sparse path (not the same loss as `trl_off`).
+- `kd_gkd_on`: kdistill `gkd` through `train()`, λ = 1, the same prompt half.
 
 TRL runs in its own virtual environment (`--trl-python`; it is never a dependency of kdistill);
 kdistill variants run here. Timing: the wall time between consecutive optimiser steps (a post-
-step hook on the optimiser, so loading, the first `--warmup` steps and the end are left out),
-median over `--steps`; tokens/s = batch × seq_len / that median (on-policy: the whole block,
-prompt and sampled half, as both libraries train on it). Memory: `ru_maxrss` of the variant's
-process (models, data, optimiser state and the steps), and the same minus the RSS after
-loading (what the training steps add).
+step hook on the optimiser, so loading, the first `--warmup` steps and the end are left out);
+tokens/s per step = the tokens it trained on / its time, median (and best) over `--steps`.
+On-policy, the tokens are the whole block, prompt and sampled half, as both libraries train on
+it; TRL's `generate` stops early when every row has sampled EOS, so its tokens are counted per
+step from the batch it trained on (kdistill always fills the block). Memory: the peak resident
+set of the variant's process (VmHWM: imports, models, data, optimiser state and the steps; the
+weights are memory-mapped by `from_pretrained` and paged in by the first forward, so the peak
+comes in training) and its RSS after the imports (the libraries' own share of that peak).
+Not `ru_maxrss`: on Linux a child's `ru_maxrss` starts at its parent's peak (it survives
+fork + exec), so every variant would read at least this script's own ~1.7 GB.
 
 Loss values: one block through the teacher and the student (float32 logits), TRL's
 `GKDTrainer.generalized_jsd_loss` (run in TRL's environment on the saved logits) against
 kdistill's `token_kd(kind="jsd")` for several β; the largest absolute difference is printed
 (goal ≤ 1e-6).
+
+Not measured: TRL's `DistillationTrainer` (with a chunked loss, the counterpart of `kd_fused`).
 
 Run:  PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py \\
           --trl-python /work/trl-venv/bin/python --steps 5 --warmup 2 --batch 4 --seq-len 256
@@ -38,9 +47,9 @@ Last line: `name=value` pairs (tokens/s and peak MB per variant, the ratios, los
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,28 +61,39 @@ from typing import Any
 import torch
 
 VARIANTS = ("trl_off", "trl_on", "kd_dense", "kd_fused", "kd_topk", "kd_gkd_on")
+WORKERS = (*VARIANTS, "trl_losses", "kd_cache")
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 LR = 1e-4
+CLIP = 1.0  # TRL's (transformers') default max_grad_norm, applied by every variant
+TOPK = 32
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MiB (VmRSS: now; VmHWM: this process's peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 class _StepClock:
-    """Timestamps after every optimiser step (a post-step hook); step times between them."""
+    """Timestamps and intra-op thread counts after every optimiser step (a post-step hook)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.times: list[float] = []
-        optimizer.register_step_post_hook(lambda *_: self.times.append(time.perf_counter()))
+        self.threads: set[int] = set()
+        optimizer.register_step_post_hook(lambda *_: self._tick())
 
-    def step_seconds(self, warmup: int) -> list[float]:
-        ticks = self.times[max(warmup - 1, 0):]
-        return [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    def _tick(self) -> None:
+        self.times.append(time.perf_counter())
+        self.threads.add(torch.get_num_threads())
+
+    def result(self, warmup: int, tokens: list[int]) -> dict[str, Any]:
+        """Durations of steps warmup, warmup + 1, ... (0-based; warmup >= 1), their tokens."""
+        seconds = [b - a for a, b in itertools.pairwise(self.times[warmup - 1:])]
+        return {"step_s": seconds, "tokens": tokens[warmup:warmup + len(seconds)],
+                "threads": sorted(self.threads)}
 
 
 # --- preparation (kdistill's environment) ----------------------------------------------------
@@ -89,6 +109,8 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
                        test_fraction=0.05, split_seed=0, max_train_tokens=None,
                        max_eval_tokens=None, where="data")
     n = (args.warmup + args.steps) * args.batch
+    if len(splits.train_x) < n:
+        sys.exit(f"only {len(splits.train_x)} training blocks of {args.seq_len}; need {n}")
     torch.save(splits.train_x[:n].clone(), work / "blocks.pt")
     vocab = splits.num_classes
     teacher = pretrained_causal_lm((args.seq_len,), vocab)
@@ -108,13 +130,13 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     torch.save(logits, work / "logits.pt")
 
 
-def _load_models(work: Path) -> tuple[Any, Any]:
+def _load(work: Path, name: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
-    teacher.requires_grad_(False)
-    return teacher, student
+    model = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float32)
+    if name == "teacher":
+        model.eval().requires_grad_(False)
+    return model
 
 
 # --- TRL (its own environment) ---------------------------------------------------------------
@@ -124,35 +146,48 @@ def run_trl(work: Path, args: argparse.Namespace, lmbda: float) -> dict[str, Any
     from transformers import AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
+    base = _status_mb()
     blocks = torch.load(work / "blocks.pt", weights_only=True)
     tok = AutoTokenizer.from_pretrained(work / "tokenizer")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    teacher, student = _load_models(work)
+    teacher, student = _load(work, "teacher"), _load(work, "student")
     half = args.seq_len // 2
+    # Off-policy the prompt is one token, so every position is scored as kdistill does (TRL
+    # scores labels != -100 and never uses the prompt at λ = 0); on-policy, the first half.
+    prompt_len = half if lmbda > 0 else 1
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([r["input_ids"] for r in rows])
-        prompts = ids[:, :half]
+        prompts = ids[:, :prompt_len]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
                 "prompts": prompts, "prompt_attention_mask": torch.ones_like(prompts)}
+
+    tokens: list[int] = []
+
+    class Counted(GKDTrainer):  # type: ignore[misc]
+        """GKDTrainer recording the tokens of each batch it trains on (after sampling)."""
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+            tokens.append(int(inputs["input_ids"].numel()))
+            return super().compute_loss(model, inputs, *a, **kw)
 
     config = GKDConfig(
         output_dir=str(work / f"trl-out-{lmbda}"), per_device_train_batch_size=args.batch,
         max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, lmbda=lmbda, beta=args.beta, temperature=1.0,
-        max_new_tokens=args.seq_len - half, max_length=args.seq_len, use_cpu=True,
-        report_to="none", save_strategy="no", logging_steps=10_000, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=False)
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=CLIP, lmbda=lmbda, beta=args.beta,
+        temperature=1.0, max_new_tokens=args.seq_len - half, max_length=args.seq_len,
+        use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+        logging_steps=10_000, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
     clock = _StepClock(optimizer)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config,
-                         data_collator=collate, processing_class=tok,
-                         train_dataset=Dataset.from_dict({"input_ids": blocks.tolist()}),
-                         optimizers=(optimizer, None))
-    loaded = _rss_mb()
+    trainer = Counted(model=student, teacher_model=teacher, args=config, data_collator=collate,
+                      processing_class=tok, optimizers=(optimizer, None),
+                      train_dataset=Dataset.from_dict({"input_ids": blocks.tolist()}))
     trainer.train()
-    return {"step_s": clock.step_seconds(args.warmup), "rss_loaded_mb": loaded}
+    precision = str(getattr(trainer.accelerator, "mixed_precision", "?"))
+    return {**clock.result(args.warmup, tokens), "rss_base_mb": base, "precision": precision}
 
 
 def trl_losses(work: Path) -> dict[str, float]:
@@ -168,39 +203,57 @@ def trl_losses(work: Path) -> dict[str, float]:
 
 # --- kdistill (this environment) -------------------------------------------------------------
 
+def build_topk_cache(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The top-k cache over the benchmark's blocks, in a process of its own."""
+    import transformers  # noqa: F401  (imported before the baseline, as the variants do)
+
+    from kdistill import CacheKey, build_cache
+    from kdistill.models.hf import CausalLM
+
+    base = _status_mb()
+    blocks = torch.load(work / "blocks.pt", weights_only=True)
+    teacher = CausalLM(_load(work, "teacher"))
+    start = time.perf_counter()
+    build_cache(work / "cache", teacher, blocks,
+                CacheKey(teacher="t", data="d", dtype="float16", topk=TOPK), batch_size=args.batch)
+    return {"build_s": time.perf_counter() - start, "tokens": int(blocks.numel()),
+            "rss_base_mb": base}
+
+
 def run_kdistill(work: Path, args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    from kdistill import BatchLoader, CachedTeacher, CacheKey, LoopSettings, build_cache, train
+    import transformers  # noqa: F401  (imported before the baseline, as TRL's side does)
+
+    from kdistill import BatchLoader, CachedTeacher, LoopSettings, TeacherCache, train
     from kdistill.methods import METHODS, build_method
     from kdistill.models.hf import CausalLM
 
+    base = _status_mb()
     blocks = torch.load(work / "blocks.pt", weights_only=True)
-    teacher_hf, student_hf = _load_models(work)
-    teacher, student = CausalLM(teacher_hf), CausalLM(student_hf)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    student_hf = _load(work, "student")
+    teacher_hf = None if variant == "kd_topk" else _load(work, "teacher")
+    optimizer = torch.optim.AdamW(student_hf.parameters(), lr=LR, weight_decay=0.0)
     clock = _StepClock(optimizer)
-    out: dict[str, Any] = {"rss_loaded_mb": _rss_mb()}
+    total = args.warmup + args.steps
+    tokens = [args.batch * args.seq_len] * total  # kdistill always trains on whole blocks
+    out: dict[str, Any] = {"rss_base_mb": base, "precision": "fp32"}
     if variant == "kd_fused":
         _fused_loop(teacher_hf, student_hf, optimizer, blocks, args)
-        return {**out, "step_s": clock.step_seconds(args.warmup)}
-    settings = LoopSettings(max_steps=args.warmup + args.steps, log_every=10_000)
+        return {**out, **clock.result(args.warmup, tokens)}
+    settings = LoopSettings(max_steps=total, log_every=10_000, clip_grad_norm=CLIP)
     loader = BatchLoader(blocks, blocks, batch_size=args.batch, shuffle=False)
     if variant == "kd_topk":
-        start = time.perf_counter()
-        cache = build_cache(work / "cache", teacher, blocks,
-                            CacheKey(teacher="t", data="d", dtype="float16", topk=32),
-                            batch_size=args.batch)
-        out["cache_build_s"] = time.perf_counter() - start
-        teacher_arg: Any = CachedTeacher(cache)
+        teacher_arg: Any = CachedTeacher(TeacherCache(work / "cache"))
         cfg = METHODS["token_kd"].config_type(kind="forward_kl", alpha=1.0)
     elif variant == "kd_dense":
-        teacher_arg = teacher
+        teacher_arg = CausalLM(teacher_hf)
         cfg = METHODS["token_kd"].config_type(kind="jsd", beta=args.beta, alpha=1.0)
     else:  # kd_gkd_on
-        teacher_arg = teacher
+        teacher_arg = CausalLM(teacher_hf)
         cfg = METHODS["gkd"].config_type(lmbda=1.0, beta=args.beta, sample_temperature=1.0,
                                          prompt_tokens=args.seq_len // 2)
-    train(student, teacher_arg, build_method(cfg), loader, optimizer, settings, seed=0)
-    return {**out, "step_s": clock.step_seconds(args.warmup)}
+    train(CausalLM(student_hf), teacher_arg, build_method(cfg), loader, optimizer, settings,
+          seed=0)
+    return {**out, **clock.result(args.warmup, tokens)}
 
 
 def _fused_loop(teacher: Any, student: Any, optimizer: torch.optim.Optimizer,
@@ -219,6 +272,7 @@ def _fused_loop(teacher: Any, student: Any, optimizer: torch.optim.Optimizer,
             shift_labels(ids, ignore_index=-100), alpha=1.0, kind="jsd", beta=args.beta,
             chunk_size=256)
         res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -239,11 +293,13 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
     if args.worker == "trl_losses":
         result: dict[str, Any] = trl_losses(work)
+    elif args.worker == "kd_cache":
+        result = build_topk_cache(work, args)
     elif args.worker.startswith("trl_"):
         result = run_trl(work, args, lmbda=1.0 if args.worker == "trl_on" else 0.0)
     else:
         result = run_kdistill(work, args, args.worker)
-    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mb"] = _status_mb("VmHWM")
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -251,92 +307,122 @@ def _spawn(python: str, variant: str, work: Path, args: argparse.Namespace) -> d
     cmd = [python, __file__, "--worker", variant, "--work", str(work),
            *(f"--{k.replace('_', '-')}={getattr(args, k)}"
              for k in ("steps", "warmup", "batch", "seq_len", "layers", "beta"))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(python), check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def _env(python: str) -> dict[str, str]:
+    """One intra-op thread, offline; TRL's interpreter without this side's PYTHONPATH."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if python != sys.executable:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
 def _versions(python: str) -> str:
-    code = ("import importlib.metadata as m\n"
-            "names = ('torch', 'transformers', 'trl', 'datasets', 'accelerate', 'kdistill')\n"
-            "found = []\n"
-            "for n in names:\n"
-            "    try: found.append(f'{n} {m.version(n)}')\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(', '.join(found))")
-    return subprocess.run([python, "-c", code], capture_output=True, text=True,
+    code = ("import importlib.metadata as m, importlib.util as u\n"
+            "print(', '.join(f'{n} {m.version(n)}' for n in ('torch', 'transformers', 'trl', "
+            "'datasets', 'accelerate', 'kdistill') if u.find_spec(n)))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(python),
                           check=False).stdout.strip()
 
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
+    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
         work = Path(tmp)
         start = time.perf_counter()
         prepare(work, args)
+        import kdistill
+
         print(f"prepared in {time.perf_counter() - start:.0f} s; TRL side: "
-              f"{_versions(args.trl_python)}; kdistill side: {_versions(sys.executable)}")
+              f"{_versions(args.trl_python)}; kdistill side: {_versions(sys.executable)} "
+              f"(kdistill from {Path(kdistill.__file__).parent})")
         ours, theirs = kdistill_losses(work), _spawn(args.trl_python, "trl_losses", work, args)
-        theirs.pop("ru_maxrss_mb")
+        theirs.pop("peak_mb")
         diff = max(abs(ours[b] - theirs[b]) for b in ours)
         for b in ours:
             print(f"JSD(beta={b}): kdistill {ours[b]:.9f}  TRL {theirs[b]:.9f}")
-        rows: dict[str, dict[str, Any]] = {}
+        cache = _spawn(sys.executable, "kd_cache", work, args)
+        rows: dict[str, dict[str, list[float]]] = {}
         for r in range(args.repeats):
-            order = list(VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)])
-            for v in order:
+            for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
                 python = args.trl_python if v.startswith("trl_") else sys.executable
                 res = _spawn(python, v, work, args)
-                row = rows.setdefault(v, {"step_s": [], "peak": [], "added": [], "cache": []})
-                row["step_s"].append(statistics.median(res["step_s"]))
-                row["peak"].append(res["ru_maxrss_mb"])
-                row["added"].append(res["ru_maxrss_mb"] - res["rss_loaded_mb"])
-                row["cache"].append(res.get("cache_build_s", float("nan")))
-                print(f"  round {r} {v}: {res['step_s']}", flush=True)
-    _table(rows, args, diff)
+                if res["threads"] != [1] or res["precision"] not in ("no", "fp32"):
+                    sys.exit(f"{v}: threads {res['threads']}, precision {res['precision']}")
+                rates = [n / s for n, s in zip(res["tokens"], res["step_s"], strict=True)]
+                row = rows.setdefault(v, {"tps": [], "best": [], "peak": [], "imports": []})
+                row["tps"].append(statistics.median(rates))
+                row["best"].append(max(rates))
+                row["peak"].append(res["peak_mb"])
+                row["imports"].append(res["rss_base_mb"])
+                print(f"  round {r} {v}: step s {[round(x, 3) for x in res['step_s']]}, "
+                      f"tokens {res['tokens']}", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    _table(rows, args, diff, cache)
 
 
-def _table(rows: dict[str, dict[str, Any]], args: argparse.Namespace, diff: float) -> None:
-    tokens = args.batch * args.seq_len
-    tps = {v: tokens / statistics.median(r["step_s"]) for v, r in rows.items()}
-    peak = {v: statistics.median(r["peak"]) for v, r in rows.items()}
+def _table(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, diff: float,
+           cache: dict[str, Any]) -> None:
+    med = {k: {v: statistics.median(r[k]) for v, r in rows.items()}
+           for k in ("tps", "best", "peak", "imports")}
+    tps, peak = med["tps"], med["peak"]
+
+    def vs(table: dict[str, float], v: str) -> float:
+        return table[v] / table["trl_on" if v.endswith("_on") else "trl_off"]
+
     print(f"\n{args.batch} x {args.seq_len} tokens a step, {args.steps} timed steps after "
-          f"{args.warmup}, student {args.layers} layers, beta {args.beta}, 1 thread, "
-          f"{args.repeats} round(s): median")
-    print("| variant | tokens/s | vs trl_off | peak RSS MB | vs trl_off | added by training MB |")
-    print("|---|---|---|---|---|---|")
-    for v, r in rows.items():
-        base = "trl_on" if v.endswith("_on") else "trl_off"
-        print(f"| {v} | {tps[v]:.1f} | {tps[v] / tps[base]:.2f} | {peak[v]:,.0f} | "
-              f"{peak[v] / peak[base]:.2f} | {statistics.median(r['added']):,.0f} |")
-    cache = statistics.median(rows["kd_topk"]["cache"])
-    print(f"kd_topk cache build: {cache:.1f} s for {tokens * (args.warmup + args.steps)} tokens")
+          f"{args.warmup}, student {args.layers} layers, beta {args.beta}, 1 thread, fp32, "
+          f"{args.repeats} round(s); x TRL: against trl_off (trl_on for on-policy rows)")
+    print("| variant | tokens/s (median) | best | x TRL | peak RSS MB | x TRL | "
+          "RSS after imports MB |")
+    print("|---|---|---|---|---|---|---|")
+    for v in rows:
+        print(f"| {v} | {tps[v]:.1f} | {med['best'][v]:.1f} | {vs(tps, v):.2f} | "
+              f"{peak[v]:,.0f} | {vs(peak, v):.2f} | {med['imports'][v]:,.0f} |")
+    build_tps = cache["tokens"] / cache["build_s"]
+    epoch_tps = 1 / (1 / tps["kd_topk"] + 1 / build_tps)
+    print(f"kd_topk cache (top-{TOPK}, float16): built in {cache['build_s']:.1f} s for "
+          f"{cache['tokens']} tokens ({build_tps:.1f} tokens/s), process peak "
+          f"{cache['peak_mb']:,.0f} MB; kd_topk with the build counted (one epoch): "
+          f"{epoch_tps:.1f} tokens/s ({epoch_tps / tps['trl_off']:.2f} x trl_off)")
     pairs = [f"{v}_tps={tps[v]:.1f} {v}_peak_mb={peak[v]:.0f}" for v in rows]
-    ratios = {f"{v}_speedup": tps[v] / tps["trl_on" if v.endswith("_on") else "trl_off"]
-              for v in rows if v.startswith("kd_")}
-    print(" ".join(pairs + [f"{k}={x:.2f}" for k, x in ratios.items()]
-                   + [f"loss_max_diff={diff:.2e}"]))
+    kd = [v for v in rows if v.startswith("kd_")]
+    ratios = {**{f"{v}_speedup": vs(tps, v) for v in kd},
+              **{f"{v}_peak_ratio": vs(peak, v) for v in kd}}
+    print(" ".join([*pairs, *(f"{k}={x:.2f}" for k, x in ratios.items()),
+                    f"kd_topk_epoch_tps={epoch_tps:.1f}", f"cache_build_s={cache['build_s']:.1f}",
+                    f"loss_max_diff={diff:.2e}"]))
 
 
-def _args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--trl-python", default="/work/trl-venv/bin/python")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed optimiser steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--worker", choices=(*VARIANTS, "trl_losses"), help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=4, help="the student's decoder layers")
+    p.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all variants")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args(argv)
+    for name, low in (("steps", 1), ("warmup", 1), ("batch", 1), ("seq_len", 4), ("layers", 1),
+                      ("repeats", 1)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if not 0.0 <= args.beta <= 1.0:
+        p.error("--beta must be in [0, 1]")
+    return args
 
 
 if __name__ == "__main__":
-    parsed = _args()
+    parsed = parse_args()
     worker(parsed) if parsed.worker else main(parsed)
