@@ -19,29 +19,24 @@ Variants, each in a fresh subprocess (so its peak is its own); loss JSD(β) unle
   teacher); forward KL, the cache's sparse path (not the same loss as `trl_off`).
 - `kd_gkd_on`: kdistill `gkd` through `train()`, λ = 1, the same prompt half.
 
-TRL runs in its own virtual environment (`--trl-python`; it is never a dependency of kdistill);
-kdistill variants run here. Timing: the wall time between consecutive optimiser steps (a post-
-step hook on the optimiser, so loading, the first `--warmup` steps and the end are left out);
-tokens/s per step = the tokens it trained on / its time, median (and best) over `--steps`.
-On-policy, the tokens are the whole block, prompt and sampled half, as both libraries train on
-it; TRL's `generate` stops early when every row has sampled EOS, so its tokens are counted per
-step from the batch it trained on (kdistill always fills the block). Memory: the peak resident
-set of the variant's process (VmHWM: imports, models, data, optimiser state and the steps; the
-weights are memory-mapped by `from_pretrained` and paged in by the first forward, so the peak
-comes in training) and its RSS after the imports (the libraries' own share of that peak).
-Not `ru_maxrss`: on Linux a child's `ru_maxrss` starts at its parent's peak (it survives
-fork + exec), so every variant would read at least this script's own ~1.7 GB.
+TRL runs in its own virtual environment (`--trl-python`; never a dependency of kdistill).
+Timing: wall time between optimiser steps (a post-step hook: loading, the first `--warmup` steps
+and the end left out); tokens/s per step = its tokens / its time, median (and best). On-policy
+the tokens are the whole block, prompt and sampled half, as both libraries train on it; TRL's
+`generate` stops when every row has sampled EOS, so its tokens are counted from the batch it
+trained on (kdistill always fills the block). Memory: the process's peak resident set (VmHWM;
+`from_pretrained` memory-maps the weights, paged in by the first forward) and its RSS after the
+imports. Not `ru_maxrss`: a child's starts at its parent's peak (it survives fork + exec).
 
-Loss values: one block through the teacher and the student (float32 logits), TRL's
-`GKDTrainer.generalized_jsd_loss` (run in TRL's environment on the saved logits) against
-kdistill's `token_kd(kind="jsd")` for several β; the largest absolute difference is printed
-(goal ≤ 1e-6).
+Loss values: one block's float32 logits (teacher, student); TRL's `generalized_jsd_loss` (in
+TRL's environment) against kdistill's `token_kd(kind="jsd")` for several β; the largest
+absolute difference is printed (goal <= 1e-6).
 
 Not measured: TRL's `DistillationTrainer` (with a chunked loss, the counterpart of `kd_fused`).
 
 Run:  PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py \\
           --trl-python /work/trl-venv/bin/python --steps 5 --warmup 2 --batch 4 --seq-len 256
-Last line: `name=value` pairs (tokens/s and peak MB per variant, the ratios, loss_max_diff).
+Last line: `name=value` pairs (tokens/s and peak MiB `_peak_mb` per variant, ratios, loss_max_diff).
 """
 
 from __future__ import annotations
@@ -380,8 +375,8 @@ def _table(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, di
     print(f"\n{args.batch} x {args.seq_len} tokens a step, {args.steps} timed steps after "
           f"{args.warmup}, student {args.layers} layers, beta {args.beta}, 1 thread, fp32, "
           f"{args.repeats} round(s); x TRL: against trl_off (trl_on for on-policy rows)")
-    print("| variant | tokens/s (median) | best | x TRL | peak RSS MB | x TRL | "
-          "RSS after imports MB |")
+    print("| variant | tokens/s (median) | best | x TRL | peak RSS MiB | x TRL | "
+          "RSS after imports MiB |")
     print("|---|---|---|---|---|---|---|")
     for v in rows:
         print(f"| {v} | {tps[v]:.1f} | {med['best'][v]:.1f} | {vs(tps, v):.2f} | "
@@ -390,7 +385,7 @@ def _table(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, di
     epoch_tps = 1 / (1 / tps["kd_topk"] + 1 / build_tps)
     print(f"kd_topk cache (top-{TOPK}, float16): built in {cache['build_s']:.1f} s for "
           f"{cache['tokens']} tokens ({build_tps:.1f} tokens/s), process peak "
-          f"{cache['peak_mb']:,.0f} MB; kd_topk with the build counted (one epoch): "
+          f"{cache['peak_mb']:,.0f} MiB; kd_topk with the build counted (one epoch): "
           f"{epoch_tps:.1f} tokens/s ({epoch_tps / tps['trl_off']:.2f} x trl_off)")
     pairs = [f"{v}_tps={tps[v]:.1f} {v}_peak_mb={peak[v]:.0f}" for v in rows]
     kd = [v for v in rows if v.startswith("kd_")]
