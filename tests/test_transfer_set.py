@@ -194,6 +194,9 @@ def test_recipe_checks() -> None:
         TransferSetConfig(views=None, jitter=1)
     with pytest.raises(ValueError, match="no augmentation"):
         TransferSetConfig(views=4)
+    with pytest.raises(ValueError, match="mix_alpha: used only with mix"):
+        TransferSetConfig(jitter=1, mix_alpha=0.4)  # would be ignored without a mix
+    assert TransferSetConfig(jitter=1, mix="cutmix", mix_alpha=0.4).mix_alpha == 0.4
     ts = {"views": 2, "mix": "mixup"}
     with pytest.raises(ValueError, match="method 'dkd' reads plain labels"):
         RunConfig(data={"name": "digits"}, method={"name": "dkd"}, transfer_set=ts)

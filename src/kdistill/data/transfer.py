@@ -74,6 +74,12 @@ class TransferSetConfig(BaseModel):
         if self.views is None and self.teaching == "cached":
             raise ValueError("views: null (a fresh view every epoch) cannot be cached; set "
                              "teaching: online, or a number of views")
+        fields = type(self).model_fields  # by value: overrides re-validate a full dump
+        unused = [f for f in ("mix_alpha", "mix_prob")
+                  if self.mix == "none" and getattr(self, f) != fields[f].default]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: used only with mix: mixup or cutmix; "
+                             "remove it or set mix")
         if not self.jitter and not self.flip and (self.mix == "none" or not self.mix_prob):
             raise ValueError("no augmentation (jitter, flip or mix): every view would be the "
                              "input itself; remove transfer_set or add one")
