@@ -41,6 +41,8 @@ def _images(n: int = N, low: float = 0.0, high: float = 1.0, seed: int = 0) -> t
 
 def _cfg(**kw: object) -> TransferSetConfig:
     base = {"views": K, "jitter": 2, "flip": True, "mix": "mixup", "mix_alpha": 0.4}
+    if kw.get("mix") == "none":  # without a mix, mix_alpha is refused
+        del base["mix_alpha"]
     return TransferSetConfig(**{**base, **kw})
 
 
