@@ -20,6 +20,10 @@ def test_run_tiny_recipe_end_to_end(tiny_recipe: Path, tmp_path: Path) -> None:
     assert "distilled student" in proc.stdout
     assert proc.stdout.startswith("memory plan (cpu, fp32): peak ")  # the run's first line
     assert (tmp_path / "runs" / "tiny" / "report.md").is_file()
+    # memory_plan: false skips the plan (it builds the data and models once more).
+    proc = kdistill("run", str(tiny_recipe), "train.epochs=1", "memory_plan=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan" not in proc.stdout and "distilled student" in proc.stdout
 
 
 def test_validate_and_methods(tiny_recipe: Path, tmp_path: Path) -> None:

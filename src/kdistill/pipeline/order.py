@@ -86,7 +86,7 @@ def run(cfg: RunConfig, *, echo: Echo = print) -> RunResult:
     joined = joined and dist.enabled  # this call set the group up, so it takes it down
     try:
         check_launch(cfg)  # before the run directory exists: nothing to undo
-        if dist.main:  # before anything is loaded: what the process holds now is its baseline
+        if dist.main and cfg.memory_plan:  # before anything is loaded: the process's baseline
             echo(plan(cfg, device=devices.resolve(cfg.train.device)).one_line())
         # Rank 0 holds the run directory's lock: a second run on the same name stops at once.
         with RunDirectory.open(cfg.output_dir, cfg.name, lock=dist.main) as rd:
