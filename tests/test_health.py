@@ -22,6 +22,22 @@ def test_explosions_are_found_and_ordinary_overfitting_is_not() -> None:
     assert "validation NLL rose from 1.1 at best to nan" in found[1]
 
 
+def test_a_collapse_of_validation_accuracy_is_found() -> None:
+    # The curve of dafl with generator_lr 0.2 on 24 epochs (runs/datafree-mnist-24): 72.9 %
+    # after one epoch, then 44.8 % with a KD loss of exactly 0 (the generator collapsed).
+    def records(loss: list[float], accuracy: list[float]) -> list[dict]:
+        return ([{"split": "train", "loss": v} for v in loss]
+                + [{"split": "val", "accuracy": a, "nll": 1.0} for a in accuracy])
+
+    found = diverged(records([1.6, 1.0, 0.0], [0.7288, 0.4482, 0.4480]))
+    assert found == ["the validation accuracy fell from 72.88% at best to 44.80%: the training "
+                     "loss is 0: the training inputs carry no signal (a data-free generator "
+                     "collapsed: lower method.generator_lr)"]
+    assert "the training collapsed" in diverged(records([1.0, 0.9], [0.9, 0.5]))[0]
+    # An ordinary dip of a long schedule is not a collapse.
+    assert diverged(records([1.0, 0.5, 0.4], [0.60, 0.64, 0.59])) == []
+
+
 def test_a_student_at_chance_is_reported(tiny_recipe: Path) -> None:
     # The largest learning rate the schema allows, with heavy momentum: the student collapses
     # to answering one class.

@@ -13,6 +13,7 @@ from kdistill.tasks import Rows, Task
 from kdistill.types import DataSplits
 
 ROLE_NAMES = {"baseline": "the student alone", "student": "the distilled student"}
+FALL = 0.8  # a last validation accuracy under this share of its best collapsed
 RISE = 3.0  # a last value this many times its best (and above its first) exploded; less is
 # the ordinary overfitting of a long schedule (the demo's baseline ends at 2.6x its best NLL)
 
@@ -58,4 +59,15 @@ def diverged(records: list[dict[str, Any]]) -> list[str]:
         found = _exploded(values)
         if found:
             out.append(f"the {what} rose from {found[0]:.4g} at best to {found[1]:.4g}: {hint}")
+    accuracy = [float(r["accuracy"]) for r in records
+                if r.get("split") == "val" and isinstance(r.get("accuracy"), int | float)]
+    if accuracy and accuracy[-1] < FALL * max(accuracy):
+        # A zero loss on inputs the student no longer learns from: a collapsed data-free
+        # generator (seen with dafl's generator_lr 0.2 on a long schedule), or a dead input.
+        zero = bool(train) and train[-1] < 1e-6
+        why = ("the training loss is 0: the training inputs carry no signal (a data-free "
+               "generator collapsed: lower method.generator_lr)") if zero else (
+               "the training collapsed; see its curve in report.html")
+        out.append(f"the validation accuracy fell from {max(accuracy):.2%} at best to "
+                   f"{accuracy[-1]:.2%}: {why}")
     return out
