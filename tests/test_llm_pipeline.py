@@ -136,6 +136,12 @@ def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Pa
     load_config(recipe, ["cache.topk=8", "method.kind=reverse_kl", "method.topk_missing=uniform"])
     with pytest.raises(ConfigError, match=r"cache\.topk: a top-k teacher cache feeds"):
         load_config(recipe, ["cache.topk=8", "method={name: kd}"])
+    # Each kind of teacher target refuses the other's field (it would be ignored).
+    with pytest.raises(ConfigError, match=r"method\.chunk_size: chunks the dense teacher"):
+        load_config(recipe, ["cache.topk=8", "method.chunk_size=64"])
+    with pytest.raises(ConfigError, match=r"method\.topk_missing: applies to a top-k"):
+        load_config(recipe, ["method.topk_missing=uniform"])
+    load_config(recipe, ["method.chunk_size=64"])  # dense teacher: chunked
 
 
 def test_limits_that_would_be_ignored_on_text_are_refused(tmp_path: Path,

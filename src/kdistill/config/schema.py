@@ -322,6 +322,14 @@ class RunConfig(_Strict):
                 and getattr(self.method, "topk_missing", "") == "renormalize"):
             raise ValueError("method.topk_missing: reverse KL against a renormalised top-k "
                              "teacher is infinite (0 outside its top-k); use uniform")
+        # Fields of a token-level method that one kind of teacher target leaves unread.
+        if self.cache.topk is not None and getattr(self.method, "chunk_size", None) is not None:
+            raise ValueError("method.chunk_size: chunks the dense teacher's logits; a top-k "
+                             "cache (cache.topk) is sparse already; remove one of them")
+        if self.cache.topk is None and getattr(self.method, "topk_missing",
+                                               "renormalize") != "renormalize":
+            raise ValueError("method.topk_missing: applies to a top-k teacher cache only; set "
+                             "cache.topk or remove it")
         try:
             check_order(self.compress)
         except ConfigError as e:

@@ -39,7 +39,8 @@ class TokenKDConfig(MethodConfig):
     mass outside the teacher's top-k handled as `topk_missing` says ("renormalize": the
     teacher renormalised on its top-k; "uniform": the missing mass spread evenly over the
     other tokens): forward KL sparsely; reverse KL (uniform only), JSD and TV on the teacher
-    made dense per micro-batch. `chunk_size` is then ignored.
+    made dense per micro-batch. `chunk_size` (dense teachers) and `topk_missing` (top-k caches)
+    are each refused beside the other kind of target.
     """
 
     name: Literal["token_kd"] = "token_kd"
