@@ -142,6 +142,9 @@ def test_top_k_cache_run_and_its_config_checks(tmp_path: Path, tokenizer_dir: Pa
     with pytest.raises(ConfigError, match=r"method\.topk_missing: applies to a top-k"):
         load_config(recipe, ["method.topk_missing=uniform"])
     load_config(recipe, ["method.chunk_size=64"])  # dense teacher: chunked
+    with pytest.raises(ConfigError, match=r"^.*: method: beta: .* kind forward_kl does not"):
+        load_config(recipe, ["method.beta=0.3"])
+    assert load_config(recipe, ["method.beta=0.3", "method.kind=jsd"]).method.beta == 0.3
 
 
 def test_limits_that_would_be_ignored_on_text_are_refused(tmp_path: Path,

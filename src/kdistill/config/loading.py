@@ -90,7 +90,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
              if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
              and not (i > 0 and str(p) in tags and (i < last or str(p) in {"float", "int"}))
              # a stage-level error ends at the stage's tag: "compress.0.quantize" -> "compress.0"
-             and not (i > 0 and isinstance(loc[i - 1], int) and str(p) in COMPRESS_KINDS)]
+             and not (i > 0 and isinstance(loc[i - 1], int) and str(p) in COMPRESS_KINDS)
+             # a section-level error of a method or source ends at its tag: "method.token_kd"
+             and not (i == 1 == last and str(loc[0]) in UNION_SECTIONS and str(p) in tags)]
     return ".".join(parts) or "recipe"
 
 

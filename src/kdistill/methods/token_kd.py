@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from kdistill.errors import ConfigError
@@ -53,6 +53,14 @@ class TokenKDConfig(MethodConfig):
     topk_missing: TopKMissing = Field(
         "renormalize", description="top-k cache only: how the teacher's mass outside its "
         "top-k is treated (renormalize or uniform)")
+
+    @model_validator(mode="after")
+    def _beta_is_read(self) -> TokenKDConfig:
+        # Judged by value: overrides re-validate the whole dumped recipe.
+        if self.kind != "jsd" and self.beta != type(self).model_fields["beta"].default:
+            raise ValueError(f"beta: the JSD mixture weight; kind {self.kind} does not read it "
+                             "(set kind: jsd or remove beta)")
+        return self
 
 
 class TokenKD(Method):
