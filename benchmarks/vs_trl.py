@@ -34,8 +34,9 @@ absolute difference is printed (goal <= 1e-6).
 
 Not measured: TRL's `DistillationTrainer` (with a chunked loss, the counterpart of `kd_fused`).
 
-Run:  PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py \\
-          --trl-python /work/trl-venv/bin/python --steps 5 --warmup 2 --batch 4 --seq-len 256
+Run (TRL_PYTHON: a Python with trl installed, e.g. a separate virtual environment's):
+      PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py \\
+          --trl-python "$TRL_PYTHON" --steps 5 --warmup 2 --batch 4 --seq-len 256
 Last line: `name=value` pairs (tokens/s and peak MiB `_peak_mb` per variant, ratios, loss_max_diff).
 """
 
@@ -327,6 +328,8 @@ def _versions(python: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
+    if not args.trl_python:
+        sys.exit("vs_trl: give --trl-python or set TRL_PYTHON (a Python with trl installed)")
     torch.set_num_threads(1)
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
@@ -398,7 +401,8 @@ def _table(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace, di
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--trl-python", default="/work/trl-venv/bin/python")
+    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
+                   help="a Python with trl installed (default: $TRL_PYTHON)")
     p.add_argument("--steps", type=int, default=5, help="timed optimiser steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     p.add_argument("--batch", type=int, default=4)
