@@ -144,6 +144,11 @@ def test_mixed_cross_entropy_is_ce_against_the_mixed_one_hot_target() -> None:
     assert torch.allclose(got, ref, atol=1e-6)
     ones = torch.ones(6)
     assert torch.allclose(mixed_cross_entropy(logits, a, b, ones), hard_cross_entropy(logits, a))
+    # With label smoothing: the same mixture of the two smoothed cross-entropies.
+    own = hard_cross_entropy(logits, a, label_smoothing=0.1, reduction="none")
+    other = hard_cross_entropy(logits, b, label_smoothing=0.1, reduction="none")
+    assert torch.allclose(mixed_cross_entropy(logits, a, b, lam, label_smoothing=0.1),
+                          (lam * own + (1 - lam) * other).mean(), atol=1e-6)
 
 
 def test_the_cached_views_equal_the_teacher_on_those_views(tmp_path: Path) -> None:

@@ -273,8 +273,12 @@ def mixed_cross_entropy(
     if weight.shape != labels.shape or labels_b.shape != labels.shape:
         raise ValueError(f"labels {tuple(labels.shape)}, labels_b {tuple(labels_b.shape)} and "
                          f"weight {tuple(weight.shape)} must have one shape")
-    own = hard_cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
-    other = hard_cross_entropy(logits, labels_b, label_smoothing=label_smoothing,
-                               reduction="none")
-    w = weight.to(own.dtype)
-    return (w * own + (1 - w) * other).mean()
+    # One log-softmax for both labels (two hard_cross_entropy calls would take two).
+    log_q = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+    w = weight.to(log_q.dtype)
+    picked = w * log_q.gather(-1, labels[:, None])[:, 0] + (1 - w) * log_q.gather(
+        -1, labels_b[:, None])[:, 0]
+    per_item = -picked
+    if label_smoothing > 0.0:  # the same ε-mixture with the uniform target as each CE has
+        per_item = (1.0 - label_smoothing) * per_item - label_smoothing * log_q.mean(dim=-1)
+    return per_item.mean()
