@@ -142,6 +142,31 @@ def report(
 
 
 @app.command()
+def tokenizer(
+    args: RecipeArg = None,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="tokens, EOS included")] = 8192,
+    out: Annotated[Path, typer.Option("--out", "-o", help="a new folder for the tokenizer")
+                   ] = Path("tokenizer"),
+) -> None:
+    """Learn a byte-level BPE vocabulary on the recipe's training documents (a student's own
+    tokenizer; distil it from another tokenizer's teacher with arch: projected_lm)."""
+    from kdistill.config import load_config
+    from kdistill.data.bpe import train_bpe
+    from kdistill.errors import ConfigError
+
+    recipe, overrides = _split(args)
+    cfg = load_config(recipe, overrides)
+    documents = getattr(cfg.data, "training_documents", None)
+    if documents is None:
+        raise ConfigError("data.name", f"{cfg.data.name!r} has no documents to learn a "
+                          "vocabulary from; use stdlib_docs, fortunes or text_files")
+    texts = documents()
+    tok = train_bpe(texts, vocab_size, out)
+    console.print(f"{out}: {len(tok):,} tokens learned on {len(texts):,} training documents; "
+                  f"name it as data.tokenizer: {out}", highlight=False)
+
+
+@app.command()
 def methods(
     name: Annotated[str | None, typer.Argument(
         help="a method: print its recipe keys (type, default, description)")] = None,

@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 
 # Archs that are pretrained by construction (their weights come with them).
-PRETRAINED_ARCHS = ("hf_causal_lm", "hf_seq2seq", "hf_sentence_encoder")
+PRETRAINED_ARCHS = ("hf_causal_lm", "projected_lm", "hf_seq2seq", "hf_sentence_encoder")
 
 
 class ModelSpec(_Strict):

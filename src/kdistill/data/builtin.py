@@ -95,6 +95,14 @@ class TextCorpus(Source):
     max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="at most this many tokens in each of validation and test")
 
+    def training_documents(self, where: str = "data") -> list[str]:
+        """The training split's documents (what `kdistill tokenizer` learns a vocabulary on)."""
+        from kdistill.data.text import read_corpus, split_documents
+
+        docs = read_corpus(self.name, where=f"{where}.name")
+        train, _, _ = split_documents(len(docs), self.val_size, self.test_size, self.split_seed)
+        return [docs[i] for i in train.tolist()]
+
     def load(self, ctx: LoadContext) -> DataSplits:
         from kdistill.data.text import lm_splits
 

@@ -181,8 +181,8 @@ class TextFiles(FileSplits):
         table = read_table(path, [self.text])
         return [t.strip() for t in table.texts(self.text) if t.strip()]
 
-    def load(self, ctx: LoadContext) -> DataSplits:
-        where = ctx.where
+    def _split_documents(self, where: str) -> tuple[dict[str, list[str]], list[str]]:
+        """({split: documents}, the splits given as files of their own)."""
         docs = {"train": self._read(existing(self.path, f"{where}.path"), where)}
         for split in ("val", "test"):
             own = self.given(split)
@@ -190,8 +190,16 @@ class TextFiles(FileSplits):
                 docs[split] = self._read(existing(own, f"{where}.{split}_path"), where)
         parts = split_rows(self, len(docs["train"]), have=set(docs), where=where,
                            what="documents")
-        split_docs = {s: docs[s] if s in docs and s != "train" else
-                      [docs["train"][i] for i in parts[s].tolist()] for s in SPLITS}
+        return {s: docs[s] if s in docs and s != "train" else
+                [docs["train"][i] for i in parts[s].tolist()] for s in SPLITS}, sorted(docs)
+
+    def training_documents(self, where: str = "data") -> list[str]:
+        """The training split's documents (what `kdistill tokenizer` learns a vocabulary on)."""
+        return self._split_documents(where)[0]["train"]
+
+    def load(self, ctx: LoadContext) -> DataSplits:
+        where = ctx.where
+        split_docs, given = self._split_documents(where)
         tokenizer = _tokenizer(self.tokenizer, f"{where}.tokenizer")
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"{where}.tokenizer", "the tokenizer has no EOS token to "
@@ -208,8 +216,8 @@ class TextFiles(FileSplits):
                                   f"documents, {field}={limit}) holds fewer than one block of "
                                   f"{self.seq_len} tokens; lower seq_len or add text")
         params = {"documents": self.documents, "text": self.text, "seq_len": self.seq_len,
-                  "split": [self.split_seed, sorted(docs),
-                            *(self.holdout(s) for s in ("val", "test") if s not in docs)],
+                  "split": [self.split_seed, given,
+                            *(self.holdout(s) for s in ("val", "test") if s not in given)],
                   "limits": [self.max_train_tokens, self.max_eval_tokens],
                   "vocab": text_data._tokenizer_digest(tokenizer)}
         return DataSplits(

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import ConfigError, is_out_of_memory, too_large
+from kdistill.models.cross_tokenizer import projected_causal_lm
 from kdistill.models.hf import llama_student, pretrained_causal_lm
 from kdistill.models.sentence import hf_sentence_encoder, hf_sentence_student
 from kdistill.models.seq2seq import hf_seq2seq, seq2seq_transformer
@@ -63,6 +64,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "transformer": TinyTransformer,
     "hf_causal_lm": pretrained_causal_lm,
     "llama": llama_student,
+    "projected_lm": projected_causal_lm,
     "textcnn": textcnn,
     "hf_encoder_classifier": hf_encoder_classifier,
     "hf_encoder_student": hf_encoder_student,

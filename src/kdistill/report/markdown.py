@@ -23,6 +23,7 @@ COLUMNS: list[tuple[str, str, str, float]] = [
 # Causal LMs: per-token figures on the held-out test blocks.
 LM_COLUMNS: list[tuple[str, str, str, float]] = [
     ("perplexity", "test perplexity", "{:.2f}", 1.0),
+    ("bits_per_byte", "bits/byte", "{:.3f}", 1.0),
     ("accuracy", "next-token acc %", "{:.2f}", 100.0),
     ("agreement", "agree w/ teacher %", "{:.2f}", 100.0),
     ("params", "params", "{:,.0f}", 1.0),

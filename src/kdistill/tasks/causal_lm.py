@@ -8,6 +8,7 @@ speed; full (N, T, V) logits are never kept: each batch is reduced at once.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from pathlib import Path
@@ -48,12 +49,16 @@ def next_token_predictions(model: nn.Module, ids: Tensor, *, batch_size: int = 8
 
 
 def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int = 8,
-              teacher_predictions: Tensor | None = None) -> dict[str, float]:
+              teacher_predictions: Tensor | None = None,
+              token_bytes: Tensor | None = None) -> dict[str, float]:
     """nll (mean per predicted token, nats), perplexity = exp(nll), next-token accuracy and,
-    with the teacher's `next_token_predictions`, agreement (same argmax as the teacher).
+    with the teacher's `next_token_predictions`, agreement (same argmax as the teacher). With
+    `token_bytes` (V,), the bytes each token id stands for: bits_per_byte, the summed NLL in
+    bits over the bytes of the predicted text (EOS costs bits, has no bytes), which compares
+    models whatever their tokenizers.
 
     ids, labels: (N, T); position t predicts labels[:, t + 1]; labels == -100 are skipped."""
-    nll_sum, count, correct, agree = 0.0, 0, 0, 0
+    nll_sum, count, correct, agree, n_bytes = 0.0, 0, 0, 0, 0
     for start, logits in _batches(model, ids, batch_size):
         target = labels[start : start + len(logits), 1:].to(logits.device)
         valid = target != IGNORE_INDEX
@@ -67,9 +72,13 @@ def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int 
         if teacher_predictions is not None:
             teacher = teacher_predictions[start : start + len(logits)].to(logits.device)
             agree += int(((pred == teacher) & valid).sum())
+        if token_bytes is not None:
+            n_bytes += int(token_bytes[target[valid].cpu()].sum())
     nll_mean = nll_sum / max(count, 1)
     scores = {"nll": nll_mean, "perplexity": math.exp(min(nll_mean, 700.0)),
               "accuracy": correct / max(count, 1), "tokens": float(count)}
+    if token_bytes is not None:
+        scores["bits_per_byte"] = nll_sum / math.log(2) / max(n_bytes, 1)
     if teacher_predictions is not None:
         scores["agreement"] = agree / max(count, 1)
     return scores
@@ -98,12 +107,12 @@ def lm_speed(model: nn.Module, ids: Tensor, *, batch: int = 8, repeats: int = 5)
 
 
 def lm_report(model: nn.Module, weights_path: Path, test_x: Tensor, test_y: Tensor, *,
-              teacher_predictions: Tensor | None, batch_size: int, repeats: int) -> dict[
-    str, Any
-]:
+              teacher_predictions: Tensor | None, batch_size: int, repeats: int,
+              token_bytes: Tensor | None = None) -> dict[str, Any]:
     """Everything the report shows for one causal LM (throughput in tokens/s)."""
     row: dict[str, Any] = lm_scores(model, test_x, test_y, batch_size=batch_size,
-                                    teacher_predictions=teacher_predictions)
+                                    teacher_predictions=teacher_predictions,
+                                    token_bytes=token_bytes)
     row["params"] = count_parameters(model)
     row["bytes"] = weights_path.stat().st_size
     row.update(lm_speed(model, test_x, batch=min(batch_size, len(test_x)),
@@ -156,29 +165,48 @@ def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
 def check_vocabulary(cfg: RunConfig) -> None:
     """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
     use the data's. Padded embedding tables (more rows than tokens) are fine; the method
-    compares the first `len(tokenizer)` logits."""
+    compares the first `len(tokenizer)` logits. A teacher with another tokenizer is named
+    through `arch: projected_lm`, whose `tokenizer` must then be the data's."""
     from kdistill.models.hf import load_tokenizer
 
     specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
              *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]
+    if cfg.student.model.arch == "projected_lm":
+        raise ConfigError("student.model.arch", "projected_lm is a teacher seen through the "
+                                                "student's tokenizer; it cannot be trained")
+    if cfg.teacher.model.arch == "projected_lm" and cfg.teacher.train is not None:
+        raise ConfigError("teacher.train", "a projected_lm teacher is used as loaded (its "
+                                           "outputs carry no gradient); remove teacher.train")
     for where, spec in specs:
         # A pretrained LM's own tokenizer; a llama student initialised from a pretrained LM
         # inherits that LM's embedding rows, so its tokenizer must match as well.
         field, path = "path", spec.args.get("path", "smollm2")
         if spec.arch == "llama":
             field, path = "init_from", spec.args.get("init_from")
+        elif spec.arch == "projected_lm":
+            field, path = "tokenizer", spec.args.get("tokenizer")
         elif spec.arch != "hf_causal_lm":
             path = None
         if path is None or path == cfg.data.tokenizer:
             continue
         if load_tokenizer(path, where=f"{where}.args.{field}").get_vocab() != load_tokenizer(
                 cfg.data.tokenizer).get_vocab():
-            raise ConfigError(f"{where}.args.{field}" if field == "init_from" else where,
+            hint = ("name the data's tokenizer (data.tokenizer)" if field == "tokenizer" else
+                    "use the same tokenizer, teach through arch: projected_lm (the teacher "
+                    "projected onto the data's tokenizer), or sequence-level KD (train the "
+                    "student on the teacher's generated text)")
+            raise ConfigError(f"{where}.args.{field}" if field != "path" else where,
                               f"'{path}' uses another tokenizer than the data "
-                                     f"('{cfg.data.tokenizer}'): token-level KD compares "
-                                     f"distributions over one vocabulary. Use the same "
-                                     f"tokenizer, or sequence-level KD (train the student on "
-                                     f"the teacher's generated text), which needs none")
+                              f"('{cfg.data.tokenizer}'): token-level KD compares "
+                              f"distributions over one vocabulary; {hint}")
+
+
+@functools.lru_cache(maxsize=4)
+def _token_bytes(tokenizer_name: str) -> Tensor:
+    from kdistill.models.cross_tokenizer import token_byte_lengths
+    from kdistill.models.hf import load_tokenizer
+
+    return token_byte_lengths(load_tokenizer(tokenizer_name))
 
 
 def _eval_batch(ev: Evaluation) -> int:
@@ -223,15 +251,31 @@ class CausalLM(Task):
                     f"{splits.num_classes:,} tokens of the vocabulary")
         return None
 
-    def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor:
+    def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor | None:
+        from kdistill.models.cross_tokenizer import ProjectedLM
+
+        if isinstance(teacher, ProjectedLM):  # its targets read the next ids: no agreement
+            return None
         # The teacher's next-token argmax, not (N, T, V) logits.
         return next_token_predictions(teacher, ev.splits.test_x, batch_size=_eval_batch(ev))
 
     def test_row(self, model: nn.Module, weights: Path, reference: Tensor | None,
                  ev: Evaluation) -> tuple[dict[str, Any], Any]:
+        from kdistill.models.cross_tokenizer import ProjectedLM, token_byte_lengths
+
+        if isinstance(model, ProjectedLM):
+            # Scored on its own tokenization of the same test text: perplexity per teacher
+            # token, bits per byte comparable with the students'.
+            ids, labels = model.projection.teacher_blocks(ev.splits.test_x)
+            row = lm_report(model.teacher, weights, ids, labels, teacher_predictions=None,
+                            batch_size=_eval_batch(ev), repeats=ev.cfg.eval.latency_repeats,
+                            token_bytes=token_byte_lengths(model.projection.teacher_tok))
+            return row, None
+        name = getattr(ev.cfg.data, "tokenizer", None)
         row = lm_report(model, weights, ev.splits.test_x, ev.splits.test_y,
                         teacher_predictions=reference, batch_size=_eval_batch(ev),
-                        repeats=ev.cfg.eval.latency_repeats)
+                        repeats=ev.cfg.eval.latency_repeats,
+                        token_bytes=None if name is None else _token_bytes(name))
         return row, None
 
     def samples(self, ev: Evaluation, produced: dict[str, Any]) -> list[dict[str, str]]:
