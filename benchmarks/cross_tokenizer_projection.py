@@ -1,0 +1,114 @@
+"""How well a teacher's next-token distribution carries over to the student's tokenizer
+(`arch: projected_lm`, `kdistill.models.cross_tokenizer`), on the real pair of
+`recipes/llm-cross-tokenizer.yaml`: SmolLM2's 49,152-token vocabulary and the student's BPE.
+
+Over the recipe's test blocks (student tokens), per student position:
+- `aligned`: both tokenizations have a boundary where the student's prefix ends;
+- `fallback`: the observed next teacher token does not map to the observed next student token
+  (the student's token runs past the teacher's, or its BPE chose another first token), so the
+  target there is the observed token (KD = CE). Measured with an oracle teacher (all mass on
+  the observed next teacher token), so it depends on the two tokenizations only.
+With the real teacher on the first `--teacher-blocks` blocks: `kept`, the mean share of the
+teacher's top-`candidates` mass that is consistent with the text read so far (the rest is
+dropped by the projection before renormalising), the extra fallbacks where no candidate is
+consistent, and the projection's time against the teacher's forward.
+
+Run (after `kdistill tokenizer recipes/llm-cross-tokenizer.yaml --vocab-size 4096 --out
+runs/tokenizers/stdlib-bpe4k`):
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cross_tokenizer_projection.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import time
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.config import load_config
+from kdistill.data.source import LoadContext
+from kdistill.models.cross_tokenizer import SEPARATOR, ProjectedLM, Projection
+from kdistill.models.hf import load_tokenizer, pretrained_causal_lm
+
+
+class Oracle(nn.Module):
+    """All mass on the observed next teacher token."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.anchor = vocab, nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        logits = torch.full((*ids.shape, self.vocab), -30.0)
+        return logits.scatter(-1, ids.roll(-1, dims=1)[..., None], 0.0)
+
+
+def aligned_share(proj: Projection, blocks: Tensor) -> float:
+    aligned = total = 0
+    for ids in blocks.tolist():
+        row = proj.row(ids)
+        ends = set(row.teacher_ends)
+        for e in row.student_ends[:-1]:
+            aligned += e in ends
+            total += 1
+    return aligned / total
+
+
+def kept_mass(proj: Projection, model: ProjectedLM, blocks: Tensor) -> float:
+    """Mean consistent share of the teacher's top candidates at the non-fallback positions."""
+    rows = [proj.row(ids) for ids in blocks.tolist()]
+    top_ids, top_probs = model._teacher_top(rows)
+    shares = []
+    for i, row in enumerate(rows):
+        for e in row.student_ends[:-1]:
+            u = bisect.bisect_right(row.teacher_ends, e) - 1
+            s = row.stream[row.teacher_ends[u]:e] if u >= 0 else bytes([SEPARATOR])
+            if u < 0 or SEPARATOR in s:
+                continue
+            total = sum(top_probs[i][u])
+            ok = sum(p for w, p in zip(top_ids[i][u], top_probs[i][u], strict=True)
+                     if proj.student_token(w, s) >= 0)
+            shares.append(ok / total)
+    return sum(shares) / len(shares)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="recipes/llm-cross-tokenizer.yaml")
+    parser.add_argument("--teacher-blocks", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.recipe)
+    splits = cfg.data.load(LoadContext())
+    spec = cfg.teacher.model.args
+    teacher_tok = load_tokenizer(spec.get("path", "smollm2"))
+    proj = Projection(teacher_tok, load_tokenizer(spec["tokenizer"]))
+    blocks = splits.test_x
+    oracle = ProjectedLM(Oracle(len(teacher_tok)), proj, candidates=1)
+    for start in range(0, len(blocks), 32):
+        oracle(blocks[start:start + 32])
+    print(f"test blocks {tuple(blocks.shape)}: aligned {aligned_share(proj, blocks):.3f}, "
+          f"fallback (tokenizations) {oracle.fallbacks / oracle.positions:.3f}")
+    candidates = int(spec.get("candidates", 64))
+    teacher = ProjectedLM(pretrained_causal_lm((blocks.shape[1],), len(teacher_tok),
+                                               path=spec.get("path", "smollm2")),
+                          proj, candidates=candidates)
+    few = blocks[: args.teacher_blocks]
+    t0 = time.perf_counter()
+    rows = [proj.row(ids) for ids in few.tolist()]
+    top = teacher._teacher_top(rows)
+    t1 = time.perf_counter()
+    for i, (row, ids) in enumerate(zip(rows, few.tolist(), strict=True)):
+        proj.targets(row, [*ids[1:], None], top[0][i], top[1][i])
+    t2 = time.perf_counter()
+    teacher(few)
+    fallback = teacher.fallbacks / teacher.positions
+    print(f"real teacher, {len(few)} blocks, top {candidates}: kept mass "
+          f"{kept_mass(proj, teacher, few):.3f}, fallback {fallback:.3f}"
+          f"; teacher forward {t1 - t0:.2f} s, projection {t2 - t1:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
