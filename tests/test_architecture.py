@@ -40,7 +40,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "methods": (*FOUNDATION, "losses", "capture", "adapters", "schedules", "models.generator"),
     "config": (*FOUNDATION, "data", "devices", "io", "methods", "rundir", "schedules",
                "tasks"),
-    "cache": (*FOUNDATION, "devices", "io", "capture"),
+    # The cache stores what the losses read: the sparse targets come from losses.topk.
+    "cache": (*FOUNDATION, "devices", "io", "capture", "losses.topk"),
     "teachers": (*FOUNDATION, "devices", "cache", "capture"),
     # The cache as Parquet shards for other tools: it reads a cache and writes files.
     "cache_export": (*FOUNDATION, "cache", "io"),

@@ -158,6 +158,52 @@ def test_key_keeps_dense_and_topk_caches_and_each_k_apart(tmp_path: Path) -> Non
         build_cache(tmp_path / "i8", teacher, ids, CacheKey("t", "d", "int8", topk=8))
 
 
+def test_tail_samples_store_an_unbiased_estimate_of_the_teacher() -> None:
+    from kdistill.losses.topk import NO_MASS, sparse_targets
+
+    logprobs = torch.log_softmax(2 * torch.randn(3, 4, 50, generator=torch.Generator()
+                                                 .manual_seed(0)), dim=-1)
+    head = logprobs.topk(6, dim=-1)
+    total, rounds = torch.zeros(3, 4, 50), 3000
+    for seed in range(rounds):
+        values, indices = sparse_targets(logprobs, 10, 4, seed=seed)
+        assert (values.diff(dim=-1) <= 0).all()  # sorted, as the cache layout says
+        assert (indices.sort(-1).values.diff(dim=-1) != 0).all()  # distinct tokens
+        assert torch.isin(head.indices, indices).all()  # the head is kept exactly
+        torch.testing.assert_close(values.exp().sum(-1), torch.ones(3, 4))  # no missing mass
+        total.scatter_add_(-1, indices, values.exp())
+    # Every token's mean stored mass is its probability (std of one mean here < 0.002).
+    assert (total / rounds - logprobs.exp()).abs().max() < 0.01
+    plain = sparse_targets(logprobs, 10)
+    assert torch.equal(plain[0], logprobs.topk(10, dim=-1).values)
+    # A tail that rounds to zero: finite, zero-mass slots outside the head.
+    peaked = torch.log_softmax(torch.tensor([[0.0, -200, -200, -200, -200]]), dim=-1)
+    values, indices = sparse_targets(peaked, 3, 2)
+    assert values.tolist() == [[0.0, NO_MASS, NO_MASS]] and 0 not in indices[0, 1:].tolist()
+
+
+def test_a_tail_sampled_cache_is_keyed_apart_and_configured_within_k(tmp_path: Path) -> None:
+    from kdistill.config import load_config
+
+    teacher, ids = _llama(1), _ids(5)
+    key = CacheKey("t", "d", topk=8, tail_samples=3)
+    cache = build_cache(tmp_path / "c", teacher, ids, key, batch_size=2)
+    assert cache.key == key and not TeacherCache.is_valid(tmp_path / "c", CacheKey("t", "d",
+                                                                                 topk=8))
+    values = cache.read("topk_logprobs", torch.arange(5))
+    torch.testing.assert_close(values.exp().sum(-1), torch.ones(5, T))
+    exact, head = _dense_topk(teacher, ids, 5)
+    stored = torch.full((5, T, V), float("nan")).scatter(
+        -1, cache.read("topk_indices", torch.arange(5)), values)
+    torch.testing.assert_close(stored.gather(-1, head), exact)  # the head is stored exactly
+    for bad, match in ((["cache.tail_samples=2"], "needs cache.topk above it"),
+                       (["cache.topk=4", "cache.tail_samples=4"], "needs cache.topk above it")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, ["data.name=stdlib_docs", "data.tokenizer=smollm2",
+                               "method.name=token_kd", "teacher.model.arch=hf_causal_lm",
+                               "student.model.arch=llama", *bad])
+
+
 def test_cached_teacher_returns_topk_beside_teacher_layers(tmp_path: Path) -> None:
     teacher, ids = _llama(1), _ids(6)
     key = CacheKey("t", "d", "bfloat16", layers=("model.model.norm",), topk=4)

@@ -59,6 +59,7 @@ from kdistill.capture import capture
 from kdistill.devices import model_device
 from kdistill.errors import ConfigError, KDistillError, TrainingError
 from kdistill.io import file_digest, fsync_file, read_json, refuse_symlink
+from kdistill.losses.topk import sparse_targets
 
 # 2: cached teacher layers are part of the key; 3: top-k format, bfloat16; 4: a sha256 per
 # field file (older caches have none: they are rebuilt, not read unchecked); 5: "views", rows
@@ -91,10 +92,12 @@ class CacheKey:
     dtype: str = "float32"  # storage dtype of the values: float32, float16 or bfloat16
     layers: tuple[str, ...] = ()  # teacher layers whose outputs are stored beside the logits
     topk: int | None = None  # None: dense logits; k: the top-k log-probabilities and indices
+    tail_samples: int = 0  # of the k: draws from the tail (`kdistill.losses.sparse_targets`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
-                "layers": list(self.layers), "topk": self.topk}
+                "layers": list(self.layers), "topk": self.topk,
+                "tail_samples": self.tail_samples}
 
 
 def index_dtype(vocab: int) -> np.dtype:
@@ -199,7 +202,8 @@ class TeacherCache:
         try:
             return CacheKey(teacher=key["teacher"], data=key["data"],
                             dtype=key.get("dtype", "float32"),
-                            layers=tuple(key.get("layers", ())), topk=key.get("topk"))
+                            layers=tuple(key.get("layers", ())), topk=key.get("topk"),
+                            tail_samples=key.get("tail_samples", 0))
         except (KeyError, TypeError):
             raise ConfigError(str(self.directory / "manifest.json"),
                               f"not a kdistill cache key: {key!r}; {REBUILD}") from None
@@ -404,8 +408,10 @@ def build_cache(
             arrays = {name: np.lib.format.open_memmap(tmp / file, mode="w+",
                                                       dtype=_disk_dtype(dt), shape=(n, *shape))
                       for name, (file, dt, shape) in layout.items()}
-            # Top-k adds a log-softmax copy of the logits: budget twice their size.
-            per_sample = probe[0].numel() * 4 * (1 if k is None else 2)
+            # Top-k adds a log-softmax copy of the logits (tail samples two more: the tail's
+            # probabilities and the draw counts): budget that many times their size.
+            copies = 1 if k is None else 4 if key.tail_samples else 2
+            per_sample = probe[0].numel() * 4 * copies
             step = max(1, min(batch_size, int(max_batch_mb * 2**20) // max(per_sample, 1)))
             for start in range(0, n, step):
                 logits = teacher(inputs[start : start + step].to(device))
@@ -413,9 +419,10 @@ def build_cache(
                 if k is not None:
                     # log-softmax over the full vocabulary first, so the stored values are
                     # the teacher's true log-probabilities (the missing mass is 1 − Σ exp).
-                    top = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+                    top = sparse_targets(torch.log_softmax(logits.float(), dim=-1), k,
+                                         key.tail_samples, seed=start)
                     _check_finite("logits", logits, None, start, key.dtype, what)
-                    values = {"topk_logprobs": top.values, "topk_indices": top.indices}
+                    values = {"topk_logprobs": top[0], "topk_indices": top[1]}
                 values.update({m: feats[m] for m in layers})
                 for name, value in values.items():
                     rows = _to_disk(value, layout[name][1])

@@ -184,6 +184,17 @@ class CacheConfig(_Strict):
         None, description="causal LMs: store only the teacher's top-k log-probabilities and "
         "their indices per token (method token_kd, kind forward_kl); null: dense logits"
     )
+    tail_samples: Annotated[int, Field(ge=0)] = Field(
+        0, description="top-k caches: of the k entries per token, this many are draws from the "
+        "teacher's distribution outside its top k - tail_samples, weighted so the stored "
+        "distribution is an unbiased estimate of the teacher's; 0: the plain top k")
+
+    @model_validator(mode="after")
+    def _tail_within_topk(self) -> CacheConfig:
+        if self.tail_samples and (self.topk is None or self.tail_samples >= self.topk):
+            raise ValueError(f"tail_samples: {self.tail_samples} of the top-k cache's entries "
+                             f"(topk: {self.topk}); needs cache.topk above it")
+        return self
 
 
 class EvalConfig(_Strict):

@@ -66,14 +66,52 @@ from kdistill.losses.tokens import (
     token_valid_mask,
 )
 
-__all__ = ["MIN_TAIL", "TOPK_KINDS", "TopKMissing", "densify_topk", "topk_distill_loss",
-           "topk_kd"]
+__all__ = ["MIN_TAIL", "NO_MASS", "TOPK_KINDS", "TopKMissing", "densify_topk",
+           "sparse_targets", "topk_distill_loss", "topk_kd"]
 
 TopKMissing = Literal["renormalize", "uniform"]
 _MISSING: tuple[str, ...] = get_args(TopKMissing)
 # The token_kd kinds a top-k teacher supports: forward KL sparsely, the others densified.
 TOPK_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tv")
 MIN_TAIL = 1e-6  # the smallest tail mass r for the densified kinds (see the module docstring)
+NO_MASS = -1e4  # a stored log-probability standing for zero mass (caches refuse -inf)
+
+
+def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
+                   seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(values, indices), each (..., k), sorted by value descending: what a top-k cache stores
+    per token, from the teacher's full log-probabilities `logprobs` (..., V).
+
+    `tail_samples` m = 0: the k largest. m > 0: the k − m largest exactly, then m draws with
+    replacement (seeded by `seed`) from the teacher's distribution outside them; a distinct
+    drawn token j stores log(r·c_j / m), r the tail mass and c_j its count, and slots left
+    unused by repeated draws store `NO_MASS` on tokens outside the head. E[r·c_j / m] = p_j for
+    every tail token, so the stored distribution sums to 1 and is an unbiased estimate of the
+    teacher's: forward KL's gradient on it is unbiased (the plain top-k renormalised is not).
+    The sampling idea is Anshumann et al. 2025 (arXiv:2503.16870), who draw all k; keeping
+    the head exact removes most of the variance."""
+    if tail_samples == 0:
+        top = logprobs.topk(k, dim=-1)
+        return top.values, top.indices
+    vocab, m = logprobs.shape[-1], tail_samples
+    head = logprobs.topk(k - m, dim=-1)
+    flat_head = head.indices.reshape(-1, k - m)
+    tail = logprobs.reshape(-1, vocab).exp().scatter(1, flat_head, 0.0)
+    mass = tail.sum(-1, keepdim=True)
+    # A row whose tail rounds to 0 draws from anything: its slots get zero mass below.
+    gen = torch.Generator(device=logprobs.device).manual_seed(seed)
+    draws = torch.multinomial(torch.where(mass > 0, tail, 1.0), m, replacement=True,
+                              generator=gen)
+    counts = torch.zeros_like(tail).scatter_add_(1, draws, torch.ones_like(draws, dtype=tail.dtype))
+    counts.scatter_(1, flat_head, -1.0)  # unused slots never land on a head token
+    counts, ids = counts.topk(m, dim=-1)
+    share = mass * counts.clamp(min=0) / m
+    tail_lp = torch.where(share > 0, share.log(), torch.full_like(share, NO_MASS))
+    values = torch.cat([head.values.reshape(-1, k - m), tail_lp], dim=-1)
+    indices = torch.cat([flat_head, ids], dim=-1)
+    values, order = values.sort(dim=-1, descending=True)
+    shape = (*logprobs.shape[:-1], k)
+    return values.reshape(shape), indices.gather(-1, order).reshape(shape)
 
 
 def densify_topk(teacher_logprobs: Tensor, teacher_indices: Tensor, vocab: int,

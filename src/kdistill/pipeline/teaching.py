@@ -75,7 +75,8 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
     layers = tuple(method.teacher_layers)
     inputs, views, data = cache_inputs(cfg, splits)
     key = CacheKey(teacher=weights_print, data=data,
-                   dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk)
+                   dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk,
+                   tail_samples=cfg.cache.tail_samples)
 
     opened: list[TeacherCache] = []  # rank 0's verified (or just built) cache
 
