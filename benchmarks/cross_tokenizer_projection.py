@@ -8,10 +8,12 @@ Over the recipe's test blocks (student tokens), per student position:
   (the student's token runs past the teacher's, or its BPE chose another first token), so the
   target there is the observed token (KD = CE). Measured with an oracle teacher (all mass on
   the observed next teacher token), so it depends on the two tokenizations only.
-With the real teacher on the first `--teacher-blocks` blocks: `kept`, the mean share of the
-teacher's top-`candidates` mass that is consistent with the text read so far (the rest is
-dropped by the projection before renormalising), the extra fallbacks where no candidate is
-consistent, and the projection's time against the teacher's forward.
+With the real teacher on the first `--teacher-blocks` blocks: `covered`, the mean teacher mass
+in its top `candidates` (the rest is never looked at); `kept`, the mean share of that top
+mass consistent with the text read so far (the rest is dropped before renormalising), over
+every position with a teacher position before it; the fallbacks (tokenizations, or no
+consistent candidate); and the time of the teacher's forward (with re-tokenising the blocks)
+against the projection's (`targets`: alignment and vocabulary mapping).
 
 Run (after `kdistill tokenizer recipes/llm-cross-tokenizer.yaml --vocab-size 4096 --out
 runs/tokenizers/stdlib-bpe4k`):
@@ -56,11 +58,12 @@ def aligned_share(proj: Projection, blocks: Tensor) -> float:
     return aligned / total
 
 
-def kept_mass(proj: Projection, model: ProjectedLM, blocks: Tensor) -> float:
-    """Mean consistent share of the teacher's top candidates at the non-fallback positions."""
+def kept_mass(proj: Projection, model: ProjectedLM, blocks: Tensor) -> tuple[float, float]:
+    """(covered, kept): the mean teacher mass in its top candidates, and the mean consistent
+    share of it, over the positions with a teacher position before them."""
     rows = [proj.row(ids) for ids in blocks.tolist()]
     top_ids, top_probs = model._teacher_top(rows)
-    shares = []
+    shares, covered = [], []
     for i, row in enumerate(rows):
         for e in row.student_ends[:-1]:
             u = bisect.bisect_right(row.teacher_ends, e) - 1
@@ -71,7 +74,8 @@ def kept_mass(proj: Projection, model: ProjectedLM, blocks: Tensor) -> float:
             ok = sum(p for w, p in zip(top_ids[i][u], top_probs[i][u], strict=True)
                      if proj.student_token(w, s) >= 0)
             shares.append(ok / total)
-    return sum(shares) / len(shares)
+            covered.append(total)
+    return sum(covered) / len(covered), sum(shares) / len(shares)
 
 
 def main() -> None:
@@ -105,9 +109,10 @@ def main() -> None:
     t2 = time.perf_counter()
     teacher(few)
     fallback = teacher.fallbacks / teacher.positions
-    print(f"real teacher, {len(few)} blocks, top {candidates}: kept mass "
-          f"{kept_mass(proj, teacher, few):.3f}, fallback {fallback:.3f}"
-          f"; teacher forward {t1 - t0:.2f} s, projection {t2 - t1:.2f} s")
+    covered, kept = kept_mass(proj, teacher, few)
+    print(f"real teacher, {len(few)} blocks, top {candidates}: covered {covered:.3f}, kept "
+          f"{kept:.3f}, fallback {fallback:.3f}; teacher forward with re-tokenising "
+          f"{t1 - t0:.2f} s, projection {t2 - t1:.2f} s")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,47 @@ def test_two_tokenizers_an_oracle_teacher_lands_on_the_observed_student_tokens(
     assert model.fallbacks < 0.25 * model.positions  # the projection holds almost everywhere
     # Documents end where both tokenizations end: EOS maps to EOS.
     eos = (ids[:, 1:] == student_tok.eos_token_id).nonzero()
-    assert len(eos) > 0
+    assert len(eos) > 0 and bool((q[eos[:, 0], eos[:, 1], student_tok.eos_token_id] > 0.99).all())
+    # Zero mass stays zero at any temperature: a one-hot target is one-hot at T = 4 too.
+    tempered = torch.softmax(model(ids)[:, :-1] / 4, dim=-1)
+    assert bool((tempered.gather(-1, ids[:, 1:, None]) > 0.99).all())
+
+
+def test_the_cache_key_follows_the_projection(toks: dict[str, Path]) -> None:
+    from kdistill.cache import fingerprint_model
+    from kdistill.models.cross_tokenizer import ProjectedLM
+
+    teacher = Oracle(700)
+    prints = {fingerprint_model(ProjectedLM(teacher, _projection(toks, s), candidates=c))
+              for s, c in (("student", 4), ("student", 8), ("teacher", 4))}
+    assert len(prints) == 3
+
+
+def test_word_level_tokenizers_get_no_bits_per_byte_and_no_projection(
+        tmp_path: Path, toks: dict[str, Path]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdistill.models import build_model
+    from kdistill.models.cross_tokenizer import token_byte_lengths
+    from kdistill.models.hf import load_tokenizer
+    from kdistill.tasks.causal_lm import lm_scores
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator([TEXT] * 3, trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "</s>"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>",
+                            unk_token="[UNK]").save_pretrained(tmp_path / "words")
+    tok = load_tokenizer(str(tmp_path / "words"))
+    assert token_byte_lengths(tok) is None  # "Return the" has bytes no token holds
+    with pytest.raises(ConfigError, match=r"args.tokenizer: .*byte-level BPE"):
+        build_model("projected_lm", input_shape=(8,), num_classes=len(tok),
+                    args={"path": str(toks["teacher"]), "tokenizer": str(tmp_path / "words")})
+    ids = torch.tensor([tok(TEXT).input_ids[:6]])
+    model = nn.Sequential(nn.Embedding(len(tok), 2), nn.Linear(2, len(tok)))
+    ignored = torch.full_like(ids, -100)
+    assert math.isnan(lm_scores(model, ids, ignored)["perplexity"])  # nothing scored: no score
 
 
 def test_bits_per_byte_of_a_uniform_model(toks: dict[str, Path]) -> None:
@@ -160,6 +200,7 @@ def test_a_run_distils_across_tokenizers_from_the_cache(tmp_path: Path,
     lines: list[str] = []
     result = run(cfg, echo=lines.append)
     assert any("top-8 log-probabilities" in line for line in lines)
+    assert any(line.startswith("cache: projection: ") for line in lines)  # how often it held
     assert result.teacher_forwards == 0  # offline: every KD target came from the cache
     rows = result.rows
     for role in ("teacher", "baseline", "student"):
@@ -181,6 +222,14 @@ def test_recipe_checks_of_a_projected_teacher(tmp_path: Path, toks: dict[str, Pa
         validate(load_config(recipe, [f"student.model={good}"]))
     with pytest.raises(ConfigError, match=r"teacher.train: a projected_lm teacher"):
         validate(load_config(recipe, ["teacher.train={epochs: 1}"]))
+    with pytest.raises(ConfigError, match=r"on-policy method 'gkd'"):
+        validate(load_config(recipe, ["method={name: gkd}", "cache.topk=null"]))
+    with pytest.raises(ConfigError, match=r"args.candidates: .* 1 \.\. 1024, got True"):
+        validate(load_config(recipe, ["teacher.model.args.candidates=true"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"args.tokenizer: no tokenizer could be read"):
+        validate(load_config(recipe, [f"teacher.model.args.tokenizer={empty}"]))
     # A plain teacher over another vocabulary points to the projected one.
     with pytest.raises(ConfigError, match=r"teacher.model: .*arch: projected_lm"):
         validate(load_config(recipe, [f"teacher.model={{arch: hf_causal_lm, args: {{path: "
@@ -207,7 +256,10 @@ def test_cli_tokenizer_learns_on_the_training_documents_only(tmp_path: Path) -> 
     vocab = set(tok.get_vocab())
     assert len(tok) == 300 and any("alphabetagamma" in t for t in vocab)
     assert not any("zyx" in t for t in vocab)  # the test file never shaped the vocabulary
-    for args, message in ((("--vocab-size", "100", "--out", "t2"), "--vocab-size: at least"),
+    (tmp_path / "file").write_text("x")
+    for args, message in ((("--vocab-size", "100", "--out", "t2"), "--vocab-size: 257 (the"),
+                          (("--vocab-size", "1" + "0" * 20, "--out", "t2"), "--vocab-size: 257"),
+                          (("--vocab-size", "300", "--out", "file/sub"), "--out: cannot create"),
                           (("--vocab-size", "300", "--out", "tok"), "--out: tok exists"),
                           (("data.name=mnist", "--out", "t3"), "'mnist'")):
         bad = _cli("tokenizer", "r.yaml", *args, cwd=tmp_path)

@@ -76,8 +76,13 @@ _MANIFEST_DTYPES = (*_VALUE_STORAGE, "uint8", "uint16", "int32", "int64")
 
 
 def fingerprint_model(model: nn.Module) -> str:
-    """sha256 over the class name and every parameter/buffer (name, shape, dtype, bytes)."""
+    """sha256 over the class name, every parameter/buffer (name, shape, dtype, bytes) and, for a
+    model whose outputs depend on more than its weights, its `fingerprint_extra()` string
+    (e.g. the projected teacher's pair of vocabularies and its number of candidates)."""
     h = hashlib.sha256(type(model).__qualname__.encode())
+    extra = getattr(model, "fingerprint_extra", None)
+    if callable(extra):
+        h.update(str(extra()).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())

@@ -19,6 +19,7 @@ from kdistill.errors import ConfigError
 
 EOS = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 bytes and EOS
+MAX_VOCAB = 1_000_000
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, *,
@@ -28,12 +29,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, *,
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < MIN_VOCAB:
-        raise ConfigError("--vocab-size", f"at least {MIN_VOCAB} (the 256 bytes and EOS), got "
-                                          f"{vocab_size}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ConfigError("--vocab-size", f"{MIN_VOCAB} (the 256 bytes and EOS) to "
+                                          f"{MAX_VOCAB:,}, got {vocab_size}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError("--out", f"{out_dir} exists and is not an empty folder; nothing is "
                                    "overwritten")
+    try:  # before training: a folder that cannot be made must not cost the training time
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("--out", f"cannot create {out_dir}: {exc.strerror}") from None
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,6 +47,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, *,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-    out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out_dir))
     return wrapped

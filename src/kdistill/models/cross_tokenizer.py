@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from kdistill.types import IGNORE_INDEX
 
 SEPARATOR = 0xFF  # never a byte of UTF-8 text: stands for a special token (EOS) in the stream
-FLOOR = 1e-6  # mass spread over the whole student vocabulary: keeps every log-probability finite
+MAX_CANDIDATES = 1024  # the projection's Python loop is linear in it: 0.8 s a batch at 1024
+ZERO_LOGPROB = -1e4  # zero mass, finite (caches refuse -inf), still zero at any temperature
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -70,7 +71,8 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     """The UTF-8 bytes each token id stands for; None for special tokens (EOS, padding).
 
     Byte-level BPE tokens (GPT-2, Llama 3, SmolLM2, `kdistill tokenizer`) map to bytes
-    exactly, partial UTF-8 characters included; other tokenizers through their decoder."""
+    exactly, partial UTF-8 characters included; other tokenizers through their decoder (only
+    approximately: a SentencePiece "▁" or WordPiece "##" token's bytes depend on context)."""
     special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     out: list[bytes | None] = []
@@ -89,8 +91,12 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
-def token_byte_lengths(tokenizer: Any) -> Tensor:
-    """(V,) int64: bytes per token id (0 for special tokens), for bits per byte."""
+def token_byte_lengths(tokenizer: Any) -> Tensor | None:
+    """(V,) int64: bytes per token id (0 for special tokens), for bits per byte; None for a
+    tokenizer that is not byte-level (a SentencePiece "▁" or WordPiece "##" token's bytes
+    depend on its neighbours, so counting them per token would be wrong)."""
+    if not _is_byte_level(tokenizer):
+        return None
     return torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
 
 
@@ -252,11 +258,19 @@ class ProjectedLM(nn.Module):
     def __init__(self, teacher: nn.Module, projection: Projection, *, candidates: int) -> None:
         super().__init__()
         self.teacher, self.projection, self.candidates = teacher, projection, candidates
-        # In the parameters' fingerprint (the cache key): the vocabularies and `candidates`.
-        key = hashlib.sha256(f"{projection.digest()}|{candidates}".encode()).digest()
-        self.register_buffer("projection_key", torch.frombuffer(bytearray(key), dtype=torch.uint8),
-                             persistent=False)
         self.fallbacks, self.positions = 0, 0
+
+    def fingerprint_extra(self) -> str:
+        """Beside the weights, in the teacher cache's key: the two vocabularies and
+        `candidates` (`kdistill.cache.fingerprint_model`)."""
+        return f"projection {self.projection.digest()} candidates {self.candidates}"
+
+    def summary(self) -> str:
+        """How often the projection held, over every position this module has scored."""
+        share = self.fallbacks / max(self.positions, 1)
+        return (f"projection: {self.positions:,} student positions, {share:.1%} taught the "
+                f"observed token (no consistent teacher candidate), "
+                f"{self.projection.unaligned_segments} text segment(s) without teacher targets")
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -282,8 +296,8 @@ class ProjectedLM(nn.Module):
         if at:  # one scatter for the whole batch: per-element writes cost microseconds each
             q[tuple(torch.tensor(at).T)] = torch.tensor(mass)
         q[q.sum(-1) == 0] = 1.0 / proj.student_vocab  # nothing known: uniform
-        q = q * (1 - FLOOR) + FLOOR / proj.student_vocab
-        return q.log().to(input_ids.device)
+        out = torch.where(q > 0, q.log(), torch.full_like(q, ZERO_LOGPROB))
+        return out.to(input_ids.device)
 
     def _teacher_top(self, rows: list[_Row]) -> tuple[list[list[list[int]]],
                                                       list[list[list[float]]]]:
@@ -311,11 +325,21 @@ def projected_causal_lm(input_shape: tuple[int, ...], num_classes: int, *, token
     from kdistill.errors import ConfigError
     from kdistill.models.hf import load_tokenizer, pretrained_causal_lm
 
-    if not isinstance(candidates, int) or candidates < 1:
-        raise ConfigError("args.candidates", f"a positive number of teacher tokens, got "
-                                             f"{candidates!r}")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or not (
+            1 <= candidates <= MAX_CANDIDATES):
+        raise ConfigError("args.candidates", f"a number of teacher tokens in 1 .. "
+                                             f"{MAX_CANDIDATES}, got {candidates!r}")
     teacher_tok = load_tokenizer(path, where="args.path")
     student_tok = load_tokenizer(tokenizer, where="args.tokenizer")
+    for where, tok in (("args.path", teacher_tok), ("args.tokenizer", student_tok)):
+        # Byte-exact alignment needs byte-level tokens (GPT-2 style BPE, `kdistill tokenizer`).
+        if not _is_byte_level(tok):
+            raise ConfigError(where, "the projection aligns the two tokenizations byte by "
+                                     "byte and needs byte-level BPE tokenizers (GPT-2, Llama "
+                                     "3, Qwen, SmolLM2, `kdistill tokenizer`); this one is not")
+        if tok.eos_token_id is None:
+            raise ConfigError(where, "the tokenizer has no EOS token (documents are joined "
+                                     "by it)")
     if len(student_tok) != num_classes:
         raise ConfigError("args.tokenizer", f"has {len(student_tok)} tokens but the data's "
                                             f"tokenizer {num_classes}: name the data's tokenizer")

@@ -90,8 +90,12 @@ def load_tokenizer(path: str, *, where: str = "data.tokenizer") -> Any:
     tf = _transformers()
     kwargs = {"gguf_file": gguf} if gguf else {}
     # trust_remote_code=False: a model directory's own Python files are never imported.
-    return tf.AutoTokenizer.from_pretrained(directory, local_files_only=True,
-                                            trust_remote_code=False, **kwargs)
+    try:
+        return tf.AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as exc:  # a folder without tokenizer files, a broken one
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(where, f"no tokenizer could be read from '{path}': {first}") from None
 
 
 def _vocab_check(vocab: int, num_classes: int, where: str) -> None:

@@ -100,6 +100,9 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
         size = sum((cache_dir / spec["file"]).stat().st_size
                    for spec in built.manifest["fields"].values())
         echo(f"cache: {size / 2**20:.1f} MB, built in {time.perf_counter() - start:.1f} s")
+        summary = getattr(model, "summary", None)  # a projected teacher: how often it held
+        if callable(summary):
+            echo(f"cache: {summary()}")
         opened.append(built)
 
     distributed.on_main(ensure_cache)

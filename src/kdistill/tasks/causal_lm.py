@@ -74,11 +74,12 @@ def lm_scores(model: nn.Module, ids: Tensor, labels: Tensor, *, batch_size: int 
             agree += int(((pred == teacher) & valid).sum())
         if token_bytes is not None:
             n_bytes += int(token_bytes[target[valid].cpu()].sum())
-    nll_mean = nll_sum / max(count, 1)
+    # Nothing scored (every label ignored) is not a perfect score: NaN.
+    nll_mean = nll_sum / count if count else math.nan
     scores = {"nll": nll_mean, "perplexity": math.exp(min(nll_mean, 700.0)),
-              "accuracy": correct / max(count, 1), "tokens": float(count)}
+              "accuracy": correct / count if count else math.nan, "tokens": float(count)}
     if token_bytes is not None:
-        scores["bits_per_byte"] = nll_sum / math.log(2) / max(n_bytes, 1)
+        scores["bits_per_byte"] = nll_sum / math.log(2) / n_bytes if n_bytes else math.nan
     if teacher_predictions is not None:
         scores["agreement"] = agree / max(count, 1)
     return scores
@@ -162,6 +163,29 @@ def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
     return rows
 
 
+PLAIN_TEXT_SOURCES = ("stdlib_docs", "fortunes", "text_files")
+
+
+def check_projected_teacher(cfg: RunConfig) -> None:
+    """What `arch: projected_lm` needs: a teacher used as loaded, plain text (every token
+    scored: its own-token evaluation covers the same bytes as the students'), and fixed text
+    (its fallback targets read the next ids: on a student's own samples they would teach the
+    student its own guesses)."""
+    from kdistill.methods import METHODS
+
+    if cfg.teacher.train is not None:
+        raise ConfigError("teacher.train", "a projected_lm teacher is used as loaded (its "
+                                           "outputs carry no gradient); remove teacher.train")
+    if cfg.data.name not in PLAIN_TEXT_SOURCES:
+        raise ConfigError("teacher.model.arch", f"projected_lm needs plain text data "
+                          f"({', '.join(PLAIN_TEXT_SOURCES)}); {cfg.data.name!r} masks tokens "
+                          "the teacher's own-token evaluation could not match")
+    if METHODS[cfg.method.name].on_policy:
+        raise ConfigError("teacher.model.arch", f"projected_lm teaches on fixed text; the "
+                          f"on-policy method {cfg.method.name!r} would have it score the "
+                          "student's own samples; use token_kd")
+
+
 def check_vocabulary(cfg: RunConfig) -> None:
     """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
     use the data's. Padded embedding tables (more rows than tokens) are fine; the method
@@ -174,9 +198,8 @@ def check_vocabulary(cfg: RunConfig) -> None:
     if cfg.student.model.arch == "projected_lm":
         raise ConfigError("student.model.arch", "projected_lm is a teacher seen through the "
                                                 "student's tokenizer; it cannot be trained")
-    if cfg.teacher.model.arch == "projected_lm" and cfg.teacher.train is not None:
-        raise ConfigError("teacher.train", "a projected_lm teacher is used as loaded (its "
-                                           "outputs carry no gradient); remove teacher.train")
+    if cfg.teacher.model.arch == "projected_lm":
+        check_projected_teacher(cfg)
     for where, spec in specs:
         # A pretrained LM's own tokenizer; a llama student initialised from a pretrained LM
         # inherits that LM's embedding rows, so its tokenizer must match as well.
@@ -202,7 +225,7 @@ def check_vocabulary(cfg: RunConfig) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _token_bytes(tokenizer_name: str) -> Tensor:
+def _token_bytes(tokenizer_name: str) -> Tensor | None:
     from kdistill.models.cross_tokenizer import token_byte_lengths
     from kdistill.models.hf import load_tokenizer
 
@@ -246,9 +269,10 @@ class CausalLM(Task):
     def at_chance(self, row: dict[str, Any], splits: DataSplits) -> str | None:
         # A uniform guess over the vocabulary has perplexity V.
         perplexity = row.get("perplexity")
-        if isinstance(perplexity, float) and perplexity >= 0.5 * splits.num_classes:
+        vocab = int(row.get("vocabulary", splits.num_classes))  # a projected teacher's own
+        if isinstance(perplexity, float) and perplexity >= 0.5 * vocab:
             return (f"test perplexity {perplexity:,.0f}, near a uniform guess over the "
-                    f"{splits.num_classes:,} tokens of the vocabulary")
+                    f"{vocab:,} tokens of the vocabulary")
         return None
 
     def reference(self, teacher: nn.Module, ev: Evaluation) -> Tensor | None:
@@ -270,6 +294,7 @@ class CausalLM(Task):
             row = lm_report(model.teacher, weights, ids, labels, teacher_predictions=None,
                             batch_size=_eval_batch(ev), repeats=ev.cfg.eval.latency_repeats,
                             token_bytes=token_byte_lengths(model.projection.teacher_tok))
+            row["vocabulary"] = len(model.projection.teacher_bytes)  # perplexity per its token
             return row, None
         name = getattr(ev.cfg.data, "tokenizer", None)
         row = lm_report(model, weights, ev.splits.test_x, ev.splits.test_y,
