@@ -27,24 +27,12 @@ import bisect
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdistill.config import load_config
 from kdistill.data.source import LoadContext
-from kdistill.models.cross_tokenizer import SEPARATOR, ProjectedLM, Projection
+from kdistill.models.cross_tokenizer import SEPARATOR, OracleLM, ProjectedLM, Projection
 from kdistill.models.hf import load_tokenizer, pretrained_causal_lm
-
-
-class Oracle(nn.Module):
-    """All mass on the observed next teacher token."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.vocab, self.anchor = vocab, nn.Parameter(torch.zeros(1))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        logits = torch.full((*ids.shape, self.vocab), -30.0)
-        return logits.scatter(-1, ids.roll(-1, dims=1)[..., None], 0.0)
 
 
 def aligned_share(proj: Projection, blocks: Tensor) -> float:
@@ -90,7 +78,7 @@ def main() -> None:
     teacher_tok = load_tokenizer(spec.get("path", "smollm2"))
     proj = Projection(teacher_tok, load_tokenizer(spec["tokenizer"]))
     blocks = splits.test_x
-    oracle = ProjectedLM(Oracle(len(teacher_tok)), proj, candidates=1)
+    oracle = ProjectedLM(OracleLM(len(teacher_tok)), proj, candidates=1)
     for start in range(0, len(blocks), 32):
         oracle(blocks[start:start + 32])
     print(f"test blocks {tuple(blocks.shape)}: aligned {aligned_share(proj, blocks):.3f}, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdistill import load_config, run
 from kdistill.errors import ConfigError
@@ -43,18 +43,6 @@ def _projection(toks: dict[str, Path], student: str = "student"):  # type: ignor
     from kdistill.models.hf import load_tokenizer
 
     return Projection(load_tokenizer(str(toks["teacher"])), load_tokenizer(str(toks[student])))
-
-
-class Oracle(nn.Module):
-    """A 'teacher' that knows the text: all its mass on the observed next teacher token."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.vocab, self.anchor = vocab, nn.Parameter(torch.zeros(1))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        logits = torch.full((*ids.shape, self.vocab), -30.0)
-        return logits.scatter(-1, ids.roll(-1, dims=1)[..., None], 0.0)
 
 
 def test_token_bytes_rebuild_the_text_exactly(toks: dict[str, Path]) -> None:
@@ -99,7 +87,7 @@ def test_one_tokenizer_projects_to_the_teachers_own_top_k(toks: dict[str, Path])
 def test_two_tokenizers_an_oracle_teacher_lands_on_the_observed_student_tokens(
         toks: dict[str, Path]) -> None:
     from kdistill.data.text import read_corpus
-    from kdistill.models.cross_tokenizer import ProjectedLM
+    from kdistill.models.cross_tokenizer import OracleLM, ProjectedLM
     from kdistill.models.hf import load_tokenizer
 
     proj = _projection(toks)
@@ -108,7 +96,7 @@ def test_two_tokenizers_an_oracle_teacher_lands_on_the_observed_student_tokens(
     for doc in read_corpus("stdlib_docs")[500:530]:  # unseen by either BPE
         stream += [*student_tok(doc, add_special_tokens=False).input_ids, student_tok.eos_token_id]
     ids = torch.tensor(stream[1 : 1 + 4 * 64]).view(4, 64)  # blocks start mid-token
-    model = ProjectedLM(Oracle(len(proj.teacher_bytes)), proj, candidates=4)
+    model = ProjectedLM(OracleLM(len(proj.teacher_bytes)), proj, candidates=4)
     q = model(ids).exp()
     assert torch.allclose(q.sum(-1), torch.ones(4, 64), atol=1e-4)
     observed = q[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -124,9 +112,9 @@ def test_two_tokenizers_an_oracle_teacher_lands_on_the_observed_student_tokens(
 
 def test_the_cache_key_follows_the_projection(toks: dict[str, Path]) -> None:
     from kdistill.cache import fingerprint_model
-    from kdistill.models.cross_tokenizer import ProjectedLM
+    from kdistill.models.cross_tokenizer import OracleLM, ProjectedLM
 
-    teacher = Oracle(700)
+    teacher = OracleLM(700)
     prints = {fingerprint_model(ProjectedLM(teacher, _projection(toks, s), candidates=c))
               for s, c in (("student", 4), ("student", 8), ("teacher", 4))}
     assert len(prints) == 3

@@ -247,6 +247,21 @@ class Projection:
         return ids, labels
 
 
+class OracleLM(nn.Module):
+    """A diagnostic 'teacher' that knows the text: all its mass on the observed next token.
+    Projected (`ProjectedLM(OracleLM(V_teacher), ...)`), its fallbacks measure how often the
+    two tokenizations alone break the projection (`benchmarks/cross_tokenizer_projection.py`)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = nn.Parameter(torch.zeros(1))  # a device for ProjectedLM to read
+
+    def forward(self, ids: Tensor) -> Tensor:
+        logits = torch.full((*ids.shape, self.vocab), -30.0, device=ids.device)
+        return logits.scatter(-1, ids.roll(-1, dims=1)[..., None], 0.0)
+
+
 class ProjectedLM(nn.Module):
     """A causal-LM teacher over another tokenizer, seen through `Projection`: student ids
     (B, T) -> log-probabilities (B, T, V_student) of the next student token. Never trained
