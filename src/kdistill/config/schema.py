@@ -29,6 +29,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
+# Causal-LM sources of plain text: every token is scored (no masked prompts).
+PLAIN_TEXT_SOURCES = ("stdlib_docs", "fortunes", "text_files")
 # Archs that are pretrained by construction (their weights come with them).
 PRETRAINED_ARCHS = ("hf_causal_lm", "projected_lm", "hf_seq2seq", "hf_sentence_encoder")
 
@@ -324,6 +326,8 @@ class RunConfig(_Strict):
                     f"{where}.train: the teacher would be an untrained network; give "
                     f"{where}.train, {where}.model.weights, or a pretrained arch"
                 )
+        if self.teacher.model.arch == "projected_lm":
+            self._check_projected_teacher()
         if self.cache.topk is not None and (not METHODS[self.method.name].reads_topk
                                             or self.more_teachers):
             readers = ", ".join(n for n, m in METHODS.items() if m.reads_topk)
@@ -381,6 +385,20 @@ class RunConfig(_Strict):
             raise ValueError(f"transfer_set.mix: method '{self.method.name}' reads plain "
                              f"labels; mixed views need a method that scores them ({fitting})"
                              " or mix: none")
+
+    def _check_projected_teacher(self) -> None:
+        # Its fallback targets read the next ids: fixed, fully scored text and no training.
+        if self.teacher.train is not None:
+            raise ValueError("teacher.train: a projected_lm teacher is used as loaded (its "
+                             "outputs carry no gradient); remove teacher.train")
+        if self.data.name not in PLAIN_TEXT_SOURCES:
+            raise ValueError(f"teacher.model.arch: projected_lm needs plain text data "
+                             f"({', '.join(PLAIN_TEXT_SOURCES)}); '{self.data.name}' masks "
+                             "tokens its own-token evaluation could not match")
+        if METHODS[self.method.name].on_policy:
+            raise ValueError(f"teacher.model.arch: projected_lm teaches on fixed text; the "
+                             f"on-policy method '{self.method.name}' would have it score the "
+                             "student's own samples; use token_kd")
 
     @property
     def run_dir(self) -> Path:

@@ -163,29 +163,6 @@ def lm_samples(tokenizer_name: str | None, test_x: Tensor, test_y: Tensor,
     return rows
 
 
-PLAIN_TEXT_SOURCES = ("stdlib_docs", "fortunes", "text_files")
-
-
-def check_projected_teacher(cfg: RunConfig) -> None:
-    """What `arch: projected_lm` needs: a teacher used as loaded, plain text (every token
-    scored: its own-token evaluation covers the same bytes as the students'), and fixed text
-    (its fallback targets read the next ids: on a student's own samples they would teach the
-    student its own guesses)."""
-    from kdistill.methods import METHODS
-
-    if cfg.teacher.train is not None:
-        raise ConfigError("teacher.train", "a projected_lm teacher is used as loaded (its "
-                                           "outputs carry no gradient); remove teacher.train")
-    if cfg.data.name not in PLAIN_TEXT_SOURCES:
-        raise ConfigError("teacher.model.arch", f"projected_lm needs plain text data "
-                          f"({', '.join(PLAIN_TEXT_SOURCES)}); {cfg.data.name!r} masks tokens "
-                          "the teacher's own-token evaluation could not match")
-    if METHODS[cfg.method.name].on_policy:
-        raise ConfigError("teacher.model.arch", f"projected_lm teaches on fixed text; the "
-                          f"on-policy method {cfg.method.name!r} would have it score the "
-                          "student's own samples; use token_kd")
-
-
 def check_vocabulary(cfg: RunConfig) -> None:
     """Logit-level KD on text needs one tokenizer: every pretrained causal LM in the recipe must
     use the data's. Padded embedding tables (more rows than tokens) are fine; the method
@@ -198,8 +175,6 @@ def check_vocabulary(cfg: RunConfig) -> None:
     if cfg.student.model.arch == "projected_lm":
         raise ConfigError("student.model.arch", "projected_lm is a teacher seen through the "
                                                 "student's tokenizer; it cannot be trained")
-    if cfg.teacher.model.arch == "projected_lm":
-        check_projected_teacher(cfg)
     for where, spec in specs:
         # A pretrained LM's own tokenizer; a llama student initialised from a pretrained LM
         # inherits that LM's embedding rows, so its tokenizer must match as well.
