@@ -53,10 +53,11 @@ def not_a_model():
 def test_every_arch_has_a_case():
     # Token-id models: tests/test_hf_models.py (causal LMs), tests/test_text_classification.py
     # (text classifiers), tests/test_general_distill.py (sentence encoders) and
-    # tests/test_seq2seq_models.py (encoder-decoders) cover them.
+    # tests/test_seq2seq_models.py (encoder-decoders) and tests/test_cross_tokenizer.py (the
+    # projected teacher) cover them.
     assert set(CASES) | {"custom", "hf_causal_lm", "llama", "textcnn", "hf_encoder_classifier",
                          "hf_encoder_student", "hf_sentence_encoder", "hf_sentence_student",
-                         "seq2seq_transformer", "hf_seq2seq"} == set(MODELS)
+                         "seq2seq_transformer", "hf_seq2seq", "projected_lm"} == set(MODELS)
 
 
 @pytest.mark.parametrize(
