@@ -266,6 +266,41 @@ def test_generate_command(teacher_dir: str, tmp_path: Path) -> None:
         run_generate(load_generate_config(str(recipe), ["batch_size=0"]))
 
 
+def test_text_format_continues_plain_text_and_writes_documents(teacher_dir: str,
+                                                                 tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kdistill.data.text_files import TextFiles
+    from kdistill.models.hf import load_tokenizer
+
+    out = tmp_path / "cont.jsonl"
+    _run(teacher_dir, out, prompt_format="text", do_sample=False)
+    lines = _lines(out)
+    assert [r["params"]["prompt_format"] for r in lines] == ["text"] * len(PROMPTS)
+    for prompt, record in zip(PROMPTS, lines, strict=True):
+        assert record["text"] == prompt.prompt + record["response"]  # nothing stripped
+    # Greedy: the same continuation as the model's own generate on the raw prompt ids (no
+    # chat template around them).
+    tok = load_tokenizer(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    ids = torch.tensor([tok(PROMPTS[0].prompt).input_ids])
+    own = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                         do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id)
+    assert tok.decode(own[0, ids.shape[1]:], skip_special_tokens=True) == lines[0]["response"]
+    # Another prompt format on the same file is refused (resume keys on the settings).
+    with pytest.raises(ConfigError, match="prompt_format"):
+        _run(teacher_dir, out, do_sample=False)
+    # The documents are what `text_files` reads (its default column is `text`).
+    docs = TextFiles(name="text_files", path=str(out), tokenizer=teacher_dir, val_size=1,
+                     test_size=1).training_documents()
+    assert set(docs) <= {r["text"].strip() for r in lines} and len(docs) == len(lines) - 2
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"output: {{path: {tmp_path / 'o.jsonl'}}}\n")
+    with pytest.raises(ConfigError, match="system: a chat system message"):
+        load_generate_config(str(recipe), ["prompt_format=text", "system=hi"])
+
+
 def test_generate_recipes_load() -> None:
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("generate-*.yaml"))
     assert recipes

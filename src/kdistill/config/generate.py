@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kdistill.config.loading import apply_overrides, read_tree, validated
 from kdistill.data.prompts import Prompt, load_prompts, read_prompt_file
@@ -72,7 +73,18 @@ class GenerateConfig(_Strict):
     sampling: Sampling = Sampling()
     batch_size: int = Field(8, ge=1)
     system: str | None = None  # None: the chat template's own default system message
+    prompt_format: Literal["chat", "text"] = Field(
+        "chat", description="chat: each prompt is a user turn in the teacher's chat template; "
+        "text: the prompt is plain text the teacher continues (base models, sequence-level KD "
+        "on a corpus), each record then also holds text = prompt + response")
     threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _system_is_chat(self) -> GenerateConfig:
+        if self.prompt_format == "text" and self.system is not None:
+            raise ValueError("system: a chat system message; prompt_format: text uses no chat "
+                             "template (remove system)")
+        return self
 
 
 def is_generate_recipe(tree: dict[str, object]) -> bool:

@@ -38,18 +38,20 @@ from kdistill.models.hf import _transformers, load_tokenizer, resolve_source
 
 
 def _params(*, max_new_tokens: int, do_sample: bool, batch_size: int, temperature: float,
-            top_p: float, top_k: int, seed: int, system: str | None) -> dict[str, Any]:
+            top_p: float, top_k: int, seed: int, system: str | None,
+            prompt_format: str = "chat") -> dict[str, Any]:
     """The settings every line records: a resumed run must use the same ones."""
     return {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "batch_size": batch_size,
             "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
-            "system": system, "prompt_format": "chat"}
+            "system": system, "prompt_format": prompt_format}
 
 
 def _recipe_params(cfg: GenerateConfig) -> dict[str, Any]:
     s = cfg.sampling
     return _params(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
                    batch_size=cfg.batch_size, temperature=s.temperature, top_p=s.top_p,
-                   top_k=s.top_k, seed=s.seed, system=cfg.system)
+                   top_k=s.top_k, seed=s.seed, system=cfg.system,
+                   prompt_format=cfg.prompt_format)
 
 
 def _read_done(out_path: Path, params: dict[str, Any], teacher: str, *,
@@ -189,9 +191,11 @@ class _Teacher:
     def answer(self, batch: list[Prompt], done: set[str]) -> tuple[list[dict[str, Any]], int]:
         """The records of the prompts of `batch` not in `done`, and the new tokens generated
         (for the whole batch: its composition is fixed, so a resumed batch is decoded again)."""
-        texts = [chat_text(self.tokenizer, p.prompt, system=self.params["system"])
-                 for p in batch]
-        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # template has BOS
+        text_format = self.params["prompt_format"] == "text"
+        texts = [_plain(p) if text_format else
+                 chat_text(self.tokenizer, p.prompt, system=self.params["system"]) for p in batch]
+        # The chat template writes its own BOS; a plain-text prompt gets the tokenizer's own.
+        rows = self.tokenizer(texts, add_special_tokens=text_format)["input_ids"]
         ids, mask = _left_pad(rows, self.pad_id)
         gpus = [self.device] if self.device.type == "cuda" else []
         # fork_rng: the batch's own seed, and the caller's global RNG left as it was.
@@ -210,11 +214,23 @@ class _Teacher:
             batch_tokens += n
             if prompt.id in done:
                 continue  # the batch's first lines were written before a crash
-            response = self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-            records.append({"id": prompt.id, "prompt": prompt.prompt, "response": response,
-                            "reference": prompt.reference, "teacher": self.path,
-                            "params": self.params, "new_tokens": n, "finished": finished})
+            response = self.tokenizer.decode(row[:n], skip_special_tokens=True)
+            # A continuation keeps its leading space: it joins the prompt mid-sentence.
+            record = {"id": prompt.id, "prompt": prompt.prompt,
+                      "response": response if text_format else response.strip(),
+                      "reference": prompt.reference, "teacher": self.path,
+                      "params": self.params, "new_tokens": n, "finished": finished}
+            if text_format:  # a whole document, for `data: {name: text_files}`
+                record["text"] = f"{prompt.prompt}{response}"
+            records.append(record)
         return records, batch_tokens
+
+
+def _plain(prompt: Prompt) -> str:
+    if not isinstance(prompt.prompt, str):
+        raise ConfigError("prompt_format", f"text continues plain-text prompts; prompt "
+                          f"{prompt.id!r} is a conversation (use prompt_format: chat)")
+    return prompt.prompt
 
 
 def generate(
@@ -232,6 +248,7 @@ def generate(
     system: str | None,
     threads: int | None,
     device: str = "auto",
+    prompt_format: str = "chat",
     echo: Callable[[str], None] = lambda line: None,
 ) -> GenerateResult:
     """Answer every prompt not yet in `out_path` with the teacher; append one JSON line each.
@@ -245,12 +262,15 @@ def generate(
             `do_sample` is false (temperature, top_p and top_k are then unused).
         seed: with the batch's first prompt id, seeds each batch's sampling.
         system: the system message (None: the chat template's default).
+        prompt_format: "chat" (a user turn in the chat template) or "text" (plain text the
+            teacher continues; each record then also holds `text`, prompt + response).
         threads: torch intra-op threads while generating (None: leave as is).
         device: where the teacher generates (`kdistill.devices.resolve`).
         echo: receives one progress line per batch.
     """
     params = _params(max_new_tokens=max_new_tokens, do_sample=do_sample, batch_size=batch_size,
-                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system)
+                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
+                     prompt_format=prompt_format)
     if len({p.id for p in prompts}) != len(prompts):
         raise ConfigError("prompts", "prompt ids must be unique (resume keys on them)")
     out_path = Path(out_path)
@@ -313,4 +333,4 @@ def run_generate(cfg: GenerateConfig, *,
                     batch_size=cfg.batch_size, max_new_tokens=s.max_new_tokens,
                     do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
                     top_k=s.top_k, seed=s.seed, system=cfg.system, threads=cfg.threads,
-                    device=cfg.teacher.device, echo=echo)
+                    device=cfg.teacher.device, prompt_format=cfg.prompt_format, echo=echo)
