@@ -23,7 +23,6 @@ runs/tokenizers/stdlib-bpe4k`):
 from __future__ import annotations
 
 import argparse
-import bisect
 import time
 
 import torch
@@ -50,12 +49,11 @@ def kept_mass(proj: Projection, model: ProjectedLM, blocks: Tensor) -> tuple[flo
     """(covered, kept): the mean teacher mass in its top candidates, and the mean consistent
     share of it, over the positions with a teacher position before them."""
     rows = [proj.row(ids) for ids in blocks.tolist()]
-    top_ids, top_probs = model._teacher_top(rows)
+    top_ids, top_probs = model.teacher_top(rows)
     shares, covered = [], []
     for i, row in enumerate(rows):
         for e in row.student_ends[:-1]:
-            u = bisect.bisect_right(row.teacher_ends, e) - 1
-            s = row.stream[row.teacher_ends[u]:e] if u >= 0 else bytes([SEPARATOR])
+            u, s = proj.context(row, e)
             if u < 0 or SEPARATOR in s:
                 continue
             total = sum(top_probs[i][u])
@@ -90,7 +88,7 @@ def main() -> None:
     few = blocks[: args.teacher_blocks]
     t0 = time.perf_counter()
     rows = [proj.row(ids) for ids in few.tolist()]
-    top = teacher._teacher_top(rows)
+    top = teacher.teacher_top(rows)
     t1 = time.perf_counter()
     for i, (row, ids) in enumerate(zip(rows, few.tolist(), strict=True)):
         proj.targets(row, [*ids[1:], None], top[0][i], top[1][i])

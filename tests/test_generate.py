@@ -295,6 +295,10 @@ def test_text_format_continues_plain_text_and_writes_documents(teacher_dir: str,
     docs = TextFiles(name="text_files", path=str(out), tokenizer=teacher_dir, val_size=1,
                      test_size=1).training_documents()
     assert set(docs) <= {r["text"].strip() for r in lines} and len(docs) == len(lines) - 2
+    # A conversation cannot be continued as plain text: refused before the teacher loads.
+    talk = [Prompt(id="c", prompt=[{"role": "user", "content": "hi"}])]
+    with pytest.raises(ConfigError, match="prompt 'c' is a conversation"):
+        _run("no/such/teacher", tmp_path / "talk.jsonl", talk, prompt_format="text")
     recipe = tmp_path / "g.yaml"
     recipe.write_text(f"output: {{path: {tmp_path / 'o.jsonl'}}}\n")
     with pytest.raises(ConfigError, match="system: a chat system message"):

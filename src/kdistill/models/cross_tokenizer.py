@@ -110,15 +110,15 @@ class _Row:
     teacher_ends: list[int] = field(default_factory=list)
 
 
-def _valid_span(b: bytes) -> tuple[int, int, str] | None:
-    """(start, end, text): the block's bytes minus a partial UTF-8 character cut at either
-    edge by the packing; None when no such trim decodes."""
+def _valid_span(b: bytes) -> tuple[int, str] | None:
+    """(start, text): the block's bytes minus a partial UTF-8 character cut at either edge by
+    the packing; None when no such trim decodes."""
     lo = 0
     while lo < min(len(b), 3) and 0x80 <= b[lo] < 0xC0:
         lo += 1
     for cut in range(4):
         try:
-            return lo, len(b) - cut, b[lo:len(b) - cut].decode("utf-8")
+            return lo, b[lo:len(b) - cut].decode("utf-8")
         except UnicodeDecodeError:
             continue
     return None
@@ -129,7 +129,7 @@ class Projection:
     over token ids and probabilities; no model)."""
 
     def __init__(self, teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-        self.teacher_tok, self.student_tok = teacher_tokenizer, student_tokenizer
+        self.teacher_tok = teacher_tokenizer
         self.teacher_bytes = token_bytes(teacher_tokenizer)
         self.student_bytes = token_bytes(student_tokenizer)
         self.student_vocab = len(self.student_bytes)
@@ -182,10 +182,10 @@ class Projection:
 
     def _tokenize_segment(self, row: _Row, segment: bytes, offset: int) -> None:
         span = _valid_span(segment)
-        if span is None or not span[2]:
+        if span is None or not span[1]:
             self.unaligned_segments += span is None
             return
-        lo, _, text = span
+        lo, text = span
         ids = self.teacher_tok(text, add_special_tokens=False).input_ids
         parts = [self.teacher_bytes[i] for i in ids]
         if any(p is None for p in parts) or b"".join(parts) != text.encode():  # type: ignore[arg-type]
@@ -206,9 +206,7 @@ class Projection:
         teacher's, or its BPE chose a shorter first token), or no candidate fits the text."""
         out: list[dict[int, float] | None] = []
         for t, observed in enumerate(next_ids):
-            e = row.student_ends[t]
-            u = bisect.bisect_right(row.teacher_ends, e) - 1
-            s = row.stream[row.teacher_ends[u]:e] if u >= 0 else bytes([SEPARATOR])
+            u, s = self.context(row, row.student_ends[t])
             if SEPARATOR in s or (observed is not None and (
                     u + 1 >= len(row.teacher_ids)
                     or self.student_token(row.teacher_ids[u + 1], s) != observed)):
@@ -216,6 +214,14 @@ class Projection:
                 continue
             out.append(self._project(s, top_ids[u], top_probs[u]) or None)
         return out
+
+    @staticmethod
+    def context(row: _Row, e: int) -> tuple[int, bytes]:
+        """(u, s) for a student prefix ending at byte e: u the teacher's last position whose
+        prefix ends at or before e (-1: none), s the bytes read past it (a lone SEPARATOR
+        when u is -1, so that no candidate can fit)."""
+        u = bisect.bisect_right(row.teacher_ends, e) - 1
+        return u, row.stream[row.teacher_ends[u]:e] if u >= 0 else bytes([SEPARATOR])
 
     def student_token(self, w: int, s: bytes) -> int:
         """The student token that teacher token `w` begins, once the student has read `s` (the
@@ -293,11 +299,12 @@ class ProjectedLM(nn.Module):
             raise TypeError("a causal LM takes int64 token ids, not float inputs")
         b, t = input_ids.shape
         proj = self.projection
-        rows = [proj.row(ids) for ids in input_ids.tolist()]
-        top_ids, top_probs = self._teacher_top(rows)
+        id_rows = input_ids.tolist()
+        rows = [proj.row(ids) for ids in id_rows]
+        top_ids, top_probs = self.teacher_top(rows)
         at: list[tuple[int, int, int]] = []
         mass: list[float] = []
-        for i, (row, ids) in enumerate(zip(rows, input_ids.tolist(), strict=True)):
+        for i, (row, ids) in enumerate(zip(rows, id_rows, strict=True)):
             # The last position has no observed next token: a prediction (greedy decoding).
             targets = proj.targets(row, [*ids[1:], None], top_ids[i], top_probs[i])
             for pos, dist in enumerate(targets):
@@ -314,7 +321,7 @@ class ProjectedLM(nn.Module):
         out = torch.where(q > 0, q.log(), torch.full_like(q, ZERO_LOGPROB))
         return out.to(input_ids.device)
 
-    def _teacher_top(self, rows: list[_Row]) -> tuple[list[list[list[int]]],
+    def teacher_top(self, rows: list[_Row]) -> tuple[list[list[list[int]]],
                                                       list[list[list[float]]]]:
         """The teacher's `candidates` most likely next tokens and their probabilities at every
         teacher position of every row (rows right-padded: causal attention never looks ahead,

@@ -273,6 +273,9 @@ def generate(
                      prompt_format=prompt_format)
     if len({p.id for p in prompts}) != len(prompts):
         raise ConfigError("prompts", "prompt ids must be unique (resume keys on them)")
+    if prompt_format == "text":  # before the teacher loads: a conversation fails at once
+        for p in prompts:
+            _plain(p)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_done(out_path, params, model_path)
