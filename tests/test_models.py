@@ -272,3 +272,20 @@ def test_custom_target_failures_are_clear(target, field, text):
             args={"depth": 2} if "TinyNet" in str(target) else None,
         )
     assert info.value.where == field and text in info.value.message
+
+
+def test_cnn_with_batch_norm_is_fingerprinted_by_its_statistics() -> None:
+    """BatchNorm after each conv (the data-free BN prior needs a teacher with it); its 0-dim
+    num_batches_tracked buffer once broke the teacher fingerprint."""
+    from kdistill.cache import fingerprint_model
+
+    net = build_model("cnn", input_shape=(1, 8, 8), num_classes=3,
+                      args={"channels": [4, 6], "hidden": 8, "batch_norm": True})
+    assert [n for n, _ in net.features[0].named_children()] == ["conv", "bn", "act", "pool"]
+    assert net.features[1].bn.num_features == 6
+    before = fingerprint_model(net)
+    net.train()(torch.randn(5, 1, 8, 8))  # a training pass moves the running statistics
+    assert fingerprint_model(net) != before
+    plain = build_model("cnn", input_shape=(1, 8, 8), num_classes=3,
+                        args={"channels": [4, 6], "hidden": 8})
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())

@@ -219,3 +219,36 @@ def test_a_tokenizer_without_eos_is_refused():
     plain = type(tok)(tokenizer_object=tok.backend_tokenizer, unk_token="[UNK]")
     with pytest.raises(ConfigError, match="EOS"):
         _splits(tokenizer=plain)
+
+
+def test_given_training_documents_leave_validation_and_test_as_they_were():
+    """Sequence-level KD on a corpus: the teacher's texts replace the training split only, so
+    the student is scored on the very blocks the other students are."""
+    base = _splits()
+    teacher_text = [f"zzdoc{i} generated text number {i}" for i in range(200, 260)]
+    given = _splits(train_documents=teacher_text)
+    assert torch.equal(given.val_x, base.val_x) and torch.equal(given.test_x, base.test_x)
+    assert _markers(given.train_x) <= set(range(200, 260))  # only the given documents
+    assert given.fingerprint != base.fingerprint
+    # The fingerprint follows the blocks: other texts, another cache.
+    assert _splits(train_documents=teacher_text[1:]).fingerprint != given.fingerprint
+
+
+def test_train_path_reads_a_tables_text_column(tmp_path):
+    import json
+
+    from kdistill.data.builtin import TextCorpus
+
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
+                            for i, t in enumerate([" first text ", "second", "  "])))
+    corpus = TextCorpus(name="stdlib_docs", tokenizer="unused", train_path=str(path))
+    assert corpus.training_documents() == ["first text", "second"]  # blank rows dropped
+    (tmp_path / "bad.jsonl").write_text('{"response": "no text column"}\n')
+    with pytest.raises(ConfigError, match="text"):
+        TextCorpus(name="stdlib_docs", tokenizer="x",
+                   train_path=str(tmp_path / "bad.jsonl")).training_documents()
+    with pytest.raises(ConfigError) as err:
+        TextCorpus(name="stdlib_docs", tokenizer="x",
+                   train_path=str(tmp_path / "none.jsonl")).training_documents()
+    assert err.value.where == "data.train_path"

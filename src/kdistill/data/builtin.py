@@ -94,11 +94,30 @@ class TextCorpus(Source):
         None, description="at most this many training tokens (whole blocks)")
     max_eval_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None, description="at most this many tokens in each of validation and test")
+    train_path: str | None = Field(
+        None, description="train on the `text` column of this table (what `kdistill generate` "
+        "wrote: sequence-level KD on the corpus) instead of the corpus's training split; "
+        "validation and test stay the corpus's own")
+
+    def _train_file(self, where: str) -> list[str] | None:
+        if self.train_path is None:
+            return None
+        from kdistill.data.splitting import existing
+        from kdistill.data.tables import read_table
+
+        table = read_table(existing(self.train_path, f"{where}.train_path"), ["text"])
+        texts = [t.strip() for t in table.texts("text") if t.strip()]
+        if not texts:
+            raise ConfigError(self.train_path, "holds no text in its 'text' column")
+        return texts
 
     def training_documents(self, where: str = "data") -> list[str]:
         """The training split's documents (what `kdistill tokenizer` learns a vocabulary on)."""
         from kdistill.data.text import read_corpus, split_documents
 
+        given = self._train_file(where)
+        if given is not None:
+            return given
         docs = read_corpus(self.name, where=f"{where}.name")
         train, _, _ = split_documents(len(docs), self.val_size, self.test_size, self.split_seed)
         return [docs[i] for i in train.tolist()]
@@ -110,7 +129,8 @@ class TextCorpus(Source):
                          seq_len=self.seq_len, val_fraction=self.val_size,
                          test_fraction=self.test_size, split_seed=self.split_seed,
                          max_train_tokens=self.max_train_tokens,
-                         max_eval_tokens=self.max_eval_tokens, where=ctx.where)
+                         max_eval_tokens=self.max_eval_tokens, where=ctx.where,
+                         train_documents=self._train_file(ctx.where))
 
 
 class Generated(Source):

@@ -27,7 +27,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import itertools
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -140,6 +142,24 @@ def load_prompts(name: str, *, limit: int | None, seed: int, where: str) -> list
         raise ConfigError(f"{where}.limit", f"expected a positive integer or null, got {limit!r}")
     prompts = PROMPT_SETS[name](f"{where}.name")
     random.Random(seed).shuffle(prompts)  # a private generator: the global one is untouched
+    return prompts if limit is None else prompts[:limit]
+
+
+_WORD = re.compile(r"\S+")
+
+
+def document_prompts(documents: list[str], prefix_words: int, *, limit: int | None,
+                     seed: int) -> list[Prompt]:
+    """The first `prefix_words` words of each document (its own spacing kept), id `doc<i>` by
+    the document's position, shuffled once by `seed` and cut to `limit` as `load_prompts`.
+    A document of `prefix_words` words or fewer is skipped: nothing of it is left for the
+    teacher to continue rather than start anew."""
+    prompts = []
+    for i, doc in enumerate(documents):
+        ends = [m.end() for m in itertools.islice(_WORD.finditer(doc), prefix_words + 1)]
+        if len(ends) > prefix_words:
+            prompts.append(Prompt(id=f"doc{i}", prompt=doc[: ends[prefix_words - 1]]))
+    random.Random(seed).shuffle(prompts)
     return prompts if limit is None else prompts[:limit]
 
 

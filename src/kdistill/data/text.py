@@ -237,8 +237,10 @@ def lm_splits_from_documents(
     max_train_tokens: int | None,
     max_eval_tokens: int | None,
     where: str = "data",
+    train_documents: Sequence[str] | None = None,
 ) -> DataSplits:
-    """`lm_splits` over a given list of documents (the corpus already read)."""
+    """`lm_splits` over a given list of documents (the corpus already read); with
+    `train_documents`, those (in their order) replace the training split's documents."""
     where = where.removesuffix(".name")
     _check_int(seq_len, f"{where}.seq_len", minimum=2)  # one block must predict one token
     _check_int(split_seed, f"{where}.split_seed", minimum=-(2**63))
@@ -252,13 +254,17 @@ def lm_splits_from_documents(
     train_idx, val_idx, test_idx = split_documents(
         len(documents), val_fraction, test_fraction, int(split_seed)
     )
+    texts = {"train": documents if train_documents is None else train_documents,
+             "val": documents, "test": documents}
+    if train_documents is not None:
+        train_idx = torch.arange(len(train_documents))
     blocks = {}
     for split, order, limit, field in (
         ("train", train_idx, max_train_tokens, "max_train_tokens"),
         ("val", val_idx, max_eval_tokens, "max_eval_tokens"),
         ("test", test_idx, max_eval_tokens, "max_eval_tokens"),
     ):
-        ids = _pack(documents, order, tokenizer, eos_id, seq_len, limit)
+        ids = _pack(texts[split], order, tokenizer, eos_id, seq_len, limit)
         if len(ids) == 0:
             raise ConfigError(
                 f"{where}.seq_len",
@@ -282,6 +288,8 @@ def lm_splits_from_documents(
         "vocab_size": len(tokenizer),
         "vocab": _tokenizer_digest(tokenizer),
     }
+    if train_documents is not None:  # only then: the corpora's fingerprints stay as they were
+        params["train"] = "given"
     h = hashlib.sha256(f"{name}|{sorted(params.items())}".encode())
     h.update(memoryview(blocks["train"].numpy()).cast("B"))
     return DataSplits(
@@ -310,6 +318,7 @@ def lm_splits(
     max_train_tokens: int | None,
     max_eval_tokens: int | None,
     where: str,
+    train_documents: Sequence[str] | None = None,
 ) -> DataSplits:
     """Read a corpus, split it by document and pack each split into (N, seq_len) int64 blocks.
 
@@ -336,4 +345,5 @@ def lm_splits(
         max_train_tokens=max_train_tokens,
         max_eval_tokens=max_eval_tokens,
         where=where,
+        train_documents=train_documents,
     )

@@ -109,7 +109,11 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """[Conv3x3 -> ReLU -> MaxPool2] per channel count -> Linear -> ReLU -> Dropout -> head.
+    """[Conv3x3 -> (BatchNorm) -> ReLU -> MaxPool2] per channel count -> Linear -> ReLU ->
+    Dropout -> head.
+
+    `batch_norm: true` puts a BatchNorm2d after every conv: its running statistics are the
+    prior of data-free methods (`method.bn_weight`, DeepInversion arXiv:1912.08795).
 
     Pooling is skipped once the feature map is down to 1×1, so any image size works; the
     flatten size is computed from `input_shape`. Hook `features.<i>` for the i-th block's
@@ -124,6 +128,7 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         shape = _image_shape(input_shape, "cnn")
@@ -131,8 +136,10 @@ class SmallCNN(nn.Module):
         c_in, size = shape[0], min(shape[1:])
         for c_out in _positive_ints(channels, "channels"):
             layers: OrderedDict[str, nn.Module] = OrderedDict(
-                conv=nn.Conv2d(c_in, c_out, 3, padding=1), act=nn.ReLU()
-            )
+                conv=nn.Conv2d(c_in, c_out, 3, padding=1))
+            if batch_norm:
+                layers["bn"] = nn.BatchNorm2d(c_out)
+            layers["act"] = nn.ReLU()
             if size >= 2:
                 layers["pool"] = nn.MaxPool2d(2)
                 size //= 2
