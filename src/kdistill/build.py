@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from kdistill.config import ModelSpec, OptimizerConfig, RunConfig, TrainSettings
 from kdistill.data import DataSplits, LoadContext, Source
 from kdistill.data.general_text import held_out_texts
 from kdistill.data.loader import BatchLoader, compose, jitter
-from kdistill.data.transfer import TransferLoader, TransferSetConfig, TransferViews
+from kdistill.data.transfer import (
+    TransferLoader,
+    TransferSetConfig,
+    TransferViews,
+    transfer_inputs,
+)
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
 from kdistill.methods import Method, build_method
@@ -33,6 +39,36 @@ def build_data(source: Source, *, transfer: TransferConfig | None = None,
                                            test_size=transfer.test_size,
                                            split_seed=getattr(source, "split_seed", 0)))
     return source.load(LoadContext(where="data", exclude_texts=exclude, run_dir=run_dir))
+
+
+def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
+    """The data with `transfer_set.unlabelled`'s inputs attached (`unlabelled_x`): every split
+    of that source, less the inputs equal to one of the data's own (a validation or test
+    input must never be trained on) and repeats."""
+    ts = cfg.transfer_set
+    if ts is None or ts.unlabelled is None:
+        return splits
+    where = "transfer_set.unlabelled"
+    other = ts.unlabelled.load(LoadContext(where=where))
+    x = torch.cat([other.train_x, other.val_x, other.test_x])
+    if x.shape[1:] != splits.train_x.shape[1:] or x.dtype != splits.train_x.dtype or (
+            other.tokens != splits.tokens):
+        raise ConfigError(where, f"'{other.name}' inputs are {tuple(x.shape[1:])} "
+                          f"{x.dtype}, the data's {tuple(splits.train_x.shape[1:])} "
+                          f"{splits.train_x.dtype}: use the same input size and tokenizer")
+    seen = {row.numpy().tobytes() for part in (splits.train_x, splits.val_x, splits.test_x)
+            for row in part}
+    keep = []
+    for i, row in enumerate(x):
+        key = row.numpy().tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    kept = x[torch.tensor(keep, dtype=torch.long)]
+    note = (f"data: {len(kept):,} unlabelled inputs from '{other.name}' for the distilled "
+            f"student ({len(x) - len(kept):,} dropped: equal to an input of the data or a "
+            "repeat)")
+    return dataclasses.replace(splits, unlabelled_x=kept, notes=(*splits.notes, note))
 
 
 def build_network(spec: ModelSpec, splits: DataSplits, *, where: str) -> nn.Module:
@@ -74,12 +110,13 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
 
 def build_train_loader(
     splits: DataSplits, cfg: TrainSettings, *, seed: int, where: str,
-    transfer_set: TransferSetConfig | None = None,
+    transfer_set: TransferSetConfig | None = None, unlabelled: bool = False,
 ) -> BatchLoader:
     """The training batches: the training split (augmented by `cfg.augment` and the source's
-    own augmentation), or, for the students of a run with `transfer_set`, its views."""
+    own augmentation), or, for the students of a run with `transfer_set`, its views (of the
+    unlabelled inputs too, for a distilled student: `unlabelled`)."""
     if transfer_set is not None:
-        return _transfer_loader(splits, cfg, seed, transfer_set)
+        return _transfer_loader(splits, cfg, seed, transfer_set, unlabelled)
     augment = None
     if cfg.augment == "jitter":
         if len(splits.input_shape) != 3:
@@ -92,20 +129,31 @@ def build_train_loader(
 
 
 def _transfer_loader(splits: DataSplits, cfg: TrainSettings, seed: int,
-                     ts: TransferSetConfig) -> TransferLoader:
+                     ts: TransferSetConfig, unlabelled: bool) -> TransferLoader:
     if splits.augment is not None:
         raise ConfigError("transfer_set", f"'{splits.name}' augments its training images itself "
                           "(random_crop / random_flip); with a transfer set set those to 0 / "
                           "false and use transfer_set.jitter / flip")
-    if not splits.train_x[:1].is_floating_point():
-        raise ConfigError("transfer_set", f"views are made of images or signals; '{splits.name}'"
-                          " inputs are token ids")
+    check_views(splits, ts)
+    x, y = transfer_inputs(splits, unlabelled=unlabelled)
+    views = TransferViews(x, y, ts, splits.tokens)
+    return TransferLoader(views, batch_size=cfg.batch_size, seed=seed)
+
+
+def check_views(splits: DataSplits, ts: TransferSetConfig) -> None:
+    """The views `ts` makes fit these inputs: images for jitter, flip and CutMix, padded
+    text (token roles known) for masking and n-grams, real-valued inputs for mixup."""
+    tokens = not splits.train_x[:1].is_floating_point()
+    if tokens and (ts.needs_images or ts.mixes):
+        raise ConfigError("transfer_set", f"'{splits.name}' inputs are token ids: jitter, "
+                          "flip and mix need images or signals; use mask_prob / ngram_prob")
+    if ts.needs_tokens and (not tokens or splits.tokens is None):
+        raise ConfigError("transfer_set", f"mask_prob and ngram_prob change padded text; "
+                          f"'{splits.name}' inputs are not")
     if ts.needs_images and len(splits.input_shape) != 3:
         raise ConfigError("transfer_set", f"jitter, flip and cutmix need images (C, H, W); "
                           f"'{splits.name}' inputs have shape {splits.input_shape} (mixup "
                           "works on any input)")
-    views = TransferViews(splits.train_x, splits.train_y, ts)
-    return TransferLoader(views, batch_size=cfg.batch_size, seed=seed)
 
 
 def _contains(value: object, name: str) -> bool:

@@ -23,6 +23,17 @@ Echo = Callable[[str], None]
 """Receives one human-readable progress line."""
 
 
+@dataclass(frozen=True)
+class TokenRoles:
+    """Which token ids of a padded text input (N, T) a transfer set's views may touch: `pad`
+    fills the tail, `mask` replaces masked tokens ([MASK], else the unknown token), `special`
+    ([CLS], [SEP], padding, ...) are never masked or cut."""
+
+    pad: int
+    mask: int
+    special: tuple[int, ...]
+
+
 @dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits
 class DataSplits:
     """A data set split into train / validation / test tensors, ready for a DataLoader.
@@ -48,6 +59,11 @@ class DataSplits:
     training batches, `f(x_batch, generator) -> x_batch`, that the training loader applies
     (inputs are then not deterministic: no teacher cache). An image folder's `*_x` are not
     tensors but `kdistill.data.image_folder.ImageFiles`, decoded on indexing.
+
+    Padded text inputs for classification carry `tokens` (`TokenRoles`: what a transfer set's
+    masking and n-gram views may change). A run with `transfer_set.unlabelled` adds
+    `unlabelled_x`, the other source's inputs (none of them a validation or test input), which
+    only the teacher labels.
     """
 
     name: str
@@ -66,3 +82,5 @@ class DataSplits:
     class_names: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     augment: Callable[[Tensor, Any], Tensor] | None = None
+    tokens: TokenRoles | None = None
+    unlabelled_x: Tensor | None = None

@@ -52,6 +52,18 @@ DataConfig = Annotated[
 ]
 
 
+class RunTransferSet(TransferSetConfig):
+    """`transfer_set:` of a run: the views, and optionally another source's inputs."""
+
+    unlabelled: DataConfig | None = Field(
+        None, description="another source's inputs (its labels unused) added to the "
+        "distilled student's transfer set, labelled by the teacher only; inputs equal to a "
+        "validation or test input of `data` are dropped (Tang et al. 2019)")
+
+    def _has_other_inputs(self) -> bool:
+        return self.unlabelled is not None
+
+
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "adam"
     # Past 10 no optimiser here trains: such a value is a typo (1e6 for 1e-6), refused.
@@ -264,6 +276,14 @@ class RunConfig(_Strict):
     def _one_directory(cls, name: str) -> str:
         check_run_name(name)  # `.` and `..` pass the pattern but leave output_dir
         return name
+
+    @field_validator("transfer_set", mode="before")
+    @classmethod
+    def _views_only(cls, value: Any) -> Any:
+        # The Python API may pass the views' own config (`kdistill.data.transfer`).
+        if isinstance(value, TransferSetConfig) and not isinstance(value, RunTransferSet):
+            return value.model_dump()
+        return value
     output_dir: str = "runs"
     memory_plan: bool = Field(
         True, description="print the memory plan's line before the run (it builds the data and "
@@ -292,11 +312,11 @@ class RunConfig(_Strict):
     transfer: TransferConfig | None = Field(
         None, description="general distillation (data.name: general_text): the labelled task "
         "that evaluates the encoder without and with fine-tuning (`kdistill.tasks.embedding`)")
-    transfer_set: TransferSetConfig | None = Field(
+    transfer_set: RunTransferSet | None = Field(
         None, description="the students' training inputs as augmented views (jitter, flip, "
-        "mixup, CutMix) that the teacher labels consistently: cached over K views per "
-        "sample, or online; the student alone trains on the same views (kdistill.data."
-        "transfer)")
+        "mixup, CutMix; token masking, n-grams) that the teacher labels consistently: cached "
+        "over K views per sample, or online; the student alone trains on the same views; "
+        "`unlabelled` adds another source's inputs (kdistill.data.transfer)")
     logging: LoggingConfig = LoggingConfig()
     compress: list[CompressStage] = Field(
         [], description="stages after distillation, run on the first seed's distilled student "
@@ -380,6 +400,10 @@ class RunConfig(_Strict):
         if self.train.augment != "none":
             raise ValueError("train.augment: the transfer set makes the students' views "
                              "(transfer_set.jitter); set train.augment: none")
+        if ts.unlabelled is not None and (self.method.name != "kd" or ts.mixes):
+            raise ValueError("transfer_set.unlabelled: inputs with no label are scored by the "
+                             "teacher's term alone: method kd (labels' CE skips them), "
+                             "without mix")
         if ts.mixes and not METHODS[self.method.name].mixed_inputs:
             fitting = ", ".join(n for n, m in METHODS.items() if m.mixed_inputs and n != "ce")
             raise ValueError(f"transfer_set.mix: method '{self.method.name}' reads plain "

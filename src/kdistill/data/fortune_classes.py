@@ -35,6 +35,7 @@ from torch import Tensor
 from kdistill.data import text as text_data
 from kdistill.data.datasets import DataSplits, stratified_order
 from kdistill.errors import ConfigError, MissingDependencyError
+from kdistill.types import TokenRoles
 
 FIVE_CATEGORIES = ("computers", "people", "science", "politics", "work")
 FORTUNE_TASKS: dict[str, tuple[str, ...] | None] = {
@@ -89,6 +90,16 @@ def fortune_categories(task: str, *, where: str = "data.name") -> dict[str, tupl
         raise ConfigError(where, f"'{task}' needs the fortune categories {', '.join(missing)}, "
                                  f"not found in {directory} (apt-get install fortunes)")
     return {c: found[c] for c in wanted}
+
+
+def token_roles(tokenizer: Any) -> TokenRoles:
+    """The ids a transfer set's text views need: padding, the mask token ([MASK], else the
+    unknown token; neither: the pad id, which the models read as absent) and every special
+    token (never masked or cut)."""
+    mask = next((i for i in (tokenizer.mask_token_id, tokenizer.unk_token_id) if i is not None),
+                tokenizer.pad_token_id)
+    return TokenRoles(pad=int(tokenizer.pad_token_id), mask=int(mask),
+                      special=tuple(sorted({int(i) for i in tokenizer.all_special_ids})))
 
 
 def tokenize_padded(texts: list[str], tokenizer: Any, seq_len: int) -> Tensor:
@@ -184,4 +195,5 @@ def fortune_splits(
         name=task, train_x=train_x, train_y=labels[train_idx], val_x=val_x,
         val_y=labels[val_idx], test_x=test_x, test_y=labels[test_idx],
         num_classes=len(categories), input_shape=(seq_len,), fingerprint=h.hexdigest(),
+        tokens=token_roles(tokenizer),
     )

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kdistill.data import text as text_data
 from kdistill.data.builtin import Tokenizer, _tokenizer
-from kdistill.data.fortune_classes import TOKENIZE_BATCH, tokenize_padded
+from kdistill.data.fortune_classes import TOKENIZE_BATCH, token_roles, tokenize_padded
 from kdistill.data.source import LoadContext
 from kdistill.data.splitting import (
     SPLITS,
@@ -115,7 +115,7 @@ class TextClassification(FileSplits):
             num_classes=len(labels.names), input_shape=(self.seq_len,),
             fingerprint=fingerprint("text_classification", params, _digests(self),
                                     x["train"], y["train"]),
-            class_names=labels.names,
+            class_names=labels.names, tokens=token_roles(tokenizer),
             notes=duplicate_notes(keys, "texts") + labels.notes(y["train"]))
 
 

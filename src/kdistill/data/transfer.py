@@ -37,12 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from kdistill.data.loader import BatchLoader, _generator
-from kdistill.types import Batch
+from kdistill.types import IGNORE_INDEX, Batch, DataSplits, TokenRoles
 
 _M32 = 0xFFFFFFFF
 # Jöhnk's sampler accepts ≥ 1/2 of its draws for α ≤ 1 (≥ 1/6 up to α = 2): 16 (64) tries
 # leave a row without an accepted draw with probability < 2e-5
 _BETA_TRIES = {True: 16, False: 64}
+# Fields added after the first transfer-set caches (text views, another source's inputs)
+_LATER_FIELDS = ("mask_prob", "ngram_prob", "ngram_max", "unlabelled")
 
 
 class TransferSetConfig(BaseModel):
@@ -66,6 +68,13 @@ class TransferSetConfig(BaseModel):
         1.0, description="λ ~ Beta(α, α), the weight of the sample's own input")
     mix_prob: Annotated[float, Field(ge=0, le=1)] = Field(
         1.0, description="the share of views that are mixed")
+    mask_prob: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="token inputs: each token (never a special one) of a view becomes "
+        "the mask token with this probability (Tang et al. 2019)")
+    ngram_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="token inputs: the share of views cut down to one random n-gram of "
+        "the text, n uniform in 1..ngram_max (Tang et al. 2019)")
+    ngram_max: Annotated[int, Field(ge=1)] = Field(5, description="the longest n-gram kept")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
         0, description="the views' seed (one cache serves every student seed)")
 
@@ -80,10 +89,22 @@ class TransferSetConfig(BaseModel):
         if unused:
             raise ValueError(f"{', '.join(unused)}: used only with mix: mixup or cutmix; "
                              "remove it or set mix")
-        if not self.jitter and not self.flip and (self.mix == "none" or not self.mix_prob):
-            raise ValueError("no augmentation (jitter, flip or mix): every view would be the "
-                             "input itself; remove transfer_set or add one")
+        if not self.ngram_prob and self.ngram_max != fields["ngram_max"].default:
+            raise ValueError("ngram_max: used only with ngram_prob > 0")
+        if self.needs_images and self.needs_tokens:
+            raise ValueError("jitter / flip / cutmix change images, mask_prob / ngram_prob "
+                             "token ids: one input holds one kind")
+        if not (self.needs_images or self.needs_tokens or self.mixes
+                or self._has_other_inputs()):
+            raise ValueError("no augmentation (jitter, flip, mix, mask_prob or ngram_prob): "
+                             "every view would be the input itself; remove transfer_set or "
+                             "add one")
         return self
+
+    def _has_other_inputs(self) -> bool:
+        """A run's transfer set may add another source's inputs (`unlabelled`): then views
+        without augmentation still add to the training set."""
+        return False
 
     @property
     def mixes(self) -> bool:
@@ -93,9 +114,23 @@ class TransferSetConfig(BaseModel):
     def needs_images(self) -> bool:
         return bool(self.jitter or self.flip or self.mix == "cutmix")
 
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(self.mask_prob or self.ngram_prob)
+
+    def spec(self) -> dict[str, object]:
+        """The settings as stage fingerprints see them: fields added later are left out at
+        their defaults, so caches and students made before them stay valid."""
+        spec = self.model_dump(mode="json")
+        fields = type(self).model_fields
+        for name in _LATER_FIELDS:
+            if name in spec and spec[name] == fields[name].default:
+                del spec[name]
+        return spec
+
     def digest(self) -> str:
         """What the views depend on (not `teaching`), for cache keys and stage fingerprints."""
-        spec = self.model_dump(mode="json", exclude={"teaching"})
+        spec = {k: v for k, v in self.spec().items() if k != "teaching"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -171,8 +206,32 @@ def cutmix_box(lam: Tensor, cy: Tensor, cx: Tensor, h: int, w: int) -> tuple[Ten
     return inside[:, None], exact
 
 
+def ngram_cut(x: Tensor, cut: Tensor, n: Tensor, start: Tensor, roles: TokenRoles) -> Tensor:
+    """Tang et al.'s n-gram sampling on padded token ids (B, T): rows where `cut` keep their
+    special tokens ([CLS], [SEP]) and the n[b] content tokens from content position
+    ⌊start[b]·(c − n + 1)⌋ on (c: the row's content tokens; n clipped to c), moved to the
+    front in order, then padding. Other rows are returned as they are."""
+    content = ~torch.isin(x, torch.tensor(roles.special, dtype=x.dtype))
+    c = content.sum(dim=1)
+    n = torch.minimum(n, c)
+    first = (start * (c - n + 1).double()).long().clamp_min(0)
+    rank = content.cumsum(dim=1) - 1  # each content token's position among them
+    window = content & (rank >= first[:, None]) & (rank < (first + n)[:, None])
+    keep = (x != roles.pad) & (~content | window | ~cut[:, None])
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept first, in order
+    out = x.gather(1, order)
+    return out.masked_fill(torch.arange(x.shape[1]) >= keep.sum(dim=1, keepdim=True), roles.pad)
+
+
+def mask_tokens(x: Tensor, u: Tensor, p: float, roles: TokenRoles) -> Tensor:
+    """Padded token ids (B, T) with each non-special token where u < p set to the mask id."""
+    special = torch.isin(x, torch.tensor(roles.special, dtype=x.dtype))
+    return torch.where((u < p) & ~special, torch.full_like(x, roles.mask), x)
+
+
 # Hash slots of one view's random numbers (sample, view, slot).
-_DY, _DX, _FLIP, _PARTNER, _MIXES, _CY, _CX, _PARTNER_AUG, _OFFSET, _BETA = range(10)
+(_DY, _DX, _FLIP, _PARTNER, _MIXES, _CY, _CX, _PARTNER_AUG, _OFFSET, _BETA, _MASK, _CUT, _N,
+ _START) = range(14)
 
 
 class TransferViews:
@@ -183,8 +242,11 @@ class TransferViews:
     may be a lazily decoded `LazyInputs` (an image folder): rows are read by index.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, cfg: TransferSetConfig) -> None:
-        self.x, self.y, self.cfg = x, y, cfg
+    def __init__(self, x: Tensor, y: Tensor, cfg: TransferSetConfig,
+                 tokens: TokenRoles | None = None) -> None:
+        if cfg.needs_tokens and tokens is None:
+            raise ValueError("mask_prob / ngram_prob need the token roles of padded text")
+        self.x, self.y, self.cfg, self.tokens = x, y, cfg, tokens
 
     @property
     def num_views(self) -> int | None:
@@ -192,6 +254,8 @@ class TransferViews:
 
     def _augment(self, x: Tensor, i: Tensor, k: Tensor, salt: int) -> Tensor:
         cfg, seed = self.cfg, self.cfg.seed
+        if cfg.needs_tokens:
+            return self._token_view(x, i, k)
         if cfg.jitter:
             span = 2 * cfg.jitter + 1
             dy = (uniform(seed, i, k, _DY + salt) * span).long()
@@ -200,6 +264,18 @@ class TransferViews:
         if cfg.flip:
             mirror = uniform(seed, i, k, _FLIP + salt) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def _token_view(self, x: Tensor, i: Tensor, k: Tensor) -> Tensor:
+        cfg, seed, roles = self.cfg, self.cfg.seed, self.tokens
+        assert roles is not None  # checked in __init__
+        if cfg.ngram_prob:
+            n = 1 + (uniform(seed, i, k, _N) * cfg.ngram_max).long().clamp_max(cfg.ngram_max - 1)
+            x = ngram_cut(x, uniform(seed, i, k, _CUT) < cfg.ngram_prob, n,
+                          uniform(seed, i, k, _START), roles)
+        if cfg.mask_prob:
+            u = uniform(seed, i[:, None], k[:, None], _MASK, torch.arange(x.shape[1])[None])
+            x = mask_tokens(x, u, cfg.mask_prob, roles)
         return x
 
     def _mixed(self, x: Tensor, i: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -281,13 +357,39 @@ def cache_rows(num_samples: int, cfg: TransferSetConfig) -> int:
     return num_samples * (cfg.views or 1)
 
 
-def describe(cfg: TransferSetConfig, num_samples: int) -> str:
+def transfer_inputs(splits: DataSplits, *, unlabelled: bool) -> tuple[Tensor, Tensor]:
+    """The samples views are made of: the training split, then, for a distilled student
+    (`unlabelled`), the other source's inputs with no label (IGNORE_INDEX: only the teacher's
+    term scores them)."""
+    extra = splits.unlabelled_x
+    if not unlabelled or extra is None or not len(extra):
+        return splits.train_x, splits.train_y
+    missing = torch.full((len(extra),), IGNORE_INDEX, dtype=splits.train_y.dtype)
+    return torch.cat([splits.train_x, extra]), torch.cat([splits.train_y, missing])
+
+
+def views_key(splits: DataSplits, cfg: TransferSetConfig) -> str:
+    """The data part of a transfer set cache's key: the data, the views' recipe and the
+    other source's inputs themselves."""
+    key = f"{splits.fingerprint}/views-{cfg.digest()}"
+    if splits.unlabelled_x is not None:
+        key += "/" + hashlib.sha256(splits.unlabelled_x.numpy().tobytes()).hexdigest()[:16]
+    return key
+
+
+def describe(cfg: TransferSetConfig, num_samples: int, num_unlabelled: int = 0) -> str:
     """One line for the run's log."""
     aug = [f"jitter ±{cfg.jitter} px"] if cfg.jitter else []
     aug += ["flip"] if cfg.flip else []
     if cfg.mixes:
         aug.append(f"{cfg.mix} (α {cfg.mix_alpha:g}, {cfg.mix_prob:.0%} of views)")
-    count = (f"{cfg.views} views x {num_samples} samples = "
-             f"{cache_rows(num_samples, cfg):,} inputs" if cfg.views else "a fresh view "
-             "per sample and epoch")
-    return f"transfer set: {count}; {', '.join(aug)}; teacher {cfg.teaching}"
+    aug += [f"mask {cfg.mask_prob:.0%} of tokens"] if cfg.mask_prob else []
+    if cfg.ngram_prob:
+        aug.append(f"{cfg.ngram_prob:.0%} of views cut to an n-gram (n ≤ {cfg.ngram_max})")
+    total = num_samples + num_unlabelled
+    samples = f"{num_samples} samples" + (f" + {num_unlabelled} unlabelled (distilled "
+                                          "student only)" if num_unlabelled else "")
+    count = (f"{cfg.views} views x {samples} = {cache_rows(total, cfg):,} inputs"
+             if cfg.views else f"a fresh view per sample and epoch, {samples}")
+    return f"transfer set: {count}; {', '.join(aug) or 'no augmentation'}; teacher " \
+           f"{cfg.teaching}"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdistill import devices, distributed
-from kdistill.build import build_data, build_network, check_devices
+from kdistill.build import add_unlabelled, build_data, build_network, check_devices
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.data.transfer import describe as describe_transfer_set
@@ -123,13 +123,14 @@ def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
         torch.set_num_threads(cfg.threads)
     run_dir = rd.root
     distributed.on_main(lambda: atomic_write_text(rd.path("config.yaml"), dump_config(cfg)))
-    splits = build_data(cfg.data, transfer=cfg.transfer, run_dir=run_dir)
+    splits = add_unlabelled(build_data(cfg.data, transfer=cfg.transfer, run_dir=run_dir), cfg)
     task = task_of(splits)
     echo(f"data: {task.describe(splits)}")
     for note in splits.notes:  # duplicates across splits, skipped files, converted images
         echo(note)  # each note names its own kind (`data: ...`)
     if cfg.transfer_set is not None:
-        echo(describe_transfer_set(cfg.transfer_set, len(splits.train_x)))
+        extra = 0 if splits.unlabelled_x is None else len(splits.unlabelled_x)
+        echo(describe_transfer_set(cfg.transfer_set, len(splits.train_x), extra))
     distributed.on_main(lambda: task.save_artifacts(
         splits, lambda name, text: atomic_write_text(rd.path(name), text)))
     task.check_recipe(cfg)

@@ -25,6 +25,7 @@ from kdistill.build import build_network, build_optimizer, build_train_loader
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, TrainSettings, TransferSetConfig
 from kdistill.data import DataSplits
+from kdistill.data.transfer import views_key
 from kdistill.engine import train
 from kdistill.errors import ConfigError
 from kdistill.io import atomic_write_text, file_digest, read_json, save_model_atomic
@@ -103,9 +104,10 @@ def train_model(
 ) -> None:
     """Train `model` with `method` through the one engine, checkpointing into `stage_dir`;
     on the views of `transfer_set` when given (the students of such a run)."""
-    loader = build_train_loader(splits, cfg, seed=seed, where=where, transfer_set=transfer_set)
+    loader = build_train_loader(splits, cfg, seed=seed, where=where, transfer_set=transfer_set,
+                                unlabelled=teacher is not None)
     # Adapters (and per-sample buffers) exist before the optimizer is built.
-    method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(splits.train_x))
+    method.setup(model, teacher_model, splits.train_x[:2], num_samples=len(loader.x))
     optimizer = build_optimizer([*model.parameters(), *method.optimizer_parameters()],
                                 cfg.optimizer)
     task = task_of(splits)
@@ -161,7 +163,9 @@ def student_stage(
                         file_hash(cfg.student.model.weights), training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
     if cfg.transfer_set is not None:  # other views, another training (alone or distilled)
-        parts.append(cfg.transfer_set.model_dump(mode="json"))
+        parts.append(cfg.transfer_set.spec())
+        if splits.unlabelled_x is not None:  # the other source's inputs themselves
+            parts.append(views_key(splits, cfg.transfer_set))
     if role != "baseline" and teacher_models:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.
         stored: Any = "online"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdistill import distributed
+from kdistill.build import check_views
 from kdistill.cache import (
     CacheKey,
     TeacherCache,
@@ -27,7 +28,7 @@ from kdistill.cache import (
     fingerprint_model,
 )
 from kdistill.config import RunConfig
-from kdistill.data.transfer import TransferViews, ViewRows, cache_rows
+from kdistill.data.transfer import TransferViews, ViewRows, cache_rows, transfer_inputs, views_key
 from kdistill.errors import ConfigError
 from kdistill.io import save_tensors_atomic
 from kdistill.methods import Method
@@ -117,8 +118,10 @@ def cache_inputs(cfg: RunConfig, splits: DataSplits) -> tuple[Any, int, str]:
     ts = cfg.transfer_set
     if ts is None:
         return splits.train_x, 1, splits.fingerprint
-    rows = ViewRows(TransferViews(splits.train_x, splits.train_y, ts))
-    return rows, rows.k, f"{splits.fingerprint}/views-{ts.digest()}"
+    check_views(splits, ts)
+    x, y = transfer_inputs(splits, unlabelled=True)  # the teacher labels every input
+    rows = ViewRows(TransferViews(x, y, ts, splits.tokens))
+    return rows, rows.k, views_key(splits, ts)
 
 
 @dataclass
