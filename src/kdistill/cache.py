@@ -99,11 +99,12 @@ class CacheKey:
     layers: tuple[str, ...] = ()  # teacher layers whose outputs are stored beside the logits
     topk: int | None = None  # None: dense logits; k: the top-k log-probabilities and indices
     tail_samples: int = 0  # of the k: draws from the tail (`kdistill.losses.sparse_targets`)
+    tail_sampling: str = "independent"  # or "systematic"
 
     def as_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
                 "layers": list(self.layers), "topk": self.topk,
-                "tail_samples": self.tail_samples}
+                "tail_samples": self.tail_samples, "tail_sampling": self.tail_sampling}
 
 
 def index_dtype(vocab: int) -> np.dtype:
@@ -209,7 +210,8 @@ class TeacherCache:
             return CacheKey(teacher=key["teacher"], data=key["data"],
                             dtype=key.get("dtype", "float32"),
                             layers=tuple(key.get("layers", ())), topk=key.get("topk"),
-                            tail_samples=key.get("tail_samples", 0))
+                            tail_samples=key.get("tail_samples", 0),
+                            tail_sampling=key.get("tail_sampling", "independent"))
         except (KeyError, TypeError):
             raise ConfigError(str(self.directory / "manifest.json"),
                               f"not a kdistill cache key: {key!r}; {REBUILD}") from None
@@ -426,7 +428,8 @@ def build_cache(
                     # log-softmax over the full vocabulary first, so the stored values are
                     # the teacher's true log-probabilities (the missing mass is 1 − Σ exp).
                     top = sparse_targets(torch.log_softmax(logits.float(), dim=-1), k,
-                                         key.tail_samples, seed=start)
+                                         key.tail_samples, seed=start,
+                                         systematic=key.tail_sampling == "systematic")
                     _check_finite("logits", logits, None, start, key.dtype, what)
                     values = {"topk_logprobs": top[0], "topk_indices": top[1]}
                 values.update({m: feats[m] for m in layers})

@@ -202,12 +202,17 @@ class CacheConfig(_Strict):
         0, description="top-k caches: of the k entries per token, this many are draws from the "
         "teacher's distribution outside its top k - tail_samples, weighted so the stored "
         "distribution is an unbiased estimate of the teacher's; 0: the plain top k")
+    tail_sampling: Literal["independent", "systematic"] = Field(
+        "independent", description="tail_samples: independent draws, or systematic ones (m "
+        "evenly spaced points through the tail's CDF: unbiased too, lower variance)")
 
     @model_validator(mode="after")
     def _tail_within_topk(self) -> CacheConfig:
         if self.tail_samples and (self.topk is None or self.tail_samples >= self.topk):
             raise ValueError(f"tail_samples: {self.tail_samples} of the top-k cache's entries "
                              f"(topk: {self.topk}); needs cache.topk above it")
+        if self.tail_sampling != "independent" and not self.tail_samples:
+            raise ValueError("tail_sampling: how tail_samples are drawn; set tail_samples")
         return self
 
 

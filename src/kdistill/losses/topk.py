@@ -78,7 +78,7 @@ NO_MASS = -1e4  # a stored log-probability standing for zero mass (caches refuse
 
 
 def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
-                   seed: int = 0) -> tuple[Tensor, Tensor]:
+                   seed: int = 0, systematic: bool = False) -> tuple[Tensor, Tensor]:
     """(values, indices), each (..., k), sorted by value descending: what a top-k cache stores
     per token, from the teacher's full log-probabilities `logprobs` (..., V).
 
@@ -89,7 +89,12 @@ def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
     every tail token, so the stored distribution sums to 1 and is an unbiased estimate of the
     teacher's: forward KL's gradient on it is unbiased (the plain top-k renormalised is not).
     The sampling idea is Anshumann et al. 2025 (arXiv:2503.16870), who draw all k; keeping
-    the head exact removes most of the variance."""
+    the head exact removes most of the variance.
+
+    `systematic`: the m draws are the points (j + u)/m, j = 0..m − 1, one u ~ U(0, 1) per
+    row, through the tail's inverse CDF (systematic resampling): each draw is still marginally
+    from the tail, so the estimate stays unbiased, but a token of tail share q is drawn ⌊m·q⌋
+    or ⌈m·q⌉ times, never far from its expectation (lower variance than independent draws)."""
     if tail_samples == 0:
         top = logprobs.topk(k, dim=-1)
         return top.values, top.indices
@@ -100,8 +105,16 @@ def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
     mass = tail.sum(-1, keepdim=True)
     # A row whose tail rounds to 0 draws from anything: its slots get zero mass below.
     gen = torch.Generator(device=logprobs.device).manual_seed(seed)
-    draws = torch.multinomial(torch.where(mass > 0, tail, 1.0), m, replacement=True,
-                              generator=gen)
+    weights = torch.where(mass > 0, tail, 1.0)
+    if systematic:
+        cdf = weights.double().cumsum(-1)  # float64: 49 k float32 sums drift by ~1e-4
+        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end: every point below finds a token
+        u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device, dtype=cdf.dtype)
+        points = (torch.arange(m, device=cdf.device, dtype=cdf.dtype) + u) / m
+        # right=True: a point on a flat stretch (a head token, mass 0) goes past it
+        draws = torch.searchsorted(cdf, points, right=True).clamp_max(vocab - 1)
+    else:
+        draws = torch.multinomial(weights, m, replacement=True, generator=gen)
     counts = torch.zeros_like(tail).scatter_add_(1, draws, torch.ones_like(draws, dtype=tail.dtype))
     counts.scatter_(1, flat_head, -1.0)  # unused slots never land on a head token
     counts, ids = counts.topk(m, dim=-1)

@@ -172,6 +172,9 @@ def student_stage(
         if isinstance(teacher, CachedTeacher | EnsembleTeacher):
             stored = cfg.cache.dtype if cfg.cache.topk is None else [cfg.cache.dtype,
                                                                       cfg.cache.topk]
+            if cfg.cache.tail_samples:  # other targets, another student (only then: the
+                # fingerprints of plain top-k students stay as they were)
+                stored += [cfg.cache.tail_samples, cfg.cache.tail_sampling]
         parts += [teacher_prints, stored]
     stage_dir = rd.path(f"seed-{seed}", role)
     fingerprint = fingerprint_of(*parts)

@@ -77,7 +77,7 @@ def teacher_outputs(cfg: RunConfig, method: Method, splits: DataSplits, model: n
     inputs, views, data = cache_inputs(cfg, splits)
     key = CacheKey(teacher=weights_print, data=data,
                    dtype=cfg.cache.dtype, layers=layers, topk=cfg.cache.topk,
-                   tail_samples=cfg.cache.tail_samples)
+                   tail_samples=cfg.cache.tail_samples, tail_sampling=cfg.cache.tail_sampling)
 
     opened: list[TeacherCache] = []  # rank 0's verified (or just built) cache
 
