@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def kdistill(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -83,7 +84,10 @@ GENERATE_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("generate
 @pytest.mark.parametrize("recipe", GENERATE_RECIPES, ids=[p.stem for p in GENERATE_RECIPES])
 def test_validate_accepts_generate_recipes(recipe: Path, tmp_path: Path) -> None:
     # One recipe loader for every command: `validate` knows a generate recipe by its keys.
-    proc = kdistill("validate", str(recipe), f"output.path={tmp_path / 'out.jsonl'}",
+    # Paths in recipes are relative to the working directory (the repository's root here).
+    named = yaml.safe_load(recipe.read_text()).get("prompts", {}).get("recipe")
+    extra = [f"prompts.recipe={recipe.parents[1] / named}"] if named else []
+    proc = kdistill("validate", str(recipe), f"output.path={tmp_path / 'out.jsonl'}", *extra,
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "ok:" in proc.stdout and "generate:" in proc.stdout and "prompts" in proc.stdout
