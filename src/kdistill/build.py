@@ -50,6 +50,11 @@ def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
         return splits
     where = "transfer_set.unlabelled"
     other = ts.unlabelled.load(LoadContext(where=where))
+    parts = (other.train_x, other.val_x, other.test_x, splits.train_x, splits.val_x,
+             splits.test_x)
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise ConfigError(where, "inputs decoded from files on demand (an image folder) cannot "
+                          "be compared with the data's held-out inputs; use in-memory sources")
     x = torch.cat([other.train_x, other.val_x, other.test_x])
     if x.shape[1:] != splits.train_x.shape[1:] or x.dtype != splits.train_x.dtype or (
             other.tokens != splits.tokens):
@@ -64,6 +69,9 @@ def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
         if key not in seen:
             seen.add(key)
             keep.append(i)
+    if not keep:
+        raise ConfigError(where, f"every input of '{other.name}' is one of the data's own: "
+                          "nothing to add; name another source")
     kept = x[torch.tensor(keep, dtype=torch.long)]
     note = (f"data: {len(kept):,} unlabelled inputs from '{other.name}' for the distilled "
             f"student ({len(x) - len(kept):,} dropped: equal to an input of the data or a "

@@ -102,9 +102,12 @@ class CacheKey:
     tail_sampling: str = "independent"  # or "systematic"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
-                "layers": list(self.layers), "topk": self.topk,
-                "tail_samples": self.tail_samples, "tail_sampling": self.tail_sampling}
+        key = {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
+               "layers": list(self.layers), "topk": self.topk,
+               "tail_samples": self.tail_samples}
+        if self.tail_sampling != "independent":  # only then: older manifests stay valid
+            key["tail_sampling"] = self.tail_sampling
+        return key
 
 
 def index_dtype(vocab: int) -> np.dtype:

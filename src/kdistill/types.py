@@ -27,11 +27,13 @@ Echo = Callable[[str], None]
 class TokenRoles:
     """Which token ids of a padded text input (N, T) a transfer set's views may touch: `pad`
     fills the tail, `mask` replaces masked tokens ([MASK], else the unknown token), `special`
-    ([CLS], [SEP], padding, ...) are never masked or cut."""
+    (the frame: [CLS], [SEP], BOS, EOS, padding) are never masked or cut; `vocab` is the
+    tokenizer's digest (inputs of two sources mix only under one tokenizer)."""
 
     pad: int
     mask: int
     special: tuple[int, ...]
+    vocab: str = ""
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare fields, not splits

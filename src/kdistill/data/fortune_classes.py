@@ -94,12 +94,16 @@ def fortune_categories(task: str, *, where: str = "data.name") -> dict[str, tupl
 
 def token_roles(tokenizer: Any) -> TokenRoles:
     """The ids a transfer set's text views need: padding, the mask token ([MASK], else the
-    unknown token; neither: the pad id, which the models read as absent) and every special
-    token (never masked or cut)."""
+    unknown token; neither: the pad id, which the models read as absent), the special tokens
+    that frame a text (never masked or cut) and the vocabulary's digest."""
     mask = next((i for i in (tokenizer.mask_token_id, tokenizer.unk_token_id) if i is not None),
                 tokenizer.pad_token_id)
+    # [UNK] and [MASK] stand for words: content, not frame (an n-gram may drop them)
+    words = {tokenizer.unk_token_id, tokenizer.mask_token_id}
+    frame = {int(i) for i in tokenizer.all_special_ids if i not in words}
     return TokenRoles(pad=int(tokenizer.pad_token_id), mask=int(mask),
-                      special=tuple(sorted({int(i) for i in tokenizer.all_special_ids})))
+                      special=tuple(sorted(frame | {int(tokenizer.pad_token_id)})),
+                      vocab=text_data._tokenizer_digest(tokenizer))
 
 
 def tokenize_padded(texts: list[str], tokenizer: Any, seq_len: int) -> Tensor:

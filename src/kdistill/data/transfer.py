@@ -94,11 +94,14 @@ class TransferSetConfig(BaseModel):
         if self.needs_images and self.needs_tokens:
             raise ValueError("jitter / flip / cutmix change images, mask_prob / ngram_prob "
                              "token ids: one input holds one kind")
-        if not (self.needs_images or self.needs_tokens or self.mixes
-                or self._has_other_inputs()):
-            raise ValueError("no augmentation (jitter, flip, mix, mask_prob or ngram_prob): "
-                             "every view would be the input itself; remove transfer_set or "
-                             "add one")
+        if not (self.needs_images or self.needs_tokens or self.mixes):
+            if not self._has_other_inputs():
+                raise ValueError("no augmentation (jitter, flip, mix, mask_prob or "
+                                 "ngram_prob): every view would be the input itself; remove "
+                                 "transfer_set or add one")
+            if self.views != 1:
+                raise ValueError("views: without augmentation every view is the input itself;"
+                                 " set views: 1 (the unlabelled inputs alone)")
         return self
 
     def _has_other_inputs(self) -> bool:

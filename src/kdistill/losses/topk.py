@@ -107,12 +107,7 @@ def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
     gen = torch.Generator(device=logprobs.device).manual_seed(seed)
     weights = torch.where(mass > 0, tail, 1.0)
     if systematic:
-        cdf = weights.double().cumsum(-1)  # float64: 49 k float32 sums drift by ~1e-4
-        cdf = cdf / cdf[:, -1:]  # exactly 1 at the end: every point below finds a token
-        u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device, dtype=cdf.dtype)
-        points = (torch.arange(m, device=cdf.device, dtype=cdf.dtype) + u) / m
-        # right=True: a point on a flat stretch (a head token, mass 0) goes past it
-        draws = torch.searchsorted(cdf, points, right=True).clamp_max(vocab - 1)
+        draws = _systematic_draws(weights, m, gen)
     else:
         draws = torch.multinomial(weights, m, replacement=True, generator=gen)
     counts = torch.zeros_like(tail).scatter_add_(1, draws, torch.ones_like(draws, dtype=tail.dtype))
@@ -125,6 +120,26 @@ def sparse_targets(logprobs: Tensor, k: int, tail_samples: int = 0, *,
     values, order = values.sort(dim=-1, descending=True)
     shape = (*logprobs.shape[:-1], k)
     return values.reshape(shape), indices.gather(-1, order).reshape(shape)
+
+
+_CDF_ROWS = 512  # rows per float64 CDF: 512 x 49 k tokens = 200 MB
+
+
+def _systematic_draws(weights: Tensor, m: int, gen: torch.Generator) -> Tensor:
+    """m draws per row of `weights` (rows, V) ≥ 0: the points (j + u)/m of the row's
+    normalised CDF, one u ~ U(0, 1) per row (systematic resampling), in row chunks."""
+    # float64 (float32 on MPS, which has none): 49 k float32 sums drift by ~1e-4
+    dtype = torch.float32 if weights.device.type == "mps" else torch.float64
+    u = torch.rand(len(weights), 1, generator=gen, device=weights.device, dtype=dtype)
+    points = (torch.arange(m, device=weights.device, dtype=dtype) + u) / m
+    out = []
+    for start in range(0, len(weights), _CDF_ROWS):
+        cdf = weights[start:start + _CDF_ROWS].to(dtype).cumsum_(-1)
+        cdf /= cdf[:, -1:].clone()  # 1 at the end: every point below 1 finds a token
+        # right=True: a point on a flat stretch (a head token, mass 0) goes past it
+        found = torch.searchsorted(cdf, points[start:start + _CDF_ROWS], right=True)
+        out.append(found.clamp_max(weights.shape[-1] - 1))
+    return torch.cat(out)
 
 
 def densify_topk(teacher_logprobs: Tensor, teacher_indices: Tensor, vocab: int,

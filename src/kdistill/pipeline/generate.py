@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,18 +55,18 @@ def _recipe_params(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def _read_done(out_path: Path, params: dict[str, Any], teacher: str, *,
-               truncate: bool = True) -> set[str]:
-    """Ids already answered in `out_path`, after cutting off a torn last line (unless
-    `truncate` is false: `kdistill validate` only reads).
+               truncate: bool = True) -> dict[str, Any]:
+    """Ids already answered in `out_path`, each with the prompt it answered, after cutting off
+    a torn last line (unless `truncate` is false: `kdistill validate` only reads).
 
     Every line must come from the same teacher and parameters: mixing answers of two settings in
     one file would silently blend two data sets.
     """
     if not out_path.exists():
-        return set()
+        return {}
     data = out_path.read_bytes()
     end = data.rfind(b"\n") + 1
-    done = set()
+    done: dict[str, Any] = {}
     for number, line in enumerate(data[:end].splitlines(), start=1):
         if not line.strip():
             continue
@@ -85,7 +85,7 @@ def _read_done(out_path: Path, params: dict[str, Any], teacher: str, *,
             raise ConfigError("output.path", f"{out_path}:{number} was generated with other "
                               f"settings ({', '.join(changed)}); use another output file "
                               "(output.path=...) to keep both")
-        done.add(record_id)
+        done[record_id] = record.get("prompt")
     # A last line without its newline was being written when the process died: cut it off,
     # but only once every whole line proved the file ours (never cut a stranger's file).
     if end < len(data) and truncate:
@@ -97,6 +97,17 @@ def _read_done(out_path: Path, params: dict[str, Any], teacher: str, *,
             f.flush()
             os.fsync(f.fileno())
     return done
+
+
+def _check_same_prompts(prompts: list[Prompt], done: dict[str, Any], out_path: Path) -> None:
+    """A resumed file must have answered these very prompts: ids are positions in some prompt
+    sets (a run recipe's training documents), so another split or prefix would otherwise be
+    taken as done, and the file would keep the other prompts' answers."""
+    for p in prompts:
+        if p.id in done and done[p.id] != p.prompt:
+            raise ConfigError("output.path", f"{out_path} answered prompt {p.id!r} for another "
+                              "prompt text (the prompt set changed: another split, file or "
+                              "prefix); use another output file (output.path=...)")
 
 
 def _append(out_path: Path, records: list[dict[str, Any]]) -> None:
@@ -188,7 +199,8 @@ class _Teacher:
             **sampling)
         return cls(path, model, device, tokenizer, config, stop, pad_id, params)
 
-    def answer(self, batch: list[Prompt], done: set[str]) -> tuple[list[dict[str, Any]], int]:
+    def answer(self, batch: list[Prompt], done: Collection[str]
+               ) -> tuple[list[dict[str, Any]], int]:
         """The records of the prompts of `batch` not in `done`, and the new tokens generated
         (for the whole batch: its composition is fixed, so a resumed batch is decoded again)."""
         text_format = self.params["prompt_format"] == "text"
@@ -279,6 +291,7 @@ def generate(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_done(out_path, params, model_path)
+    _check_same_prompts(prompts, done, out_path)
     # Fixed chunks of the full list: a batch's composition (hence its padding and its output)
     # never depends on what an earlier run already wrote.
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -323,6 +336,7 @@ def validate_generate(cfg: GenerateConfig) -> str:
     load_tokenizer(cfg.teacher.path, where="teacher.path")
     done = _read_done(Path(cfg.output.path), _recipe_params(cfg), cfg.teacher.path,
                       truncate=False)
+    _check_same_prompts(prompts, done, Path(cfg.output.path))
     return (f"{len(prompts)} prompts ({len(done)} already answered in {cfg.output.path}), "
             f"teacher {cfg.teacher.path}")
 

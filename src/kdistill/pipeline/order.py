@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from kdistill import devices, distributed
-from kdistill.build import add_unlabelled, build_data, build_network, check_devices
+from kdistill.build import (
+    add_unlabelled,
+    build_data,
+    build_network,
+    check_devices,
+    check_views,
+)
 from kdistill.cache import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.data.transfer import describe as describe_transfer_set
@@ -129,6 +135,7 @@ def prepare(cfg: RunConfig, rd: RunDirectory, echo: Echo) -> Run:
     for note in splits.notes:  # duplicates across splits, skipped files, converted images
         echo(note)  # each note names its own kind (`data: ...`)
     if cfg.transfer_set is not None:
+        check_views(splits, cfg.transfer_set)  # before any teacher trains
         extra = 0 if splits.unlabelled_x is None else len(splits.unlabelled_x)
         echo(describe_transfer_set(cfg.transfer_set, len(splits.train_x), extra))
     distributed.on_main(lambda: task.save_artifacts(

@@ -163,8 +163,11 @@ def student_stage(
                         file_hash(cfg.student.model.weights), training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
     if cfg.transfer_set is not None:  # other views, another training (alone or distilled)
-        parts.append(cfg.transfer_set.spec())
-        if splits.unlabelled_x is not None:  # the other source's inputs themselves
+        spec = cfg.transfer_set.spec()
+        if role == "baseline":  # the student alone never sees the unlabelled inputs
+            spec.pop("unlabelled", None)
+        parts.append(spec)
+        if role != "baseline" and splits.unlabelled_x is not None:  # those inputs themselves
             parts.append(views_key(splits, cfg.transfer_set))
     if role != "baseline" and teacher_models:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.

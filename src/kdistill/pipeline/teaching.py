@@ -50,7 +50,8 @@ def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
     if method.on_policy:
         return "on-policy: the teacher scores the student's samples"
     layers = tuple(method.teacher_layers)
-    rows = len(splits.train_x) if ts is None else cache_rows(len(splits.train_x), ts)
+    rows = len(splits.train_x) if ts is None else cache_rows(
+        len(transfer_inputs(splits, unlabelled=True)[0]), ts)
     size = cache_bytes(rows, task_of(splits).output_shape(model, splits),
                        feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
                        topk=cfg.cache.topk)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdistill import devices
-from kdistill.build import build_data, build_network
+from kdistill.build import add_unlabelled, build_data, build_network
 from kdistill.cache import build_cache, cache_bytes, feature_shapes
 from kdistill.config import ModelSpec, RunConfig, TrainSettings
 from kdistill.methods import Method, build_method
@@ -150,7 +150,9 @@ def cache_layout(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.M
     shape = task.output_shape(model, splits)
     layers = tuple(method.teacher_layers)
     ts = cfg.transfer_set  # a transfer set caches K rows per sample, unless taught online
-    rows = len(splits.train_x) * (ts.views or 1 if ts is not None else 1)
+    extra = getattr(splits, "unlabelled_x", None)
+    samples = len(splits.train_x) + (0 if extra is None else len(extra))
+    rows = samples * (ts.views or 1 if ts is not None else 1)
     size = cache_bytes(rows, shape, feature_shapes(model, splits.train_x, layers),
                        cfg.cache.dtype, topk=cfg.cache.topk)
     augmented = (ts.teaching == "online" if ts is not None else cfg.train.augment != "none"
@@ -236,7 +238,7 @@ def probe(cfg: RunConfig, device: torch.device, precision: str) -> Probed:
     optimiser_modules = _first_optimiser_step()
     plotting = _plotting_libraries()
     with measure_growth() as data:
-        splits = build_data(cfg.data, transfer=cfg.transfer)
+        splits = add_unlabelled(build_data(cfg.data, transfer=cfg.transfer), cfg)
     task = task_of(splits)
     task.check_recipe(cfg)
     teachers = _teachers(cfg, splits)
