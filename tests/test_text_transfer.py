@@ -112,6 +112,7 @@ def test_unlabelled_inputs_reach_the_distilled_student_only_with_no_label() -> N
     ({"ngram_max": 3, "flip": True}, "kd", "ngram_max: used only with ngram_prob"),
     ({"mask_prob": 0.1, "unlabelled": {"name": "mnist1d"}}, "dkd", "method kd"),
     ({"views": 2}, "kd", "no augmentation"),
+    ({"views": 2, "unlabelled": {"name": "mnist1d"}}, "kd", "set views: 1"),
 ])
 def test_text_transfer_set_settings_are_checked(transfer_set: dict, method: str,
                                                 message: str) -> None:
@@ -130,6 +131,31 @@ def test_views_must_fit_the_inputs() -> None:
     with pytest.raises(ConfigError, match="token ids"):
         build_train_loader(_splits(), TrainSettings(), seed=0, where="train",
                            transfer_set=RunTransferSet(jitter=1))
+
+
+def test_another_source_must_add_inputs_of_the_same_kind() -> None:
+    from kdistill.build import build_data
+
+    same = RunConfig(data={"name": "digits"}, transfer_set={"views": 1,
+                                                             "unlabelled": {"name": "digits"}})
+    with pytest.raises(ConfigError, match="nothing to add") as err:
+        add_unlabelled(build_data(same.data), same)
+    assert err.value.where == "transfer_set.unlabelled"
+    other = RunConfig(data={"name": "digits"}, transfer_set={"views": 1,
+                                                              "unlabelled": {"name": "mnist1d"}})
+    with pytest.raises(ConfigError, match="same input size and tokenizer"):
+        add_unlabelled(build_data(other.data), other)
+
+
+def test_token_roles_frame_the_text_and_name_the_vocabulary() -> None:
+    from kdistill.data.fortune_classes import token_roles
+    from kdistill.models.hf import load_tokenizer
+
+    tok = load_tokenizer("minilm")
+    roles = token_roles(tok)
+    assert roles.mask == tok.mask_token_id and roles.pad == tok.pad_token_id
+    assert {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id} == set(roles.special)
+    assert len(roles.vocab) == 64  # [UNK] and [MASK] are words: an n-gram may drop them
 
 
 RECIPE = """
