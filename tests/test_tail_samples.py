@@ -96,3 +96,20 @@ def test_older_cache_keys_read_as_independent_draws() -> None:
     assert "tail_sampling" not in key.as_dict()  # manifests written before it stay valid
     assert CacheKey("t", "d", topk=8, tail_samples=3,
                     tail_sampling="systematic").as_dict()["tail_sampling"] == "systematic"
+
+
+def test_a_cache_written_before_the_tail_fields_stays_valid(tmp_path: Path) -> None:
+    import json
+
+    teacher, ids = _llama(1), _ids(3)
+    key = CacheKey("t", "d", topk=8)
+    build_cache(tmp_path / "c", teacher, ids, key, batch_size=2)
+    manifest = tmp_path / "c" / "manifest.json"
+    tree = json.loads(manifest.read_text())
+    del tree["key"]["tail_samples"]  # as written before tail samples existed
+    manifest.write_text(json.dumps(tree))
+    cache, why = TeacherCache.open_valid(tmp_path / "c", key)
+    assert cache is not None and why == "" and cache.key == key
+    cache, why = TeacherCache.open_valid(tmp_path / "c", CacheKey("t", "d", topk=8,
+                                                                  tail_samples=3))
+    assert cache is None and why.startswith("stale")

@@ -110,6 +110,19 @@ class CacheKey:
         return key
 
 
+def _parse_key(key: Any, directory: Path) -> CacheKey:
+    """A manifest's key; fields added later (topk, tail_samples, ...) read as their defaults."""
+    try:
+        return CacheKey(teacher=key["teacher"], data=key["data"],
+                        dtype=key.get("dtype", "float32"),
+                        layers=tuple(key.get("layers", ())), topk=key.get("topk"),
+                        tail_samples=key.get("tail_samples", 0),
+                        tail_sampling=key.get("tail_sampling", "independent"))
+    except (KeyError, TypeError, AttributeError):
+        raise ConfigError(str(directory / "manifest.json"),
+                          f"not a kdistill cache key: {key!r}; {REBUILD}") from None
+
+
 def index_dtype(vocab: int) -> np.dtype:
     """The smallest integer type that holds every index 0 .. vocab − 1 (int32 rather than
     uint32 past 65,536: torch's support for unsigned 32-bit tensors is partial)."""
@@ -200,7 +213,9 @@ class TeacherCache:
             if manifest.get("version") != FORMAT_VERSION:
                 return None, (f"stale: written by another kdistill (format "
                               f"{manifest.get('version')!r}, now {FORMAT_VERSION})")
-            if manifest.get("key") != key.as_dict():
+            # Parsed, not compared as dicts: a field added later reads as its default, so
+            # caches written before it stay valid.
+            if _parse_key(manifest.get("key"), directory) != key:
                 return None, "stale: the teacher, data, dtype, layers or k changed"
             return cls(directory), ""
         except KDistillError as exc:
@@ -208,16 +223,7 @@ class TeacherCache:
 
     @property
     def key(self) -> CacheKey:
-        key = self.manifest["key"]  # manifests before version 3 have no "topk": dense
-        try:
-            return CacheKey(teacher=key["teacher"], data=key["data"],
-                            dtype=key.get("dtype", "float32"),
-                            layers=tuple(key.get("layers", ())), topk=key.get("topk"),
-                            tail_samples=key.get("tail_samples", 0),
-                            tail_sampling=key.get("tail_sampling", "independent"))
-        except (KeyError, TypeError):
-            raise ConfigError(str(self.directory / "manifest.json"),
-                              f"not a kdistill cache key: {key!r}; {REBUILD}") from None
+        return _parse_key(self.manifest["key"], self.directory)
 
     @property
     def format(self) -> str:
