@@ -189,9 +189,10 @@ def fortune_splits(
         return tokenize_padded([texts[i] for i in idx.tolist()], tokenizer, seq_len)
 
     train_x, val_x, test_x = ids(train_idx), ids(val_idx), ids(test_idx)
+    roles = token_roles(tokenizer)  # its vocab is the tokenizer's digest: hashed once
     params = {"seq_len": seq_len, "val": n_val, "test": n_test, "split_seed": split_seed,
               "train_limit": train_limit, "vocab_size": len(tokenizer),
-              "pad": tokenizer.pad_token_id, "vocab": text_data._tokenizer_digest(tokenizer)}
+              "pad": tokenizer.pad_token_id, "vocab": roles.vocab}
     h = hashlib.sha256(f"{task}|{sorted(params.items())}|{list(categories)}".encode())
     h.update(memoryview(train_x.numpy()).cast("B"))
     h.update(memoryview(labels[train_idx].numpy()).cast("B"))
@@ -199,5 +200,5 @@ def fortune_splits(
         name=task, train_x=train_x, train_y=labels[train_idx], val_x=val_x,
         val_y=labels[val_idx], test_x=test_x, test_y=labels[test_idx],
         num_classes=len(categories), input_shape=(seq_len,), fingerprint=h.hexdigest(),
-        tokens=token_roles(tokenizer),
+        tokens=roles,
     )

@@ -371,6 +371,13 @@ def transfer_inputs(splits: DataSplits, *, unlabelled: bool) -> tuple[Tensor, Te
     return torch.cat([splits.train_x, extra]), torch.cat([splits.train_y, missing])
 
 
+def num_transfer_inputs(splits: DataSplits) -> int:
+    """How many samples the teacher labels: the training split and the unlabelled inputs
+    (`transfer_inputs(..., unlabelled=True)` without building them)."""
+    extra = getattr(splits, "unlabelled_x", None)
+    return len(splits.train_x) + (0 if extra is None else len(extra))
+
+
 def views_key(splits: DataSplits, cfg: TransferSetConfig) -> str:
     """The data part of a transfer set cache's key: the data, the views' recipe and the
     other source's inputs themselves."""
@@ -394,5 +401,5 @@ def describe(cfg: TransferSetConfig, num_samples: int, num_unlabelled: int = 0) 
                                           "student only)" if num_unlabelled else "")
     count = (f"{cfg.views} views x {samples} = {cache_rows(total, cfg):,} inputs"
              if cfg.views else f"a fresh view per sample and epoch, {samples}")
-    return f"transfer set: {count}; {', '.join(aug) or 'no augmentation'}; teacher " \
-           f"{cfg.teaching}"
+    augmentation = ", ".join(aug) or "no augmentation"
+    return f"transfer set: {count}; {augmentation}; teacher {cfg.teaching}"

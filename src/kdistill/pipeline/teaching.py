@@ -28,7 +28,14 @@ from kdistill.cache import (
     fingerprint_model,
 )
 from kdistill.config import RunConfig
-from kdistill.data.transfer import TransferViews, ViewRows, cache_rows, transfer_inputs, views_key
+from kdistill.data.transfer import (
+    TransferViews,
+    ViewRows,
+    cache_rows,
+    num_transfer_inputs,
+    transfer_inputs,
+    views_key,
+)
 from kdistill.errors import ConfigError
 from kdistill.io import save_tensors_atomic
 from kdistill.methods import Method
@@ -50,8 +57,7 @@ def _online_reason(cfg: RunConfig, method: Method, splits: DataSplits,
     if method.on_policy:
         return "on-policy: the teacher scores the student's samples"
     layers = tuple(method.teacher_layers)
-    rows = len(splits.train_x) if ts is None else cache_rows(
-        len(transfer_inputs(splits, unlabelled=True)[0]), ts)
+    rows = len(splits.train_x) if ts is None else cache_rows(num_transfer_inputs(splits), ts)
     size = cache_bytes(rows, task_of(splits).output_shape(model, splits),
                        feature_shapes(model, splits.train_x, layers), cfg.cache.dtype,
                        topk=cfg.cache.topk)

@@ -150,6 +150,7 @@ def cache_layout(cfg: RunConfig, method: Method, splits: DataSplits, model: nn.M
     shape = task.output_shape(model, splits)
     layers = tuple(method.teacher_layers)
     ts = cfg.transfer_set  # a transfer set caches K rows per sample, unless taught online
+    # planning may not import data/: the same count as data.transfer.num_transfer_inputs
     extra = getattr(splits, "unlabelled_x", None)
     samples = len(splits.train_x) + (0 if extra is None else len(extra))
     rows = samples * (ts.views or 1 if ts is not None else 1)
