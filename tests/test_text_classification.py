@@ -213,6 +213,7 @@ def test_student_copies_the_mapped_layers(tmp_path: Path) -> None:
                       args={"vocab_size": 100, "pad_id": 0, "embed_dim": 32,
                             "init_embeddings": path})
     assert torch.equal(cnn.embed.weight, t["bert.embeddings.word_embeddings.weight"])
+    _check_principal_projection(path, t["bert.embeddings.word_embeddings.weight"])
     with pytest.raises(ConfigError, match=r"args\.init_embeddings"):
         build_model("textcnn", input_shape=(8,), num_classes=2,
                     args={"vocab_size": 100, "pad_id": 0, "embed_dim": 16,
@@ -220,6 +221,24 @@ def test_student_copies_the_mapped_layers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="token ids"):
         build_model("textcnn", input_shape=(1, 8, 8), num_classes=2,
                     args={"vocab_size": 10, "pad_id": 0})
+
+
+def _check_principal_projection(path: str, table: torch.Tensor) -> None:
+    """`project_dim: k` starts as the table's top k principal directions (pad row left out):
+    orthonormal rows that keep more of the rows' variance than any other k directions."""
+    cnn = build_model("textcnn", input_shape=(8,), num_classes=2,
+                      args={"vocab_size": 100, "pad_id": 0, "embed_dim": 32, "project_dim": 4,
+                            "init_embeddings": path})
+    w = cnn.project.weight.detach().double()
+    assert torch.allclose(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+    rows = table[1:].double() - table[1:].double().mean(dim=0)
+    top = torch.linalg.eigvalsh(rows.T @ rows).flip(0)[:4]
+    assert torch.allclose((rows @ w.T).pow(2).sum(dim=0), top, rtol=1e-4)
+    ids = torch.tensor([[5, 6, 0, 0]])
+    assert cnn(ids).shape == (1, 2)
+    with pytest.raises(ConfigError, match=r"args\.project_dim"):
+        build_model("textcnn", input_shape=(8,), num_classes=2,
+                    args={"vocab_size": 100, "pad_id": 0, "embed_dim": 32, "project_dim": 33})
 
 
 TEXT_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("text-*.yaml"))

@@ -167,12 +167,14 @@ teacher:
   model: {{arch: hf_encoder_classifier, args: {{path: {bert}}}}}
   train: {{epochs: 1, batch_size: 8, optimizer: {{name: adamw, lr: 0.001}}}}
 student:
-  model: {{arch: textcnn, args: {{tokenizer: minilm, embed_dim: 16, channels: 8}}}}
+  model: {{arch: textcnn, args: {{tokenizer: minilm, embed_dim: 16, channels: 8, project_dim: 8}}}}
 method: {{name: kd, temperature: 2.0, alpha: 0.5}}
 transfer_set:
   views: 2
   mask_prob: 0.2
   ngram_prob: 0.3
+  swap_prob: 0.2
+  swap_classes: 4
   unlabelled: {{name: fortunes43, tokenizer: minilm, seq_len: 16, val_size: 2, test_size: 0.1}}
 train: {{epochs: 1, batch_size: 8, optimizer: {{name: adam, lr: 0.001}}}}
 eval: {{batch_size: 8, throughput_batch: 4, latency_repeats: 3}}

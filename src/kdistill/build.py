@@ -19,9 +19,10 @@ from kdistill.data.loader import BatchLoader, compose, jitter
 from kdistill.data.transfer import (
     TransferLoader,
     TransferSetConfig,
-    TransferViews,
+    make_views,
     transfer_inputs,
 )
+from kdistill.data.word_classes import check_word_classes
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
 from kdistill.methods import Method, build_method
@@ -149,8 +150,7 @@ def _transfer_loader(splits: DataSplits, cfg: TrainSettings, seed: int,
                           "(random_crop / random_flip); with a transfer set set those to 0 / "
                           "false and use transfer_set.jitter / flip")
     check_views(splits, ts)
-    x, y = transfer_inputs(splits, unlabelled=unlabelled)
-    views = TransferViews(x, y, ts, splits.tokens)
+    views = make_views(splits, ts, unlabelled=unlabelled)
     return TransferLoader(views, batch_size=cfg.batch_size, seed=seed)
 
 
@@ -162,8 +162,11 @@ def check_views(splits: DataSplits, ts: TransferSetConfig) -> None:
         raise ConfigError("transfer_set", f"'{splits.name}' inputs are token ids: jitter, "
                           "flip and mix need images or signals; use mask_prob / ngram_prob")
     if ts.needs_tokens and (not tokens or splits.tokens is None):
-        raise ConfigError("transfer_set", f"mask_prob and ngram_prob change padded text; "
-                          f"'{splits.name}' inputs are not")
+        raise ConfigError("transfer_set", f"mask_prob, ngram_prob and swap_prob change padded "
+                          f"text; '{splits.name}' inputs are not")
+    if ts.swap_prob and splits.tokens is not None:
+        check_word_classes(transfer_inputs(splits, unlabelled=True)[0], splits.tokens,
+                           ts.swap_classes)
     if ts.needs_images and len(splits.input_shape) != 3:
         raise ConfigError("transfer_set", f"jitter, flip and cutmix need images (C, H, W); "
                           f"'{splits.name}' inputs have shape {splits.input_shape} (mixup "

@@ -28,113 +28,20 @@ target is the teacher's output on the mixed input itself.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from kdistill.data.loader import BatchLoader, _generator
+from kdistill.data.transfer_config import TransferSetConfig
+from kdistill.data.word_classes import WordClasses, build_word_classes
 from kdistill.types import IGNORE_INDEX, Batch, DataSplits, TokenRoles
 
 _M32 = 0xFFFFFFFF
 # Jöhnk's sampler accepts ≥ 1/2 of its draws for α ≤ 1 (≥ 1/6 up to α = 2): 16 (64) tries
 # leave a row without an accepted draw with probability < 2e-5
 _BETA_TRIES = {True: 16, False: 64}
-# Fields added after the first transfer-set caches (text views, another source's inputs)
-_LATER_FIELDS = ("mask_prob", "ngram_prob", "ngram_max", "unlabelled")
-
-
-class TransferSetConfig(BaseModel):
-    """`transfer_set:` in a recipe: the augmented views the students (distilled and alone) are
-    trained on, and where the teacher's outputs on them come from."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-    views: Annotated[int, Field(ge=1)] | None = Field(
-        8, description="K views per training sample, the teacher's outputs on all N·K cached "
-        "once; null: a fresh view every epoch (teaching: online)")
-    teaching: Literal["cached", "online"] = Field(
-        "cached", description="cached: the teacher's outputs on the K views, stored; online: "
-        "the teacher runs on each batch's views (the same values, more teacher passes)")
-    jitter: Annotated[int, Field(ge=0)] = Field(
-        0, description="random shifts of up to this many pixels (image inputs), pad = the "
-        "image's own minimum per channel")
-    flip: bool = Field(False, description="mirror half of the views (image inputs)")
-    mix: Literal["none", "mixup", "cutmix"] = Field(
-        "none", description="mix each view with another training input's view")
-    mix_alpha: Annotated[float, Field(gt=0, le=2)] = Field(
-        1.0, description="λ ~ Beta(α, α), the weight of the sample's own input")
-    mix_prob: Annotated[float, Field(ge=0, le=1)] = Field(
-        1.0, description="the share of views that are mixed")
-    mask_prob: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.0, description="token inputs: each token (never a special one) of a view becomes "
-        "the mask token with this probability (Tang et al. 2019)")
-    ngram_prob: Annotated[float, Field(ge=0, le=1)] = Field(
-        0.0, description="token inputs: the share of views cut down to one random n-gram of "
-        "the text, n uniform in 1..ngram_max (Tang et al. 2019)")
-    ngram_max: Annotated[int, Field(ge=1)] = Field(5, description="the longest n-gram kept")
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
-        0, description="the views' seed (one cache serves every student seed)")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TransferSetConfig:
-        if self.views is None and self.teaching == "cached":
-            raise ValueError("views: null (a fresh view every epoch) cannot be cached; set "
-                             "teaching: online, or a number of views")
-        fields = type(self).model_fields  # by value: overrides re-validate a full dump
-        unused = [f for f in ("mix_alpha", "mix_prob")
-                  if self.mix == "none" and getattr(self, f) != fields[f].default]
-        if unused:
-            raise ValueError(f"{', '.join(unused)}: used only with mix: mixup or cutmix; "
-                             "remove it or set mix")
-        if not self.ngram_prob and self.ngram_max != fields["ngram_max"].default:
-            raise ValueError("ngram_max: used only with ngram_prob > 0")
-        if self.needs_images and self.needs_tokens:
-            raise ValueError("jitter / flip / cutmix change images, mask_prob / ngram_prob "
-                             "token ids: one input holds one kind")
-        if not (self.needs_images or self.needs_tokens or self.mixes):
-            if not self._has_other_inputs():
-                raise ValueError("no augmentation (jitter, flip, mix, mask_prob or "
-                                 "ngram_prob): every view would be the input itself; remove "
-                                 "transfer_set or add one")
-            if self.views != 1:
-                raise ValueError("views: without augmentation every view is the input itself;"
-                                 " set views: 1 (the unlabelled inputs alone)")
-        return self
-
-    def _has_other_inputs(self) -> bool:
-        """A run's transfer set may add another source's inputs (`unlabelled`): then views
-        without augmentation still add to the training set."""
-        return False
-
-    @property
-    def mixes(self) -> bool:
-        return self.mix != "none" and self.mix_prob > 0
-
-    @property
-    def needs_images(self) -> bool:
-        return bool(self.jitter or self.flip or self.mix == "cutmix")
-
-    @property
-    def needs_tokens(self) -> bool:
-        return bool(self.mask_prob or self.ngram_prob)
-
-    def spec(self) -> dict[str, object]:
-        """The settings as stage fingerprints see them: fields added later are left out at
-        their defaults, so caches and students made before them stay valid."""
-        spec = self.model_dump(mode="json")
-        fields = type(self).model_fields
-        for name in _LATER_FIELDS:
-            if name in spec and spec[name] == fields[name].default:
-                del spec[name]
-        return spec
-
-    def digest(self) -> str:
-        """What the views depend on (not `teaching`), for cache keys and stage fingerprints."""
-        spec = {k: v for k, v in self.spec().items() if k != "teaching"}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- counter-based random numbers ----------------------------------------------------------------
@@ -232,9 +139,17 @@ def mask_tokens(x: Tensor, u: Tensor, p: float, roles: TokenRoles) -> Tensor:
     return torch.where((u < p) & ~special, torch.full_like(x, roles.mask), x)
 
 
+def swap_tokens(x: Tensor, u: Tensor, lo: float, hi: float, v: Tensor, classes: WordClasses,
+                roles: TokenRoles) -> Tensor:
+    """Padded token ids (B, T) with each non-special token where lo ≤ u < hi replaced by a
+    token of its word class drawn with uniforms v (tokens without a class stay)."""
+    special = torch.isin(x, torch.tensor(roles.special, dtype=x.dtype))
+    return torch.where((u >= lo) & (u < hi) & ~special, classes.sample(x, v), x)
+
+
 # Hash slots of one view's random numbers (sample, view, slot).
 (_DY, _DX, _FLIP, _PARTNER, _MIXES, _CY, _CX, _PARTNER_AUG, _OFFSET, _BETA, _MASK, _CUT, _N,
- _START) = range(14)
+ _START, _SWAP) = range(15)
 
 
 class TransferViews:
@@ -246,10 +161,13 @@ class TransferViews:
     """
 
     def __init__(self, x: Tensor, y: Tensor, cfg: TransferSetConfig,
-                 tokens: TokenRoles | None = None) -> None:
+                 tokens: TokenRoles | None = None, classes: WordClasses | None = None) -> None:
         if cfg.needs_tokens and tokens is None:
-            raise ValueError("mask_prob / ngram_prob need the token roles of padded text")
-        self.x, self.y, self.cfg, self.tokens = x, y, cfg, tokens
+            raise ValueError("mask_prob / ngram_prob / swap_prob need the token roles of "
+                             "padded text")
+        if cfg.swap_prob and classes is None:
+            raise ValueError("swap_prob needs word classes (make_views builds them)")
+        self.x, self.y, self.cfg, self.tokens, self.classes = x, y, cfg, tokens, classes
 
     @property
     def num_views(self) -> int | None:
@@ -276,9 +194,18 @@ class TransferViews:
             n = 1 + (uniform(seed, i, k, _N) * cfg.ngram_max).long().clamp_max(cfg.ngram_max - 1)
             x = ngram_cut(x, uniform(seed, i, k, _CUT) < cfg.ngram_prob, n,
                           uniform(seed, i, k, _START), roles)
-        if cfg.mask_prob:
-            u = uniform(seed, i[:, None], k[:, None], _MASK, torch.arange(x.shape[1])[None])
-            x = mask_tokens(x, u, cfg.mask_prob, roles)
+        if cfg.mask_prob or cfg.swap_prob:
+            # One uniform per position decides both, as in Tang et al.: masked below
+            # mask_prob, swapped in the next swap_prob of it, never both.
+            pos = torch.arange(x.shape[1])[None]
+            u = uniform(seed, i[:, None], k[:, None], _MASK, pos)
+            if cfg.swap_prob:
+                assert self.classes is not None  # checked in __init__
+                v = uniform(seed, i[:, None], k[:, None], _SWAP, pos)
+                x = swap_tokens(x, u, cfg.mask_prob, cfg.mask_prob + cfg.swap_prob, v,
+                                self.classes, roles)
+            if cfg.mask_prob:
+                x = mask_tokens(x, u, cfg.mask_prob, roles)
         return x
 
     def _mixed(self, x: Tensor, i: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -378,6 +305,19 @@ def num_transfer_inputs(splits: DataSplits) -> int:
     return len(splits.train_x) + (0 if extra is None else len(extra))
 
 
+def make_views(splits: DataSplits, ts: TransferSetConfig, *, unlabelled: bool) -> TransferViews:
+    """The views of `transfer_inputs(splits, unlabelled=...)`. Word classes for swaps come from
+    every input of the transfer set whichever student asks, so the student alone swaps within
+    the classes of the views the teacher labelled."""
+    x, y = transfer_inputs(splits, unlabelled=unlabelled)
+    classes = None
+    if ts.swap_prob:
+        assert splits.tokens is not None  # check_views: swaps need padded text
+        every, _ = transfer_inputs(splits, unlabelled=True)
+        classes = build_word_classes(every, splits.tokens, ts.swap_classes, ts.seed)
+    return TransferViews(x, y, ts, splits.tokens, classes)
+
+
 def views_key(splits: DataSplits, cfg: TransferSetConfig) -> str:
     """The data part of a transfer set cache's key: the data, the views' recipe and the
     other source's inputs themselves."""
@@ -394,6 +334,8 @@ def describe(cfg: TransferSetConfig, num_samples: int, num_unlabelled: int = 0) 
     if cfg.mixes:
         aug.append(f"{cfg.mix} (α {cfg.mix_alpha:g}, {cfg.mix_prob:.0%} of views)")
     aug += [f"mask {cfg.mask_prob:.0%} of tokens"] if cfg.mask_prob else []
+    if cfg.swap_prob:
+        aug.append(f"swap {cfg.swap_prob:.0%} of tokens within {cfg.swap_classes} word classes")
     if cfg.ngram_prob:
         aug.append(f"{cfg.ngram_prob:.0%} of views cut to an n-gram (n ≤ {cfg.ngram_max})")
     total = num_samples + num_unlabelled

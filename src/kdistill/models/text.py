@@ -62,11 +62,17 @@ class TextCNN(nn.Module):
     """
 
     def __init__(self, vocab_size: int, num_classes: int, *, pad_id: int, embed_dim: int,
-                 widths: Sequence[int], channels: int, dropout: float) -> None:
+                 widths: Sequence[int], channels: int, dropout: float,
+                 project_dim: int | None = None) -> None:
         super().__init__()
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, channels, w) for w in widths)
+        # A per-token linear map to fewer dimensions: the convolutions' cost scales with their
+        # input width, so wide pretrained embeddings need not make every window wide.
+        self.project = (nn.Linear(embed_dim, project_dim, bias=False)
+                        if project_dim is not None else None)
+        conv_in = embed_dim if project_dim is None else project_dim
+        self.convs = nn.ModuleList(nn.Conv1d(conv_in, channels, w) for w in widths)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(channels * len(widths), num_classes)
 
@@ -74,7 +80,10 @@ class TextCNN(nn.Module):
         ids = _ids(ids, "textcnn")
         mask = ids != self.pad_id
         # Zero the pad embeddings explicitly: padding_idx keeps them zero only at init.
-        x = (self.embed(ids) * mask.unsqueeze(-1)).transpose(1, 2)  # (B, E, T)
+        x = self.embed(ids) * mask.unsqueeze(-1)  # (B, T, E)
+        if self.project is not None:
+            x = self.project(x)  # no bias: pad positions stay exactly zero
+        x = x.transpose(1, 2)  # (B, E, T)
         starts = mask.unsqueeze(1)  # (B, 1, T): one window starts on every position
         pooled = []
         for conv in self.convs:
@@ -98,11 +107,15 @@ def textcnn(
     channels: int = 100,
     dropout: float = 0.5,
     init_embeddings: str | None = None,
+    project_dim: int | None = None,
 ) -> TextCNN:
     """A TextCNN (`arch: textcnn`) over the vocabulary of `tokenizer` (the data's tokenizer),
     or of `vocab_size` ids with pad id `pad_id` when both are given (no tokenizer loaded).
     `init_embeddings: minilm` (or an encoder directory) starts from that encoder's word
-    embeddings (Kim 2014's "static/non-static" pretrained vectors); embed_dim must match."""
+    embeddings (Kim 2014's "static/non-static" pretrained vectors); embed_dim must match.
+    `project_dim: k` maps each token's embedding to k dimensions (a linear map without bias)
+    before the convolutions; with `init_embeddings` it starts as the table's top k principal
+    directions, so the student starts from the most of the pretrained vectors k numbers keep."""
     _seq_len(input_shape, "textcnn")
     if vocab_size is None or pad_id is None:
         tok = load_tokenizer(tokenizer, where="args.tokenizer")
@@ -111,11 +124,15 @@ def textcnn(
     vocab_size = _positive_int(vocab_size, "vocab_size")
     if not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
         raise ConfigError("args.pad_id", f"expected an id in [0, {vocab_size}), got {pad_id!r}")
-    model = TextCNN(vocab_size, num_classes, pad_id=pad_id,
-                    embed_dim=_positive_int(embed_dim, "embed_dim"),
+    embed_dim = _positive_int(embed_dim, "embed_dim")
+    if project_dim is not None and not 0 < _positive_int(project_dim, "project_dim") <= embed_dim:
+        raise ConfigError("args.project_dim", f"expected at most embed_dim ({embed_dim}), "
+                                              f"got {project_dim}")
+    model = TextCNN(vocab_size, num_classes, pad_id=pad_id, embed_dim=embed_dim,
                     widths=_positive_ints(widths, "widths"),
                     channels=_positive_int(channels, "channels"),
-                    dropout=_probability(dropout, "dropout"))
+                    dropout=_probability(dropout, "dropout"),
+                    project_dim=project_dim)
     if init_embeddings is not None:
         _, state = _pretrained_encoder(init_embeddings)
         table = state.get("embeddings.word_embeddings.weight")
@@ -127,7 +144,20 @@ def textcnn(
                                                       f"embed_dim and the tokenizer to match)")
         with torch.no_grad():
             model.embed.weight.copy_(table)
+            if model.project is not None:
+                model.project.weight.copy_(_principal_directions(table, pad_id,
+                                                                 model.project.out_features))
     return model
+
+
+def _principal_directions(table: Tensor, pad_id: int, k: int) -> Tensor:
+    """The top k principal directions (k, E) of an embedding table's rows, pad row excluded.
+
+    The rows are centred for the directions only: the map stays linear (no bias), so a pad
+    embedding of zero still projects to zero."""
+    rows = torch.cat([table[:pad_id], table[pad_id + 1:]]).double()
+    _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0), full_matrices=False)
+    return vh[:k].to(table.dtype)
 
 
 class EncoderClassifier(nn.Module):

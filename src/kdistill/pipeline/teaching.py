@@ -29,11 +29,10 @@ from kdistill.cache import (
 )
 from kdistill.config import RunConfig
 from kdistill.data.transfer import (
-    TransferViews,
     ViewRows,
     cache_rows,
+    make_views,
     num_transfer_inputs,
-    transfer_inputs,
     views_key,
 )
 from kdistill.errors import ConfigError
@@ -126,8 +125,7 @@ def cache_inputs(cfg: RunConfig, splits: DataSplits) -> tuple[Any, int, str]:
     if ts is None:
         return splits.train_x, 1, splits.fingerprint
     check_views(splits, ts)
-    x, y = transfer_inputs(splits, unlabelled=True)  # the teacher labels every input
-    rows = ViewRows(TransferViews(x, y, ts, splits.tokens))
+    rows = ViewRows(make_views(splits, ts, unlabelled=True))  # the teacher labels every input
     return rows, rows.k, views_key(splits, ts)
 
 
