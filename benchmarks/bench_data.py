@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from kdistill.build import build_data, build_network, build_optimizer
-from kdistill.cache import CacheKey, build_cache, fingerprint_model
+from kdistill.cache import CacheKey, build_cache
+from kdistill.cache_key import fingerprint_model
 from kdistill.config import ModelSpec, OptimizerConfig, TrainConfig, data_source
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train

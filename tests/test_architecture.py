@@ -41,7 +41,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "config": (*FOUNDATION, "data", "devices", "io", "methods", "rundir", "schedules",
                "tasks"),
     # The cache stores what the losses read: the sparse targets come from losses.topk.
-    "cache": (*FOUNDATION, "devices", "io", "capture", "losses.topk"),
+    "cache_key": FOUNDATION,
+    "cache": (*FOUNDATION, "cache_key", "devices", "io", "capture", "losses.topk"),
+    # Sizes before a cache exists (the memory plan, the cache budget) and of one that does.
+    "cache_size": (*FOUNDATION, "cache", "capture", "devices"),
     "teachers": (*FOUNDATION, "devices", "cache", "capture"),
     # The cache as Parquet shards for other tools: it reads a cache and writes files.
     "cache_export": (*FOUNDATION, "cache", "io"),
@@ -57,11 +60,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "report": (*FOUNDATION, "compress", "config", "data", "io", "logger", "methods", "schedules",
                "tasks"),
     # The memory plan builds data and models as the run does and probes them.
-    "planning": (*FOUNDATION, "build", "cache", "capture", "config", "devices", "evaluate",
-                 "methods", "schedules", "tasks", "teachers"),
-    "pipeline": (*FOUNDATION, "build", "cache", "compress", "config", "data", "devices",
-                 "distributed", "engine", "io", "logger", "methods", "models", "planning",
-                 "report", "rundir", "tasks", "teachers", "weights"),
+    "planning": (*FOUNDATION, "build", "cache", "cache_size", "capture", "config", "devices",
+                 "evaluate", "methods", "schedules", "tasks", "teachers"),
+    "pipeline": (*FOUNDATION, "build", "cache", "cache_key", "cache_size", "compress", "config",
+                 "data", "devices", "distributed", "engine", "io", "logger", "methods", "models",
+                 "planning", "report", "rundir", "tasks", "teachers", "weights"),
     "cli": ("*",),
     "__init__": ("*",),
     "__main__": ("*",),

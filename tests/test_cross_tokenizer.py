@@ -111,7 +111,7 @@ def test_two_tokenizers_an_oracle_teacher_lands_on_the_observed_student_tokens(
 
 
 def test_the_cache_key_follows_the_projection(toks: dict[str, Path]) -> None:
-    from kdistill.cache import fingerprint_model
+    from kdistill.cache_key import fingerprint_model
     from kdistill.models.cross_tokenizer import OracleLM, ProjectedLM
 
     teacher = OracleLM(700)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.cache import FORMAT_VERSION, CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.cache import FORMAT_VERSION, CacheKey, TeacherCache, build_cache
+from kdistill.cache_key import fingerprint_model
 from kdistill.data.loader import BatchLoader, jitter
 from kdistill.errors import ConfigError, TrainingError
 

@@ -277,7 +277,7 @@ def test_custom_target_failures_are_clear(target, field, text):
 def test_cnn_with_batch_norm_is_fingerprinted_by_its_statistics() -> None:
     """BatchNorm after each conv (the data-free BN prior needs a teacher with it); its 0-dim
     num_batches_tracked buffer once broke the teacher fingerprint."""
-    from kdistill.cache import fingerprint_model
+    from kdistill.cache_key import fingerprint_model
 
     net = build_model("cnn", input_shape=(1, 8, 8), num_classes=3,
                       args={"channels": [4, 6], "hidden": 8, "batch_norm": True})

@@ -14,15 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.build import build_optimizer
-from kdistill.cache import (
-    CacheKey,
-    TeacherCache,
-    build_cache,
-    bytes_per_token,
-    cache_bytes,
-    fingerprint_model,
-    index_dtype,
-)
+from kdistill.cache import CacheKey, TeacherCache, build_cache, index_dtype
+from kdistill.cache_key import fingerprint_model
+from kdistill.cache_size import bytes_per_token, cache_bytes
 from kdistill.config import TrainConfig
 from kdistill.data.loader import BatchLoader
 from kdistill.engine import train

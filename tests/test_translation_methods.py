@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.cache import CacheKey, TeacherCache, build_cache
+from kdistill.cache_key import fingerprint_model
 from kdistill.capture import capture
 from kdistill.data.translation import (
     BOS,

@@ -4,7 +4,8 @@
     result = run(load_config("recipes/mnist-hinton.yaml", ["train.seeds=[0,1,2]"]))
 """
 
-from kdistill.cache import CacheKey, TeacherCache, build_cache, fingerprint_model
+from kdistill.cache import CacheKey, TeacherCache, build_cache
+from kdistill.cache_key import fingerprint_model
 from kdistill.capture import capture
 from kdistill.config import RunConfig, TrainSettings, load_config
 from kdistill.data.loader import BatchLoader

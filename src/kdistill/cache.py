@@ -41,13 +41,9 @@ first bad training sample.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdistill.cache_key import REBUILD, CacheKey, _parse_key
 from kdistill.capture import capture
 from kdistill.devices import model_device
 from kdistill.errors import ConfigError, KDistillError, TrainingError
@@ -65,7 +62,6 @@ from kdistill.losses.topk import sparse_targets
 # field file (older caches have none: they are rebuilt, not read unchecked); 5: "views", rows
 # per sample (K augmented views of a transfer set)
 FORMAT_VERSION = 5
-REBUILD = "delete it and run again to rebuild it"
 
 # Value dtype name -> numpy dtype on disk. bfloat16 bits are kept as uint16 (numpy has no bf16).
 _VALUE_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -73,54 +69,6 @@ _VALUE_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float1
 
 # Every dtype a manifest may name: the value dtypes and the index dtypes of `index_dtype`.
 _MANIFEST_DTYPES = (*_VALUE_STORAGE, "uint8", "uint16", "int32", "int64")
-
-
-def fingerprint_model(model: nn.Module) -> str:
-    """sha256 over the class name, every parameter/buffer (name, shape, dtype, bytes) and, for a
-    model whose outputs depend on more than its weights, its `fingerprint_extra()` string
-    (e.g. the projected teacher's pair of vocabularies and its number of candidates)."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    extra = getattr(model, "fingerprint_extra", None)
-    if callable(extra):
-        h.update(str(extra()).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) has no byte view
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    teacher: str  # fingerprint_model(teacher)
-    data: str  # DataSplits.fingerprint of the inputs the cache covers
-    dtype: str = "float32"  # storage dtype of the values: float32, float16 or bfloat16
-    layers: tuple[str, ...] = ()  # teacher layers whose outputs are stored beside the logits
-    topk: int | None = None  # None: dense logits; k: the top-k log-probabilities and indices
-    tail_samples: int = 0  # of the k: draws from the tail (`kdistill.losses.sparse_targets`)
-    tail_sampling: str = "independent"  # or "systematic"
-
-    def as_dict(self) -> dict[str, Any]:
-        key = {"teacher": self.teacher, "data": self.data, "dtype": self.dtype,
-               "layers": list(self.layers), "topk": self.topk,
-               "tail_samples": self.tail_samples}
-        if self.tail_sampling != "independent":  # only then: older manifests stay valid
-            key["tail_sampling"] = self.tail_sampling
-        return key
-
-
-def _parse_key(key: Any, directory: Path) -> CacheKey:
-    """A manifest's key; fields added later (topk, tail_samples, ...) read as their defaults."""
-    try:
-        return CacheKey(teacher=key["teacher"], data=key["data"],
-                        dtype=key.get("dtype", "float32"),
-                        layers=tuple(key.get("layers", ())), topk=key.get("topk"),
-                        tail_samples=key.get("tail_samples", 0),
-                        tail_sampling=key.get("tail_sampling", "independent"))
-    except (KeyError, TypeError, AttributeError):
-        raise ConfigError(str(directory / "manifest.json"),
-                          f"not a kdistill cache key: {key!r}; {REBUILD}") from None
 
 
 def index_dtype(vocab: int) -> np.dtype:
@@ -290,54 +238,6 @@ def _check_manifest(manifest: dict[str, Any]) -> None:
             raise ValueError(f"field {name!r}: unknown dtype {spec['dtype']!r}")
         if spec["shape"][:1] != [n]:
             raise ValueError(f"field {name!r} does not hold num_samples = {n} rows")
-
-
-def bytes_per_token(manifest: dict[str, Any]) -> float:
-    """Bytes a cache stores per teacher-output position (a token for (N, T, V) outputs, a
-    sample for (N, C)): all fields, layer outputs included, over N · prod(P)."""
-    fields = manifest["fields"]
-    main = fields["topk_logprobs" if manifest.get("format") == "topk" else "logits"]
-    positions = math.prod(main["shape"][:-1])
-    total = sum(math.prod(spec["shape"]) * _itemsize(spec["dtype"]) for spec in fields.values())
-    return total / max(positions, 1)
-
-
-@torch.no_grad()
-def feature_shapes(teacher: nn.Module, example: Tensor, layers: tuple[str, ...]) -> dict[
-    str, tuple[int, ...]
-]:
-    """Per-sample output shape of each layer in `layers` (one eval forward on `example[:1]`)."""
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        with capture(teacher, layers, where="method.teacher_layers") as feats:
-            teacher(example[:1].to(model_device(teacher)))
-            return {name: tuple(feats[name].shape[1:]) for name in layers}
-    finally:
-        teacher.train(was_training)
-
-
-def cache_bytes(num_samples: int, logits_shape: int | Sequence[int],
-                shapes: dict[str, tuple[int, ...]], dtype: str, *,
-                topk: int | None = None) -> int:
-    """Bytes a cache of teacher outputs plus these layer outputs takes on disk.
-
-    Args:
-        num_samples: N.
-        logits_shape: the teacher's per-sample output shape (*P, V): an int C for (N, C)
-            classifiers, (T, V) for a causal LM.
-        shapes: per-sample shape of each cached layer output (`feature_shapes`).
-        dtype: value storage dtype ("float32", "float16", "bfloat16").
-        topk: None for dense logits (prod(P)·V values per sample); k for a top-k cache
-            (prod(P)·k values plus prod(P)·k indices of `index_dtype(V)` per sample).
-    """
-    *positions, vocab = (logits_shape,) if isinstance(logits_shape, int) else logits_shape
-    tokens = math.prod(positions)
-    values = tokens * (vocab if topk is None else topk) + sum(math.prod(s) for s in shapes.values())
-    per_sample = values * _itemsize(dtype)
-    if topk is not None:
-        per_sample += tokens * topk * index_dtype(vocab).itemsize
-    return num_samples * per_sample
 
 
 def _first_bad_row(value: Tensor | np.ndarray) -> int | None:

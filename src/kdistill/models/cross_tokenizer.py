@@ -283,7 +283,7 @@ class ProjectedLM(nn.Module):
 
     def fingerprint_extra(self) -> str:
         """Beside the weights, in the teacher cache's key: the two vocabularies and
-        `candidates` (`kdistill.cache.fingerprint_model`)."""
+        `candidates` (`kdistill.cache_key.fingerprint_model`)."""
         return f"projection {self.projection.digest()} candidates {self.candidates}"
 
     def summary(self) -> str:

@@ -31,7 +31,7 @@ from kdistill.build import (
     check_devices,
     check_views,
 )
-from kdistill.cache import fingerprint_model
+from kdistill.cache_key import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, dump_config
 from kdistill.data.transfer import describe as describe_transfer_set
 from kdistill.errors import ConfigError

@@ -22,7 +22,7 @@ from torch import nn
 
 from kdistill import distributed
 from kdistill.build import build_network, build_optimizer, build_train_loader
-from kdistill.cache import fingerprint_model
+from kdistill.cache_key import fingerprint_model
 from kdistill.config import RunConfig, TeacherConfig, TrainSettings, TransferSetConfig
 from kdistill.data import DataSplits
 from kdistill.data.transfer import views_key

@@ -19,14 +19,9 @@ from torch import Tensor, nn
 
 from kdistill import distributed
 from kdistill.build import check_views
-from kdistill.cache import (
-    CacheKey,
-    TeacherCache,
-    build_cache,
-    cache_bytes,
-    feature_shapes,
-    fingerprint_model,
-)
+from kdistill.cache import CacheKey, TeacherCache, build_cache
+from kdistill.cache_key import fingerprint_model
+from kdistill.cache_size import cache_bytes, feature_shapes
 from kdistill.config import RunConfig
 from kdistill.data.transfer import (
     ViewRows,

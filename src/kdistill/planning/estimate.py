@@ -8,7 +8,7 @@ state dict cached for the student's initialisation, and the peak while building)
 training micro-step and one evaluation forward of each model at two small batches
 (`kdistill.planning.steps`). What is computed: gradients (every trainable parameter's size),
 optimiser state (Adam/AdamW two copies, SGD with momentum one), the cache on disk
-(`kdistill.cache.cache_bytes`), and the batch sizes each phase runs at, to which the probes'
+(`kdistill.cache_size.cache_bytes`), and the batch sizes each phase runs at, to which the probes'
 lines are extrapolated. `kdistill.planning.stages` composes the stages from these parts.
 """
 
@@ -23,7 +23,8 @@ from torch import nn
 
 from kdistill import devices
 from kdistill.build import add_unlabelled, build_data, build_network
-from kdistill.cache import build_cache, cache_bytes, feature_shapes
+from kdistill.cache import build_cache
+from kdistill.cache_size import cache_bytes, feature_shapes
 from kdistill.config import ModelSpec, RunConfig, TrainSettings
 from kdistill.methods import Method, build_method
 from kdistill.methods.ce import CEConfig
