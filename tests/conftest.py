@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from kdistill import cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,3 +39,26 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE + f"output_dir: {tmp_path / 'runs'}\n")
     return path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def kdistill(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`kdistill(*args)` runs the console script's `main()` and returns its exit and output."""
+
+    def call(*args: str) -> Result:
+        monkeypatch.setattr(sys, "argv", ["kdistill", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        out, err = capsys.readouterr()
+        code = info.value.code
+        return Result(code if isinstance(code, int) else 1, out, err)
+
+    return call
