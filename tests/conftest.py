@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdistill import cli
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)  # 2-vCPU VMs stall with 2 intra-op threads
@@ -55,6 +53,8 @@ def kdistill(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     def call(*args: str) -> Result:
         monkeypatch.setattr(sys, "argv", ["kdistill", *args])
         capsys.readouterr()
+        from kdistill import cli  # here: the environment above is set before kdistill loads
+
         with pytest.raises(SystemExit) as info:
             cli.main()
         out, err = capsys.readouterr()

@@ -209,7 +209,7 @@ def test_tensorboard_requested_but_not_installed(
              "logging.tensorboard", "tensorboard is not installed", "pip install")
 
 
-# --- runtime: training, checkpoints, caches --------------------------------------------------
+# --- recipes that would run code, hyper-parameters, runtime failures -------------------------
 
 
 def test_user_module_that_fails_to_import(kdistill, tiny_recipe: Path, tmp_path: Path,

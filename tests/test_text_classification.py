@@ -140,11 +140,14 @@ def _padded(tokenizer, texts: list[str], length: int):  # type: ignore[no-untype
     return tokenize_padded(texts, tokenizer, length)
 
 
-def test_textcnn_ignores_padding(tokenizer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("project_dim", [None, 6])
+def test_textcnn_ignores_padding(tokenizer, project_dim: int | None) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = build_model("textcnn", input_shape=(16,), num_classes=3,
                         args={"vocab_size": len(tokenizer), "pad_id": 0, "embed_dim": 8,
-                              "channels": 4}).eval()
+                              "channels": 4, "project_dim": project_dim}).eval()
+    with torch.no_grad():
+        model.embed.weight[0] = 1.0  # a pad row that is not zero must still not count
     texts = ["hi", "a somewhat longer text about computers and their bugs"]
     short, long = _padded(tokenizer, texts, 16), _padded(tokenizer, texts, 40)
     text = texts[1]
@@ -156,12 +159,16 @@ def test_textcnn_ignores_padding(tokenizer) -> None:  # type: ignore[no-untyped-
         # Windows that start in the padding must not win the max-pool: make every real window
         # respond below what an all-padding window gives (the bias).
         model.embed.weight.abs_()
+        if model.project is not None:
+            model.project.weight.abs_()
         for conv in model.convs:
             conv.weight.fill_(-0.1)
             conv.bias.fill_(1.0)
         torch.testing.assert_close(model(exact), model(long[1:]))
+    width = project_dim or 8
     assert sum(p.numel() for p in model.parameters()) == (
-        len(tokenizer) * 8 + sum(8 * 4 * w + 4 for w in (3, 4, 5)) + 12 * 3 + 3)
+        len(tokenizer) * 8 + 8 * (project_dim or 0) + sum(width * 4 * w + 4 for w in (3, 4, 5))
+        + 12 * 3 + 3)
     with pytest.raises(TypeError, match="token ids"):
         model(short.float())
 

@@ -57,21 +57,34 @@ def test_rare_tokens_have_no_class_and_too_many_classes_are_refused() -> None:
         build_word_classes(_corpus(), ROLES, num_classes=50, seed=0)
 
 
-def test_swaps_keep_the_class_and_the_frame_and_draw_by_frequency() -> None:
-    x = _corpus()
-    x[:300, 2] = NOUNS[0]  # the first noun is now four times as frequent as each other noun
+def test_swaps_keep_the_class_and_the_frame_and_draw_other_tokens_by_frequency() -> None:
+    x = _corpus(3000)
+    x[:1500, 2] = NOUNS[0]  # the first noun is now four times as frequent as each other noun
     classes = build_word_classes(x, ROLES, num_classes=3, seed=0)
     g = torch.Generator().manual_seed(1)
     u, v = torch.rand(x.shape, generator=g), torch.rand(x.shape, generator=g)
     out = swap_tokens(x, u, 0.1, 0.6, v, classes, ROLES)
     special = torch.isin(x, torch.tensor(ROLES.special))
     assert torch.equal(out[special], x[special])
-    assert torch.equal(out[(u < 0.1) | (u >= 0.6)], x[(u < 0.1) | (u >= 0.6)])
+    band = (u >= 0.1) & (u < 0.6)
+    assert torch.equal(out[~band], x[~band])
+    assert (out[band & ~special] != x[band & ~special]).all()  # a swap never keeps the token
     assert torch.equal(classes.label[out[~special]], classes.label[x[~special]])
-    drawn = out[(u >= 0.1) & (u < 0.6) & torch.isin(x, torch.tensor(NOUNS))]
-    counts = torch.bincount(x[torch.isin(x, torch.tensor(NOUNS))], minlength=206)[200:]
-    share = torch.bincount(drawn, minlength=206)[200:].double() / len(drawn)
-    assert torch.allclose(share, counts.double() / counts.sum(), atol=0.03)
+    # From the last noun: the other five in proportion to their counts (the first has 4x).
+    drawn = out[band & (x == NOUNS[-1])]
+    counts = torch.bincount(x[torch.isin(x, torch.tensor(NOUNS[:-1]))], minlength=206)[200:205]
+    share = torch.bincount(drawn, minlength=206)[200:205].double() / len(drawn)
+    assert len(drawn) > 300
+    assert torch.allclose(share, counts.double() / counts.sum(), atol=0.06)
+
+
+def test_a_token_alone_in_its_class_stays() -> None:
+    x = torch.cat([_corpus(), torch.tensor([_row(500, 500, 500)] * 20)])
+    classes = build_word_classes(x, ROLES, num_classes=4, seed=0)
+    alone = int(classes.label[500])
+    assert (classes.label == alone).sum() == 1
+    assert classes.sample(torch.tensor([500, 500]), torch.tensor([0.0, 0.999])).tolist() == [
+        500, 500]
 
 
 def test_masking_and_swapping_share_one_draw_per_token() -> None:
@@ -85,7 +98,7 @@ def test_masking_and_swapping_share_one_draw_per_token() -> None:
     assert torch.equal(a == MASK, b == MASK)  # swaps leave the masking as it was
     content = ~torch.isin(splits.train_x[i], torch.tensor(ROLES.special))
     changed = (a != splits.train_x[i]) & (a != MASK) & content
-    assert 0.2 < changed.sum() / content.sum() < 0.5  # 50 % swapped, some to themselves
+    assert changed.sum() / content.sum() == pytest.approx(0.5, abs=0.05)  # 50 % swapped
 
 
 def test_the_cache_rows_are_the_live_views_for_every_student() -> None:
@@ -124,3 +137,22 @@ def test_too_many_classes_stop_a_run_before_its_teacher_trains(
     with pytest.raises(ConfigError, match=r"^transfer_set\.swap_classes: only \d+ tokens"):
         pipeline.run(load_config(recipe), echo=lambda _: None)
     assert not list((tmp_path / "runs").glob("*/teacher"))
+
+
+def test_the_student_alone_retrains_when_the_texts_its_classes_come_from_change() -> None:
+    from kdistill.methods import build_method
+    from kdistill.methods.ce import CEConfig
+    from kdistill.pipeline.stages import student_fingerprint
+
+    base = DataSplits(**{**_splits().__dict__, "train_x": _corpus(60),
+                         "train_y": torch.arange(60) % 3})
+    other = DataSplits(**{**base.__dict__, "unlabelled_x": _corpus(40, seed=3)})
+    ce = build_method(CEConfig())
+
+    def alone(splits: DataSplits, **views: float) -> str:
+        cfg = RunConfig(data={"name": "digits"}, transfer_set={"views": 2, **views})
+        return student_fingerprint("baseline", cfg, splits, 0, ce, None, None)
+
+    assert alone(base, swap_prob=0.2, swap_classes=3) != alone(other, swap_prob=0.2,
+                                                               swap_classes=3)
+    assert alone(base, mask_prob=0.2) == alone(other, mask_prob=0.2)  # never sees them

@@ -160,7 +160,8 @@ def check_views(splits: DataSplits, ts: TransferSetConfig) -> None:
     tokens = not splits.train_x[:1].is_floating_point()
     if tokens and (ts.needs_images or ts.mixes):
         raise ConfigError("transfer_set", f"'{splits.name}' inputs are token ids: jitter, "
-                          "flip and mix need images or signals; use mask_prob / ngram_prob")
+                          "flip and mix need images or signals; use mask_prob / ngram_prob / "
+                          "swap_prob")
     if ts.needs_tokens and (not tokens or splits.tokens is None):
         raise ConfigError("transfer_set", f"mask_prob, ngram_prob and swap_prob change padded "
                           f"text; '{splits.name}' inputs are not")

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kdistill.data.word_classes import class_recipe
+
 # Fields added after the first transfer-set caches (text views, another source's inputs)
 _LATER_FIELDS = ("mask_prob", "ngram_prob", "ngram_max", "unlabelled", "swap_prob",
                  "swap_classes")
@@ -42,10 +44,11 @@ class TransferSetConfig(BaseModel):
         "the text, n uniform in 1..ngram_max (Tang et al. 2019)")
     ngram_max: Annotated[int, Field(ge=1)] = Field(5, description="the longest n-gram kept")
     swap_prob: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.0, description="token inputs: each token (never a special one, never a masked one) "
-        "is replaced with this probability by a token of its word class, drawn by frequency "
-        "(Tang et al. 2019's same-tag swaps; the classes are induced from the transfer set's "
-        "text: kdistill.data.word_classes)")
+        0.0, description="token inputs: each token with a word class (seen 5 or more times, "
+        "not alone in its class; never a special or a masked one) is replaced with this "
+        "probability by another token of its class, drawn by frequency (Tang et al. 2019's "
+        "same-tag swaps; classes induced from every text of the transfer set, unlabelled ones "
+        "too: kdistill.data.word_classes)")
     swap_classes: Annotated[int, Field(ge=2)] = Field(
         64, description="how many word classes the swaps induce")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(
@@ -112,4 +115,6 @@ class TransferSetConfig(BaseModel):
     def digest(self) -> str:
         """What the views depend on (not `teaching`), for cache keys and stage fingerprints."""
         spec = {k: v for k, v in self.spec().items() if k != "teaching"}
+        if self.swap_prob:  # how the word classes are made (only then: older digests stay)
+            spec["word_classes"] = class_recipe()
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

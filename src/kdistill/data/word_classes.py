@@ -13,8 +13,10 @@ stems), which is what a same-tag swap needs: the sentence keeps its shape, the w
 
 The unit is the tokenizer's token, so the swaps work for any tokenizer. A token seen fewer
 than `MIN_COUNT` times has no class and is never swapped (as rare words have no reliable
-neighbours). The classes are a deterministic function of the text, the number of classes
-and the seed, so the teacher's cached views equal the students' live ones.
+neighbours), nor is a token alone in its class; a swap never returns the token itself, so
+about swap_prob of the classed tokens change. The classes are a deterministic function of
+the text, the number of classes and the seed, so the teacher's cached views equal the
+students' live ones; `VERSION` and the constants below are part of the views' digest.
 """
 
 from __future__ import annotations
@@ -28,36 +30,51 @@ from kdistill.errors import ConfigError
 from kdistill.types import TokenRoles
 
 MIN_COUNT = 5  # occurrences a token needs to get a class
+# How classes are made, in the transfer set's digest: a change here changes every view, and
+# caches of the old views must read as stale.
+VERSION = "schuetze-1"
 CONTEXTS = 256  # the most frequent tokens, whose counts as neighbours describe a token
 DIMS = 48  # SVD dimensions the k-means runs in
 ITERATIONS = 30  # Lloyd iterations of the k-means
 
 
+def class_recipe() -> str:
+    """How the classes are made, for the views' digest."""
+    return f"{VERSION}/{MIN_COUNT}/{CONTEXTS}/{DIMS}/{ITERATIONS}"
+
+
 @dataclass(frozen=True, eq=False)
 class WordClasses:
-    """`label` (V,): each token id's class, −1 for none. `pool`: the classed ids sorted by
-    class; `cum`: cumulative counts over `pool` (float64); class c holds pool[start[c]:end[c]]."""
+    """`label` (V,): each token id's class, −1 for none; `position` (V,): its index in `pool`.
+    `pool`: the classed ids sorted by class; `cum`: cumulative counts over `pool` (float64);
+    class c holds pool[start[c]:end[c]]."""
 
     label: Tensor
+    position: Tensor
     pool: Tensor
     cum: Tensor
     start: Tensor
     end: Tensor
 
     def sample(self, ids: Tensor, u: Tensor) -> Tensor:
-        """A token of the same class as each of `ids` (any shape), drawn in proportion to its
-        count by inverse CDF from uniforms `u` (same shape); ids without a class unchanged."""
-        inside = ids < len(self.label)
-        cls = torch.where(inside, self.label[ids.clamp_max(len(self.label) - 1)], -1)
+        """Another token of the class of each of `ids` (any shape), drawn in proportion to its
+        count by inverse CDF from uniforms `u` (same shape), the token itself left out (a swap
+        that keeps the token would be no swap); ids without a class, or alone in theirs, stay."""
+        known = torch.where(ids < len(self.label), ids, 0)
+        cls = torch.where(ids < len(self.label), self.label[known], -1)
         has = cls >= 0
-        c = cls.clamp_min(0)
+        c, p = cls.clamp_min(0), self.position[known].clamp_min(0)
         a, b = self.start[c], self.end[c]
         zero = torch.zeros((), dtype=torch.float64)
         lo = torch.where(a > 0, self.cum[(a - 1).clamp_min(0)], zero)
-        target = lo + u.double() * (self.cum[b - 1] - lo)
+        own_end = self.cum[p]
+        own_start = torch.where(p > 0, self.cum[(p - 1).clamp_min(0)], zero)
+        # Draw over the class's mass less the token's own, then step over its interval.
+        target = lo + u.double() * (self.cum[b - 1] - lo - (own_end - own_start))
+        target = torch.where(target >= own_start, target + (own_end - own_start), target)
         j = torch.searchsorted(self.cum, target, right=True)
         j = torch.minimum(torch.maximum(j, a), b - 1)  # u at the edges stays in the class
-        return torch.where(has, self.pool[j], ids)
+        return torch.where(has & (b - a > 1), self.pool[j], ids)
 
 
 def build_word_classes(x: Tensor, roles: TokenRoles, num_classes: int,
@@ -72,8 +89,10 @@ def build_word_classes(x: Tensor, roles: TokenRoles, num_classes: int,
     pool = ids[order]
     sizes = torch.bincount(label[pool], minlength=num_classes)
     end = sizes.cumsum(0)
-    return WordClasses(label=label, pool=pool, cum=counts[pool].double().cumsum(0),
-                       start=end - sizes, end=end)
+    position = torch.full((vocab,), -1, dtype=torch.int64)
+    position[pool] = torch.arange(len(pool))
+    return WordClasses(label=label, position=position, pool=pool,
+                       cum=counts[pool].double().cumsum(0), start=end - sizes, end=end)
 
 
 def check_word_classes(x: Tensor, roles: TokenRoles, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -83,11 +102,11 @@ def check_word_classes(x: Tensor, roles: TokenRoles, num_classes: int) -> tuple[
     vocab = int(max(int(x.max()), int(frame.max()))) + 1
     counts = torch.bincount(x[(x != roles.pad) & ~torch.isin(x, frame)], minlength=vocab)
     ids = torch.nonzero(counts >= MIN_COUNT).flatten()
-    if len(ids) < num_classes:
+    if len(ids) < 2 * num_classes:
         raise ConfigError("transfer_set.swap_classes",
                           f"only {len(ids)} tokens occur {MIN_COUNT} or more times in the "
-                          f"transfer set's text; expected at least swap_classes "
-                          f"({num_classes}) of them")
+                          f"transfer set's text; expected at least two per class "
+                          f"({2 * num_classes} for swap_classes {num_classes})")
     return counts, ids
 
 

@@ -156,6 +156,10 @@ def _principal_directions(table: Tensor, pad_id: int, k: int) -> Tensor:
     The rows are centred for the directions only: the map stays linear (no bias), so a pad
     embedding of zero still projects to zero."""
     rows = torch.cat([table[:pad_id], table[pad_id + 1:]]).double()
+    if k > min(rows.shape):
+        raise ConfigError("args.project_dim", f"expected at most {min(rows.shape)} (the "
+                                              f"embedding table has {len(rows)} rows besides "
+                                              f"the pad row), got {k}")
     _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0), full_matrices=False)
     return vh[:k].to(table.dtype)
 

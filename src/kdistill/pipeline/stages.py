@@ -153,23 +153,25 @@ def teacher_stage(cfg: RunConfig, tcfg_all: TeacherConfig, splits: DataSplits,
     return freeze_teacher(model)
 
 
-def student_stage(
-    role: str, cfg: RunConfig, splits: DataSplits, seed: int, rd: RunDirectory,
-    teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
-    teacher_prints: list[str] | None = None,
-) -> nn.Module:
-    method = build_method(CEConfig() if role == "baseline" else cfg.method)
+def student_fingerprint(role: str, cfg: RunConfig, splits: DataSplits, seed: int,
+                        method: Method, teacher: Teacher | None,
+                        teacher_prints: list[str] | None) -> str:
+    """What a student stage depends on: data, model, training, method, its views, and for a
+    distilled student the teachers' weights and how their outputs are stored."""
     parts: list[Any] = [cfg.data.model_dump(), splits.fingerprint, cfg.student.model.model_dump(),
                         file_hash(cfg.student.model.weights), training(cfg.train), seed,
                         method.cfg.model_dump(mode="json")]
     if cfg.transfer_set is not None:  # other views, another training (alone or distilled)
         spec = cfg.transfer_set.spec()
-        if role == "baseline":  # the student alone never sees the unlabelled inputs
+        # The student alone never trains on the unlabelled inputs, but its swaps draw from
+        # word classes built from them too: then those inputs shape its views.
+        sees_unlabelled = role != "baseline" or bool(cfg.transfer_set.swap_prob)
+        if not sees_unlabelled:
             spec.pop("unlabelled", None)
         parts.append(spec)
-        if role != "baseline" and splits.unlabelled_x is not None:  # those inputs themselves
+        if sees_unlabelled and splits.unlabelled_x is not None:  # those inputs themselves
             parts.append(views_key(splits, cfg.transfer_set))
-    if role != "baseline" and teacher_models:
+    if role != "baseline" and teacher_prints:
         # The teachers' actual weights, not their recipe text, and how outputs are stored.
         stored: Any = "online"
         if isinstance(teacher, CachedTeacher | EnsembleTeacher):
@@ -179,8 +181,17 @@ def student_stage(
                 # fingerprints of plain top-k students stay as they were)
                 stored += [cfg.cache.tail_samples, cfg.cache.tail_sampling]
         parts += [teacher_prints, stored]
+    return fingerprint_of(*parts)
+
+
+def student_stage(
+    role: str, cfg: RunConfig, splits: DataSplits, seed: int, rd: RunDirectory,
+    teacher: Teacher | None, echo: Echo, teacher_models: list[nn.Module] | None = None,
+    teacher_prints: list[str] | None = None,
+) -> nn.Module:
+    method = build_method(CEConfig() if role == "baseline" else cfg.method)
+    fingerprint = student_fingerprint(role, cfg, splits, seed, method, teacher, teacher_prints)
     stage_dir = rd.path(f"seed-{seed}", role)
-    fingerprint = fingerprint_of(*parts)
     torch.manual_seed(seed)  # same initial weights for baseline and student of one seed
     model = build_network(cfg.student.model, splits, where="student.model")
     if distributed.on_main(lambda: stage_done(stage_dir, fingerprint, echo)):
