@@ -8,6 +8,7 @@ gives the mapping, `apply_overrides` the effective mapping, and `validated` the 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -97,13 +98,20 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _unknown_name(error: dict[str, Any]) -> str:
-    """The message for an unknown `method.name` / `data.name`, with the closest match."""
-    section = str(error["loc"][0]) if error["loc"] else "method"
-    known = list(SOURCES) if section == "data" else sorted(METHODS)
-    what = "data set" if section == "data" else "method"
-    given = str((error.get("ctx") or {}).get("tag", ""))
+    """The message for an unknown `method.name` / `data.name` (or a data source's name
+    elsewhere, as `transfer_set.unlabelled.name`), with the closest match."""
+    ctx = error.get("ctx") or {}
+    tags = re.findall(r"'([^']+)'", str(ctx.get("expected_tags", "")))
+    is_method = bool(set(tags) & set(METHODS)) if tags else (
+        not error["loc"] or str(error["loc"][0]) == "method")
+    section = "method" if is_method else "data"
+    known = sorted(METHODS) if is_method else (tags or list(SOURCES))
+    what = "method" if is_method else "data set"
+    given = str(ctx.get("tag", ""))
     close = difflib.get_close_matches(given, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if section == "data" and given == "texts":  # texts without labels train no student alone
+        hint = " (texts without labels: use them as transfer_set.unlabelled)"
     return f"unknown {what} {given!r}{hint}; expected one of: {', '.join(known)}"
 
 

@@ -17,7 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from kdistill.config.compress import CompressStage, check_order
 from kdistill.config.sections import CacheConfig, EvalConfig, _Strict
 from kdistill.data import SOURCES, BuiltinImages
-from kdistill.data.transfer import TransferSetConfig
+from kdistill.data.transfer_config import TransferSetConfig
+from kdistill.data.unlabelled_texts import UnlabelledTexts
 from kdistill.devices import DEVICE_PATTERN
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
@@ -48,13 +49,21 @@ DataConfig = Annotated[
 ]
 
 
+# `transfer_set.unlabelled`: any data source, or the user's texts without labels.
+UnlabelledConfig = Annotated[
+    Union[tuple(dict.fromkeys([*SOURCES.values(), UnlabelledTexts]))],  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
 class RunTransferSet(TransferSetConfig):
     """`transfer_set:` of a run: the views, and optionally another source's inputs."""
 
-    unlabelled: DataConfig | None = Field(
-        None, description="another source's inputs (its labels unused) added to the "
-        "distilled student's transfer set, labelled by the teacher only; inputs equal to a "
-        "validation or test input of `data` are dropped (Tang et al. 2019)")
+    unlabelled: UnlabelledConfig | None = Field(
+        None, description="another source's inputs (its labels unused), or the user's texts "
+        "(`name: texts`), added to the distilled student's transfer set, labelled by the "
+        "teacher only; inputs equal to a training, validation or test input of `data` are "
+        "dropped (Tang et al. 2019)")
 
     def _has_other_inputs(self) -> bool:
         return self.unlabelled is not None

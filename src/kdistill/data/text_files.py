@@ -146,6 +146,25 @@ def _txt_documents(path: Path, documents: str) -> list[str]:
     return docs
 
 
+def read_documents(cfg: Any, path: Path, where: str) -> list[str]:
+    """The documents of a .txt file or folder (split by `cfg.documents`) or of a table's
+    `cfg.text` column; the field that does not apply to `path` is refused when it differs from
+    its default (overrides re-validate the whole dumped recipe, so `model_fields_set` cannot
+    tell what the user wrote)."""
+    txt = path.suffix.lower() == ".txt" or (path.is_dir() and not is_hf_dataset(path))
+    unused = "text" if txt else "documents"
+    if getattr(cfg, unused) != type(cfg).model_fields[unused].default:
+        raise ConfigError(f"{where}.{unused}", f"{path} is {'plain text' if txt else 'a table'}"
+                          f": {unused} applies to {'tables' if txt else '.txt files'} only; "
+                          f"remove it")
+    if txt:
+        return _txt_documents(path, cfg.documents)
+    from kdistill.data.tables import read_table
+
+    table = read_table(path, [cfg.text])
+    return [t.strip() for t in table.texts(cfg.text) if t.strip()]
+
+
 class TextFiles(FileSplits):
     """Plain text for causal-LM distillation: a .txt file, a folder of .txt files or a table's
     text column; documents split by a seeded permutation, each split packed into blocks of
@@ -165,21 +184,7 @@ class TextFiles(FileSplits):
         None, description="at most this many tokens in each of validation and test")
 
     def _read(self, path: Path, where: str) -> list[str]:
-        txt = path.suffix.lower() == ".txt" or (path.is_dir() and not is_hf_dataset(path))
-        # `documents` splits .txt files, `text` names a table's column: the other is refused
-        # when it differs from its default (overrides re-validate the whole dumped recipe, so
-        # `model_fields_set` cannot tell what the user wrote).
-        unused = "text" if txt else "documents"
-        if getattr(self, unused) != type(self).model_fields[unused].default:
-            raise ConfigError(f"{where}.{unused}", f"{path} is {'plain text' if txt else 'a table'}"
-                              f": {unused} applies to {'tables' if txt else '.txt files'} only; "
-                              f"remove it")
-        if txt:
-            return _txt_documents(path, self.documents)
-        from kdistill.data.tables import read_table
-
-        table = read_table(path, [self.text])
-        return [t.strip() for t in table.texts(self.text) if t.strip()]
+        return read_documents(self, path, where)
 
     def _split_documents(self, where: str) -> tuple[dict[str, list[str]], list[str]]:
         """({split: documents}, the splits given as files of their own)."""

@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 from kdistill import schedules
 from kdistill.config import RunConfig
 from kdistill.data import SOURCES, Source
+from kdistill.data.unlabelled_texts import UnlabelledTexts
 from kdistill.methods import METHODS, MethodConfig
 
 COMMAND = "python -m kdistill.report.recipes_doc"
@@ -242,13 +243,14 @@ def method_intro(name: str) -> str:
     return " ".join(_first_paragraph(METHODS[name].config_type).split())
 
 
-def _source_section(cls: type[Source]) -> str:
+def _source_section(cls: type[Source], section: str = "data") -> str:
     names = " \\| ".join(get_args(cls.model_fields["name"].annotation))
-    rows = [_row(f"data.{key}", field, _shown(_field_default(cls, key), field))
+    rows = [_row(f"{section}.{key}", field, _shown(_field_default(cls, key), field))
             for key, field in cls.model_fields.items() if key != "name"]
     table = _TABLE_HEAD + "\n" + "\n".join(rows) if rows else "No further keys."
-    return (f"### `data.name: {names}`\n\n{_cell(_first_paragraph(cls))}\n\n"
-            f"Task: {cls.task}.\n\n{table}")
+    task = f"Task: {cls.task}." if section == "data" else "Only here: not a `data:` source."
+    return (f"### `{section}.name: {names}`\n\n{_cell(_first_paragraph(cls))}\n\n"
+            f"{task}\n\n{table}")
 
 
 def recipes_markdown() -> str:
@@ -275,6 +277,9 @@ def recipes_markdown() -> str:
         "source's own, and a key it does not use is an error. A `data` section without "
         "`name` means `mnist1d`.",
         *(_source_section(cls) for cls in dict.fromkeys(SOURCES.values())),
+        "`transfer_set.unlabelled` takes any of these sources (its labels unused), or the "
+        "user's texts without labels:",
+        _source_section(UnlabelledTexts, "transfer_set.unlabelled"),
         "## Methods\n\n`method.name` picks a distillation method; the other `method.*` keys are "
         "that method's own, and a key it does not use is an error. A `method` section without "
         "`name` means `kd`; `ce` is the baseline (`baseline: true`), not a distillation method. "
