@@ -119,6 +119,30 @@ def test_text_csv_example(kdistill, tmp_path: Path) -> None:
     assert "distilled student" in (run / "report.md").read_text()
 
 
+def test_text_csv_transfer_example(kdistill, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    lines = ["text,label"] + [f'"{t}",{label}' for label, texts in TEXTS.items() for t in texts]
+    (tmp_path / "data" / "reviews.csv").write_text("\n".join(lines) + "\n")
+    words = " ".join(t for texts in TEXTS.values() for t in texts).split()
+    more = [" ".join(words[i:i + 6]) for i in range(len(words) - 6)]
+    first = next(iter(TEXTS.values()))[0]
+    (tmp_path / "data" / "more-reviews.txt").write_text("\n".join([first, *more]) + "\n")
+    _ok(kdistill("run", str(EXAMPLES / "text-csv-transfer.yaml"), *FAST, "data.seq_len=16",
+                 "data.val_size=3", "data.test_size=3", "teacher.model.arch=textcnn",
+                 "teacher.model.args={tokenizer: minilm, embed_dim: 8, channels: 4}",
+                 "student.model.args={tokenizer: minilm, embed_dim: 8, project_dim: 4}",
+                 "transfer_set.unlabelled.seq_len=16", "transfer_set.swap_classes=2",
+                 "train.batch_size=8"))
+    run = tmp_path / "runs" / "reviews-transfer"
+    assert "distilled student" in (run / "report.md").read_text()
+    from kdistill.cache import TeacherCache
+
+    reviews = {t.lower() for texts in TEXTS.values() for t in texts}
+    added = {m.lower() for m in more} - reviews  # `first` and repeats are dropped
+    train = len(lines) - 1 - 6
+    assert TeacherCache(run / "cache" / "teacher").num_samples == 4 * (train + len(added))
+
+
 def _lm(tokenizer_dir: Path) -> list[str]:
     return [*FAST, f"data.tokenizer={tokenizer_dir}", "data.seq_len=16", "teacher.model.arch=llama",
             f"teacher.model.args={TINY_LLAMA}", "teacher.train={epochs: 1, batch_size: 4}",
