@@ -103,10 +103,12 @@ def check_word_classes(x: Tensor, roles: TokenRoles, num_classes: int) -> tuple[
     counts = torch.bincount(x[(x != roles.pad) & ~torch.isin(x, frame)], minlength=vocab)
     ids = torch.nonzero(counts >= MIN_COUNT).flatten()
     if len(ids) < 2 * num_classes:
+        fix = (f"set swap_classes to {len(ids) // 2} or fewer, or add text" if len(ids) >= 4
+               else "add text, or remove swap_prob")
         raise ConfigError("transfer_set.swap_classes",
                           f"only {len(ids)} tokens occur {MIN_COUNT} or more times in the "
                           f"transfer set's text; expected at least two per class "
-                          f"({2 * num_classes} for swap_classes {num_classes})")
+                          f"({2 * num_classes} for swap_classes {num_classes}): {fix}")
     return counts, ids
 
 
