@@ -2,8 +2,12 @@
 
 A run's evaluation times each model in turn (median of `eval.latency_repeats` calls), so a
 job that starts beside it in the middle slows one model and not another. Here every round
-times the teacher and then each student on the same test text, round after round, so any
-load falls on all of them alike; the speed-up of a model is the median over rounds of
+times the teacher and each student on the same test text, in an order shuffled per round
+(seeded): the model that runs right after the teacher finds its weights pushed out of the
+CPU caches, and a fixed order would charge that to the same model every round. Each model's
+forward is run twice back to back and the second call timed, so every model is measured with
+its weights as warm as a model serving requests one after another has them. Any load on the
+machine then falls on all models alike; a model's speed-up is the median over rounds of
 (teacher ms / model ms) in the same round. Texts cycle through the test split.
 
 Run:  .venv/bin/python benchmarks/batch1_speed.py runs/NAME [runs/OTHER ...] [--rounds 300]
@@ -42,16 +46,20 @@ def _models(run_dir: Path) -> tuple[nn.Module, dict[str, nn.Module], torch.Tenso
 
 @torch.no_grad()
 def interleaved(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, list]:
-    """Seconds of each model's batch-1 forward, per round, on text r mod N."""
+    """Seconds of each model's batch-1 forward, per round, on text r mod N: models in a
+    shuffled order, each timed on its second of two calls."""
     device = torch.device("cpu")
     for model in models.values():  # warm-up: first calls allocate
         for i in range(5):
             model(x[i:i + 1])
+    names = list(models)
+    order = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(rounds):
         one = x[r % len(x):r % len(x) + 1]
-        for name, model in models.items():
-            times[name].append(timed_forward(model, one, device))
+        for k in torch.randperm(len(names), generator=order).tolist():
+            models[names[k]](one)  # brings its weights back into the caches
+            times[names[k]].append(timed_forward(models[names[k]], one, device))
     return times
 
 

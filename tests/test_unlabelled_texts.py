@@ -83,3 +83,66 @@ def test_a_run_distils_on_the_users_unlabelled_texts(tmp_path: Path,
 
     cache = TeacherCache(result.run_dir / "cache" / "teacher")
     assert cache.num_samples == 2 * (len(data.train_x) + 3)
+
+
+def test_validate_reads_the_unlabelled_texts_and_names_the_field_that_differs(
+        tmp_path: Path, fortunes_dir: Path) -> None:  # noqa: F811
+    from kdistill.build import validate
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "runs", bert=_tiny_bert(tmp_path / "b")))
+    mine = tmp_path / "mine.txt"
+    mine.write_text("\n".join(TEXTS * 3) + "\n")
+    base = f"transfer_set.unlabelled={{name: texts, path: {mine}, tokenizer: minilm, seq_len: 16}}"
+    for override, field in [("transfer_set.unlabelled.path=nope.txt", "path"),
+                            ("transfer_set.unlabelled.seq_len=32", "seq_len"),
+                            ("transfer_set.unlabelled.tokenizer=smollm2", "tokenizer")]:
+        cfg = load_config(recipe, [base, override])
+        with pytest.raises(ConfigError, match=rf"^transfer_set\.unlabelled\.{field}: "):
+            validate(cfg)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("transfer_set.unlabelled={path: x.txt}",
+     r"transfer_set\.unlabelled\.name: missing; expected name: one of mnist, .*, texts$"),
+    ("transfer_set.unlabelled={name: texts, path: x.txt, tokenizer: minilm, bogus: 1}",
+     r"transfer_set\.unlabelled\.bogus: unknown key"),  # no "texts" tag in the path
+    ("compress=[{kind: prun, amount: 0.5}]", r"compress\.0\.kind: unknown stage kind"),
+    ("compress=[{amount: 0.5}]", r"compress\.0\.kind: missing; expected kind: one of prune"),
+])
+def test_union_errors_name_the_field_the_user_wrote(tmp_path: Path, override: str,
+                                                    message: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "runs", bert="minilm"))
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, [override])
+
+
+def test_a_new_unlabelled_name_starts_that_section_afresh(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "runs", bert="minilm"))
+    cfg = load_config(recipe, ["transfer_set.unlabelled.name=texts",
+                               "transfer_set.unlabelled.path=x.txt",
+                               "transfer_set.unlabelled.tokenizer=minilm"])
+    assert cfg.transfer_set is not None and cfg.transfer_set.unlabelled is not None
+    assert cfg.transfer_set.unlabelled.name == "texts"  # fortunes43's val_size etc. dropped
+    assert cfg.transfer_set.mask_prob == 0.2  # the rest of transfer_set stays
+
+
+def test_sentence_pairs_refuse_single_texts(tmp_path: Path) -> None:
+    from kdistill.build import add_unlabelled, build_data
+
+    table = tmp_path / "pairs.csv"
+    rows = [f'"{a} number {i}","{b}",{i % 2}' for i in range(20) for a, b in [TEXTS[:2]]]
+    table.write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("\n".join(TEXTS) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data: {{name: text_classification, path: {table}, text: a, text_pair: b, "
+        "tokenizer: minilm, seq_len: 16, val_size: 2, test_size: 2}\n"
+        "transfer_set: {views: 1, unlabelled: {name: texts, path: " + str(mine) +
+        ", tokenizer: minilm, seq_len: 16}}\n")
+    cfg = load_config(recipe)
+    with pytest.raises(ConfigError, match=r"^transfer_set\.unlabelled\.name: .*sentence pairs"):
+        add_unlabelled(build_data(cfg.data), cfg)

@@ -58,11 +58,11 @@ def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
         raise ConfigError(where, "inputs decoded from files on demand (an image folder) cannot "
                           "be compared with the data's held-out inputs; use in-memory sources")
     x = torch.cat([other.train_x, other.val_x, other.test_x])
-    if x.shape[1:] != splits.train_x.shape[1:] or x.dtype != splits.train_x.dtype or (
-            other.tokens != splits.tokens):
-        raise ConfigError(where, f"'{other.name}' inputs are {tuple(x.shape[1:])} "
-                          f"{x.dtype}, the data's {tuple(splits.train_x.shape[1:])} "
-                          f"{splits.train_x.dtype}: use the same input size and tokenizer")
+    _check_same_inputs(x, other, splits, where)
+    if getattr(cfg.data, "text_pair", None) and getattr(ts.unlabelled, "name", "") == "texts":
+        raise ConfigError(f"{where}.name", "the data's inputs are sentence pairs "
+                          "(data.text_pair); single texts would teach another task: name a "
+                          "text_classification table with the same two columns instead")
     seen = {_row_key(row) for part in (splits.train_x, splits.val_x, splits.test_x)
             for row in part}
     keep = []
@@ -79,6 +79,21 @@ def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
             f"student ({len(x) - len(kept):,} dropped: equal to an input of the data or a "
             "repeat)")
     return dataclasses.replace(splits, unlabelled_x=kept, notes=(*splits.notes, note))
+
+
+def _check_same_inputs(x: torch.Tensor, other: DataSplits, splits: DataSplits,
+                       where: str) -> None:
+    """The other source's inputs are the data's kind: same tokenizer, same length, same type."""
+    texts = (other.tokens is not None, splits.tokens is not None)
+    if all(texts) and other.tokens != splits.tokens:
+        raise ConfigError(f"{where}.tokenizer", f"'{other.name}' is tokenised differently from "
+                          "the data: use the data's tokenizer")
+    if texts[0] != texts[1] or x.shape[1:] != splits.train_x.shape[1:] or (
+            x.dtype != splits.train_x.dtype):
+        field = f"{where}.seq_len" if all(texts) else where
+        raise ConfigError(field, f"'{other.name}' inputs are {tuple(x.shape[1:])} {x.dtype}, "
+                          f"the data's {tuple(splits.train_x.shape[1:])} "
+                          f"{splits.train_x.dtype}: use the data's input size")
 
 
 def _row_key(row: torch.Tensor) -> bytes:
@@ -222,7 +237,7 @@ def validate(cfg: RunConfig, *, build_custom: bool = False) -> DataSplits:
     if cfg.logging.tensorboard:
         require_tensorboard()  # a missing optional sink is reported before any real work
     check_devices(cfg)
-    splits = build_data(cfg.data, transfer=cfg.transfer)
+    splits = add_unlabelled(build_data(cfg.data, transfer=cfg.transfer), cfg)
     task_of(splits).check_recipe(cfg)  # e.g. tokenizers, before loading any model
     specs = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model),
              *((f"more_teachers.{i}.model", t.model) for i, t in enumerate(cfg.more_teachers))]

@@ -24,7 +24,7 @@ from kdistill.methods import METHODS
 
 Config = TypeVar("Config", bound=BaseModel)
 # Sections that are a union keyed by their `name`: another name starts from its own defaults.
-UNION_SECTIONS = ("method", "data")
+UNION_SECTIONS = ("method", "data", "transfer_set.unlabelled")
 _SCHEDULES = {"constant", "linear", "cosine", "step", "warmup"}
 
 
@@ -73,10 +73,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     parsed = [parse_override(text) for text in overrides]
     names = [(k, v) for k, v in parsed if k in {f"{s}.name" for s in UNION_SECTIONS}]
     for key, value in names:
-        section = key.split(".")[0]
-        current = tree.get(section)
+        *parents, section = key.split(".")[:-1]  # "transfer_set.unlabelled.name": a subsection
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        current = node.get(section)
         if not isinstance(current, dict) or current.get("name") != value:
-            tree[section] = {}
+            node[section] = {}
     for key, value in [*names, *(kv for kv in parsed if kv not in names)]:
         _set_dotted(tree, key, value)
     return tree
@@ -85,7 +88,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts union tags in the location ("method.kd.temperature", "data.mnist.path",
     # "....float"): drop them so the path matches what the user wrote in the recipe.
-    tags = set(METHODS) | set(SOURCES) | _SCHEDULES | {"float", "int", *COMPRESS_KINDS}
+    tags = set(METHODS) | set(SOURCES) | _SCHEDULES | {"float", "int", "texts", *COMPRESS_KINDS}
     last = len(loc) - 1
     parts = [str(p) for i, p in enumerate(loc)
              if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
@@ -115,14 +118,31 @@ def _unknown_name(error: dict[str, Any]) -> str:
     return f"unknown {what} {given!r}{hint}; expected one of: {', '.join(known)}"
 
 
+def _expected_tags(error: dict[str, Any], key: str) -> str:
+    """The names a union section takes (pydantic lists them only for an unknown one)."""
+    loc = [str(p) for p in error["loc"]]
+    if key == "kind":
+        return ", ".join(COMPRESS_KINDS)
+    if loc[:1] == ["method"]:
+        return ", ".join(sorted(METHODS))
+    return ", ".join([*SOURCES, *(["texts"] if loc[-1:] == ["unlabelled"] else [])])
+
+
 def validation_error(exc: ValidationError, source: str | None) -> ConfigError:
     """The first pydantic error as one line naming the field, plus a count of the rest."""
     errors = exc.errors()
     # A schedule written as a mapping fails the plain-number branch too; report its own error.
     first = next((e for e in errors if _SCHEDULES & {str(p) for p in e["loc"]}), errors[0])
     where = _format_loc(first["loc"])
-    if first["type"] == "union_tag_invalid":
+    key = str((first.get("ctx") or {}).get("discriminator", "'name'")).strip("'")
+    if first["type"] == "union_tag_invalid" and key == "kind":  # a compress stage
+        where = f"{where}.kind"
+        msg = f"unknown stage kind; expected one of: {', '.join(COMPRESS_KINDS)}"
+    elif first["type"] == "union_tag_invalid":
         where, msg = f"{where}.name", _unknown_name(first)  # type: ignore[arg-type]
+    elif first["type"] == "union_tag_not_found":
+        where = f"{where}.{key}"
+        msg = f"missing; expected {key}: one of {_expected_tags(first, key)}"
     else:
         msg = pydantic_message(first)
     if not first["loc"] and ": " in msg:  # whole-recipe checks name their field first

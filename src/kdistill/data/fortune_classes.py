@@ -106,10 +106,11 @@ def token_roles(tokenizer: Any) -> TokenRoles:
                       vocab=text_data._tokenizer_digest(tokenizer))
 
 
-def tokenize_padded(texts: list[str], tokenizer: Any, seq_len: int) -> Tensor:
+def tokenize_padded(texts: list[str], tokenizer: Any, seq_len: int, *,
+                    where: str = "data.tokenizer") -> Tensor:
     """(N, seq_len) int64 ids: [CLS] text [SEP], truncated, right-padded with the pad id."""
     if tokenizer.pad_token_id is None:
-        raise ConfigError("data.tokenizer", "the tokenizer has no pad token to pad texts with")
+        raise ConfigError(where, "the tokenizer has no pad token to pad texts with")
     rows: list[list[int]] = []
     for start in range(0, len(texts), TOKENIZE_BATCH):
         enc = tokenizer(texts[start:start + TOKENIZE_BATCH], truncation=True,

@@ -128,7 +128,8 @@ def _split_params(cfg: FileSplits, tables: dict[str, Table]) -> list[Any]:
 
 
 def _txt_documents(path: Path, documents: str) -> list[str]:
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() == ".txt") \
+        if path.is_dir() else [path]
     if not files:
         raise ConfigError(str(path), "holds no .txt files")
     docs: list[str] = []

@@ -34,8 +34,8 @@ class UnlabelledTexts(Source):
     name: Literal["texts"]
     path: str = Field(description="a .txt file, a folder of .txt files, or a table")
     documents: Literal["lines", "paragraphs", "files"] = Field(
-        "lines", description=".txt files: a text is a line, a paragraph (text between blank "
-                             "lines) or a whole file; a table: one row")
+        "lines", description=".txt files only: a text is a line, a paragraph (text between "
+                             "blank lines) or a whole file (a table's text is one row)")
     text: str = Field("text", description="tables: the column holding the text")
     tokenizer: Tokenizer
     seq_len: Annotated[int, Field(ge=3)] = Field(
@@ -49,7 +49,7 @@ class UnlabelledTexts(Source):
         if not texts:
             raise ConfigError(f"{where}.path", f"{path} holds no text")
         tokenizer = _tokenizer(self.tokenizer, f"{where}.tokenizer")
-        x = tokenize_padded(texts, tokenizer, self.seq_len)
+        x = tokenize_padded(texts, tokenizer, self.seq_len, where=f"{where}.tokenizer")
         none = torch.full((len(x),), IGNORE_INDEX, dtype=torch.int64)
         params = {"documents": self.documents, "text": self.text, "seq_len": self.seq_len,
                   "vocab": text_data._tokenizer_digest(tokenizer)}
