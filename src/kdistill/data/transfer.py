@@ -314,8 +314,18 @@ def make_views(splits: DataSplits, ts: TransferSetConfig, *, unlabelled: bool) -
     if ts.swap_prob:
         assert splits.tokens is not None  # check_views: swaps need padded text
         every, _ = transfer_inputs(splits, unlabelled=True)
-        classes = build_word_classes(every, splits.tokens, ts.swap_classes, ts.seed)
+        # Keyed by the texts' bytes, not a fingerprint a caller may have made up: a run asks
+        # once per student and once for the cache, and building takes about a second.
+        key = (hashlib.sha256(every.numpy().tobytes()).hexdigest(), splits.tokens,
+               ts.swap_classes, ts.seed)
+        if key not in _CLASSES:
+            _CLASSES.clear()
+            _CLASSES[key] = build_word_classes(every, splits.tokens, ts.swap_classes, ts.seed)
+        classes = _CLASSES[key]
     return TransferViews(x, y, ts, splits.tokens, classes)
+
+
+_CLASSES: dict[tuple, WordClasses] = {}  # the last transfer set's word classes
 
 
 def views_key(splits: DataSplits, cfg: TransferSetConfig) -> str:
