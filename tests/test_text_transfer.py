@@ -143,7 +143,7 @@ def test_another_source_must_add_inputs_of_the_same_kind() -> None:
     assert err.value.where == "transfer_set.unlabelled"
     other = RunConfig(data={"name": "digits"}, transfer_set={"views": 1,
                                                               "unlabelled": {"name": "mnist1d"}})
-    with pytest.raises(ConfigError, match="use the data.s input size"):
+    with pytest.raises(ConfigError, match=r"use the data's input size"):
         add_unlabelled(build_data(other.data), other)
 
 
