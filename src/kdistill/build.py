@@ -22,6 +22,7 @@ from kdistill.data.transfer import (
     make_views,
     transfer_inputs,
 )
+from kdistill.data.unlabelled_texts import UnlabelledTexts
 from kdistill.data.word_classes import check_word_classes
 from kdistill.errors import ConfigError
 from kdistill.logger import require_tensorboard
@@ -59,7 +60,7 @@ def add_unlabelled(splits: DataSplits, cfg: RunConfig) -> DataSplits:
                           "be compared with the data's held-out inputs; use in-memory sources")
     x = torch.cat([other.train_x, other.val_x, other.test_x])
     _check_same_inputs(x, other, splits, where)
-    if getattr(cfg.data, "text_pair", None) and getattr(ts.unlabelled, "name", "") == "texts":
+    if getattr(cfg.data, "text_pair", None) and isinstance(ts.unlabelled, UnlabelledTexts):
         raise ConfigError(f"{where}.name", "the data's inputs are sentence pairs "
                           "(data.text_pair); single texts would teach another task: name a "
                           "text_classification table with the same two columns instead")

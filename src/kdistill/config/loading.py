@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from kdistill.config.compress import KINDS as COMPRESS_KINDS
 from kdistill.config.schema import DataConfig, RunConfig
 from kdistill.data import SOURCES, Source
+from kdistill.data.unlabelled_texts import UnlabelledTexts
 from kdistill.errors import ConfigError, more_errors, pydantic_message
 from kdistill.io import parse_yaml_value, read_yaml
 from kdistill.methods import METHODS
@@ -26,6 +27,8 @@ Config = TypeVar("Config", bound=BaseModel)
 # Sections that are a union keyed by their `name`: another name starts from its own defaults.
 UNION_SECTIONS = ("method", "data", "transfer_set.unlabelled")
 _SCHEDULES = {"constant", "linear", "cosine", "step", "warmup"}
+# Names only `transfer_set.unlabelled` takes (sources without labels).
+UNLABELLED_ONLY: tuple[str, ...] = get_args(UnlabelledTexts.model_fields["name"].annotation)
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -88,7 +91,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts union tags in the location ("method.kd.temperature", "data.mnist.path",
     # "....float"): drop them so the path matches what the user wrote in the recipe.
-    tags = set(METHODS) | set(SOURCES) | _SCHEDULES | {"float", "int", "texts", *COMPRESS_KINDS}
+    tags = set(METHODS) | set(SOURCES) | _SCHEDULES | {"float", "int", *UNLABELLED_ONLY,
+                                                       *COMPRESS_KINDS}
     last = len(loc) - 1
     parts = [str(p) for i, p in enumerate(loc)
              if not (i > 0 and "[" in str(p))  # e.g. "tagged-union[...]"
@@ -107,13 +111,12 @@ def _unknown_name(error: dict[str, Any]) -> str:
     tags = re.findall(r"'([^']+)'", str(ctx.get("expected_tags", "")))
     is_method = bool(set(tags) & set(METHODS)) if tags else (
         not error["loc"] or str(error["loc"][0]) == "method")
-    section = "method" if is_method else "data"
     known = sorted(METHODS) if is_method else (tags or list(SOURCES))
     what = "method" if is_method else "data set"
     given = str(ctx.get("tag", ""))
     close = difflib.get_close_matches(given, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    if section == "data" and given == "texts":  # texts without labels train no student alone
+    if not is_method and given in UNLABELLED_ONLY:  # no labels: no student alone to train
         hint = " (texts without labels: use them as transfer_set.unlabelled)"
     return f"unknown {what} {given!r}{hint}; expected one of: {', '.join(known)}"
 
@@ -125,7 +128,7 @@ def _expected_tags(error: dict[str, Any], key: str) -> str:
         return ", ".join(COMPRESS_KINDS)
     if loc[:1] == ["method"]:
         return ", ".join(sorted(METHODS))
-    return ", ".join([*SOURCES, *(["texts"] if loc[-1:] == ["unlabelled"] else [])])
+    return ", ".join([*SOURCES, *(UNLABELLED_ONLY if loc[-1:] == ["unlabelled"] else ())])
 
 
 def validation_error(exc: ValidationError, source: str | None) -> ConfigError:

@@ -125,7 +125,7 @@ def textcnn(
     if not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
         raise ConfigError("args.pad_id", f"expected an id in [0, {vocab_size}), got {pad_id!r}")
     embed_dim = _positive_int(embed_dim, "embed_dim")
-    if project_dim is not None and not 0 < _positive_int(project_dim, "project_dim") <= embed_dim:
+    if project_dim is not None and _positive_int(project_dim, "project_dim") > embed_dim:
         raise ConfigError("args.project_dim", f"expected at most embed_dim ({embed_dim}), "
                                               f"got {project_dim}")
     model = TextCNN(vocab_size, num_classes, pad_id=pad_id, embed_dim=embed_dim,
